@@ -1,0 +1,39 @@
+# lit-act: two commands, `make train` and `make test`. Both create .venv if missing and install the project once.
+PYTHON ?= python3.11
+VENV ?= .venv
+# CPU-capable torch by default; GPU users override, e.g. `make train TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,launchers
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lit-act-installed
+
+.PHONY: install train test test-all lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	WANDB_SILENT=true $(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(ARGS)
+
+clean:
+	rm -rf outputs logs .pytest_cache

@@ -1,0 +1,1 @@
+"""lit-act callbacks: add them to any ``Trainer(callbacks=[...])``."""

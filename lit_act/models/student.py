@@ -1,0 +1,38 @@
+"""Two-layer student network for teacher-student regression (soft committee machine)."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+
+
+class StudentNetwork(LitActModule):
+    """``y = head(act(hidden(x) / sqrt(d)))`` with ``n`` hidden neurons, trained by mean squared error.
+
+    ``hidden.weight`` rows are the student's incoming vectors, compared with the teacher's
+    (``TeacherStudentDataModule.teacher.w``) to tell copying from averaging (Martin et al. 2024).
+    ``forward`` returns predictions ``(B, 1)``; logged keys ``{stage}/loss`` (MSE).
+    """
+
+    log_accuracy = False
+
+    def __init__(self, in_features: int, hidden_neurons: int = 2, activation: ActivationSpec = "erf",
+                 lr: float = 1e-2, weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
+        self.save_hyperparameters(ignore=["activation"])
+        self.activation_factory = activation_factory(activation)
+        self.hidden = nn.Linear(in_features, hidden_neurons, bias=False)
+        self.act = self.activation_factory()
+        self.head = nn.Linear(hidden_neurons, 1, bias=False)
+        self.scale = 1.0 / math.sqrt(in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.hidden(x) * self.scale))
+
+    def loss(self, prediction: Tensor, targets: Tensor) -> Tensor:
+        """Mean squared error."""
+        return F.mse_loss(prediction.squeeze(-1), targets)

@@ -1,0 +1,1 @@
+"""Small shared helpers: instantiation, figures, scheduling, the task wrapper."""
