@@ -2,7 +2,9 @@
 
 Vocabulary: the 128 ASCII code points (fixed, so identical on every machine); any other character maps to ``?``.
 Split: each file goes to train/val/test by a hash of its path relative to the stdlib root (deterministic, no
-leakage across splits). Files are read in sorted order until ``max_chars`` characters are collected.
+leakage across splits). Files are read in an order fixed by a second hash of the path (a deterministic shuffle, so a
+``max_chars`` prefix samples the whole library); each split takes files until it holds its share of ``max_chars``
+characters (or the files run out).
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ def stdlib_sources(root: Path | None = None) -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def _split_of(relative: str, val_fraction: float, test_fraction: float) -> str:
-    u = int(hashlib.sha1(relative.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    u = _unit_hash(relative)
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
@@ -84,17 +90,21 @@ class PySourceDataModule(LightningDataModule):
 
     def read_splits(self) -> dict[str, np.ndarray]:
         """Token arrays for train/val/test, deterministic for a given Python installation."""
-        files = stdlib_sources(self.hparams.root)
         root = Path(self.hparams.root or sysconfig.get_paths()["stdlib"])
+        files = sorted(stdlib_sources(root), key=lambda p: _unit_hash("order:" + p.relative_to(root).as_posix()))
+        fractions = {"val": self.hparams.val_fraction, "test": self.hparams.test_fraction}
+        fractions["train"] = 1.0 - fractions["val"] - fractions["test"]
+        budget = {k: f * self.hparams.max_chars for k, f in fractions.items()}
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-        total = 0
         for path in files:
-            if total >= self.hparams.max_chars:
+            if all(budget[k] <= 0 for k in parts):
                 break
-            text = path.read_text(encoding="utf-8", errors="replace")
             split = _split_of(path.relative_to(root).as_posix(), self.hparams.val_fraction, self.hparams.test_fraction)
-            parts[split].append(encode(text + "\n"))
-            total += len(text) + 1
+            if budget[split] <= 0:
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace") + "\n"
+            parts[split].append(encode(text))
+            budget[split] -= len(text)
         return {k: np.concatenate(v) if v else np.zeros(0, np.uint8) for k, v in parts.items()}
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,0 +1,81 @@
+"""The main training job behind ``train.py``: data, model, activation, callbacks, loggers and trainer from config."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lit_act.utils.instantiate import instantiate, instantiate_collection, instantiate_model
+from lit_act.utils.task import task_wrapper
+
+log = logging.getLogger(__name__)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.numel(
+        torch.as_tensor(v)) == 1}
+
+
+def _report_outputs(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Print where this run's logs, checkpoints and figures are."""
+    out = Path(cfg.paths.output_dir)
+    lines = [f"Run directory: {out}"]
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+        lines.append(f"Checkpoints:   {trainer.checkpoint_callback.dirpath}")
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            lines.append(f"CSV metrics:   {Path(logger.log_dir) / 'metrics.csv'}")
+        elif isinstance(logger, WandbLogger):
+            lines.append(f"W&B run:       {out / 'wandb'} (offline runs: `wandb sync {out}/wandb/offline-run-*`)")
+    if (out / "figures").is_dir():
+        lines.append(f"Figures:       {out / 'figures'}")
+    print("\n".join(lines), flush=True)
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit (and test) the configured model; returns ``(metrics, objects)``."""
+    if cfg.get("extras", {}).get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=False), flush=True)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate_model(cfg.model, getattr(datamodule, "shape_hints", {}))
+    if cfg.get("mlp") is not None:
+        instantiate(cfg.mlp)(model)
+    callbacks = instantiate_collection(cfg.get("callbacks"))
+    loggers = instantiate_collection(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train"):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _scalar_metrics(trainer.callback_metrics)
+
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+
+    if trainer.is_global_zero:
+        _report_outputs(cfg, trainer)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """The value a sweeper optimises: ``metrics[cfg.optimized_metric]`` (NaN when the job failed or never logged it)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return math.nan
+    if metrics and name not in metrics:
+        raise KeyError(f"optimized_metric {name!r} was not logged; logged metrics: {sorted(metrics)}")
+    return metrics.get(name, math.nan)
