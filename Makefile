@@ -4,6 +4,8 @@ VENV ?= .venv
 # CPU-capable torch by default; GPU users override, e.g. `make train TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,launchers
+BENCH_DEPS ?= pyhessian pykan
+BENCH_NODEPS ?= rational-activations==0.2.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lit-act-installed
 
@@ -32,7 +34,10 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# the reference implementations we compare against, installed into the venv for the benchmarks only
 bench: $(STAMP)
+	$(PY) -m pip install --quiet $(BENCH_DEPS)
+	$(PY) -m pip install --quiet --no-deps $(BENCH_NODEPS)
 	$(PY) -m benchmarks $(ARGS)
 
 clean:

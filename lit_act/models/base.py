@@ -12,6 +12,7 @@ Logged keys: ``train/loss``, ``val/loss``, ``test/loss``, and for classifiers ``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +30,9 @@ def activation_factory(spec: ActivationSpec) -> Callable[[], nn.Module]:
     """Turn a name, an ``nn.Module`` class or a factory (e.g. a Hydra ``_partial_``) into a zero-argument factory."""
     if isinstance(spec, str):
         build(spec)  # fail fast on unknown names, listing the valid ones
-        return lambda: build(spec)
+        return functools.partial(build, spec)  # a partial, not a lambda: ddp_spawn pickles the module
     if callable(spec):
-        return lambda: build(spec)
+        return functools.partial(build, spec)
     raise TypeError(f"activation must be a name, an nn.Module class or a factory, got {spec!r}")
 
 

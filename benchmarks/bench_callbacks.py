@@ -1,0 +1,158 @@
+"""Overhead of lit-act's activation-statistic callbacks on the reference TransformerLM (conf/model/transformer.yaml:
+d_model 128, 2 layers, 4 heads, ReLU MLP; conf/data/pysource.yaml shapes: batch 32 x 64 tokens, vocab 128), CPU fp32.
+
+Printed ratios (goal in brackets), each against the no-callback baseline measured in the same run:
+
+* step time, every statistic collected on every training step (<= 1.15x): ActivationSparsity(every_n_steps=1),
+  MassiveActivations(every_n_steps=1), DeadNeurons(every_n_steps=1), plus NeuronActivationCoverage when
+  ``lit_act.callbacks.nac`` imports (it is benchmarked with its defaults and every_n_steps=1);
+* step time with every_n_steps=50 (<= 1.02x);
+* peak memory (<= 1.05x): each configuration trains in a fresh subprocess; we report the ratio of the process's peak
+  resident set size (``ru_maxrss``) and, more sensitive, of the RSS growth during ``fit`` (peak minus RSS before fit);
+* informational: one validation epoch with ActivationSparsity's CETT calibration vs without callbacks.
+
+Step time = mean wall time between consecutive ``on_train_batch_start`` calls (forward, backward, optimizer and every
+callback hook) over ``STEPS`` steps after ``WARMUP``; configurations are interleaved and repeated ``REPEATS`` times and
+the median of the per-run means is used, so load from other processes affects all configurations alike.
+Run: ``.venv/bin/python -m benchmarks.bench_callbacks``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from lightning import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_act.callbacks.dead import DeadNeurons
+from lit_act.callbacks.massive import MassiveActivations
+from lit_act.callbacks.sparsity import ActivationSparsity
+from lit_act.models import TransformerLM
+
+BATCH, BLOCK, VOCAB = 32, 64, 128
+WARMUP, STEPS, REPEATS = 5, 100, 3
+
+
+def _nac_class():
+    try:
+        from lit_act.callbacks.nac import NeuronActivationCoverage
+    except ImportError:
+        return None
+    return NeuronActivationCoverage
+
+
+def make_callbacks(every_n_steps: int | None) -> list[Callback]:
+    """Every statistic, collected on training batches every ``every_n_steps`` (``None``: no callbacks)."""
+    if every_n_steps is None:
+        return []
+    callbacks: list[Callback] = [
+        ActivationSparsity(every_n_steps=every_n_steps, on_validation=False, figures=False),
+        MassiveActivations(every_n_steps=every_n_steps, fit_emergence=False, figures=False),
+        DeadNeurons(every_n_steps=every_n_steps, window_steps=max(every_n_steps, 50), figures=False),
+    ]
+    nac = _nac_class()
+    if nac is not None:
+        callbacks.append(nac(every_n_steps=every_n_steps))
+    return callbacks
+
+
+class _StepTimer(Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.starts.append(time.perf_counter())
+
+
+def _data(n_batches: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, VOCAB, (n_batches * BATCH, BLOCK + 1), generator=g)
+    return DataLoader(TensorDataset(idx[:, :-1], idx[:, 1:]), batch_size=BATCH)
+
+
+def _model() -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(vocab_size=VOCAB, block_size=BLOCK, d_model=128, n_layer=2, n_head=4, activation="relu")
+
+
+def _trainer(callbacks: list[Callback], steps: int, **kw) -> Trainer:
+    return Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                   num_sanity_val_steps=0, limit_val_batches=0, default_root_dir="/tmp/lit_act_bench", **kw)
+
+
+def mean_step_time(every_n_steps: int | None) -> float:
+    timer = _StepTimer()
+    _trainer([timer, *make_callbacks(every_n_steps)], WARMUP + STEPS + 1).fit(_model(), _data(WARMUP + STEPS + 1))
+    gaps = [b - a for a, b in zip(timer.starts[WARMUP:], timer.starts[WARMUP + 1:], strict=False)]
+    return statistics.fmean(gaps)
+
+
+def validation_time(with_cett: bool) -> float:
+    model, data = _model(), _data(20)
+    callbacks = [ActivationSparsity(every_n_steps=None, cett_target=0.2, figures=False)] if with_cett else []
+    trainer = Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", devices=1, default_root_dir="/tmp/lit_act_bench")
+    trainer.validate(model, data, verbose=False)  # warm-up
+    start = time.perf_counter()
+    trainer.validate(model, data, verbose=False)
+    return time.perf_counter() - start
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def memory_child(every_n_steps: int | None) -> dict[str, int]:
+    """Runs in a fresh process: RSS before fit and peak RSS (KiB) for 60 steps."""
+    torch.set_num_threads(1)
+    model, data, callbacks = _model(), _data(60), make_callbacks(every_n_steps)
+    before = _rss_kib()
+    _trainer(callbacks, 60).fit(model, data)
+    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def _memory(every_n_steps: int | None) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_callbacks", "--memory-child", str(every_n_steps)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    nac = _nac_class()
+    print(f"statistics: ActivationSparsity, MassiveActivations, DeadNeurons"
+          f"{', NeuronActivationCoverage' if nac else ' (lit_act.callbacks.nac not importable: NAC not included)'}")
+    times: dict[str | None, list[float]] = {None: [], 1: [], 50: []}
+    mean_step_time(None)  # warm-up (imports, allocator)
+    for _ in range(REPEATS):
+        for every in times:
+            times[every].append(mean_step_time(every))
+    base = statistics.median(times[None])
+    print(f"baseline step time (no callbacks): {base * 1e3:.1f} ms (median of {REPEATS} runs of {STEPS} steps)")
+    for every, goal in ((1, 1.15), (50, 1.02)):
+        ratio = statistics.median(times[every]) / base
+        print(f"step time, all statistics every_n_steps={every}: {ratio:.3f}x (goal <= {goal}x)")
+    memory = {every: _memory(every) for every in (None, 1)}
+    peak = memory[1]["peak"] / memory[None]["peak"]
+    growth = (memory[1]["peak"] - memory[1]["before"]) / max(1, memory[None]["peak"] - memory[None]["before"])
+    print(f"peak RSS, all statistics every step: {peak:.3f}x (goal <= 1.05x; "
+          f"{memory[None]['peak'] / 1024:.0f} -> {memory[1]['peak'] / 1024:.0f} MiB); "
+          f"RSS growth during fit: {growth:.3f}x")
+    val = statistics.median(validation_time(True) / validation_time(False) for _ in range(REPEATS))
+    print(f"validation epoch with CETT calibration (ActivationSparsity at validation): {val:.2f}x (informational)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-child":
+        arg = sys.argv[2]
+        print(json.dumps(memory_child(None if arg == "None" else int(arg))))
+    else:
+        main()

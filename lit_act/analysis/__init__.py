@@ -1,0 +1,1 @@
+"""Post-hoc analyses of trained weights (no hooks, no training-time state)."""

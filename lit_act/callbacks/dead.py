@@ -1,0 +1,107 @@
+"""DeadNeurons: fraction of neurons that never fire over a window of training data, per layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning import LightningModule, Trainer
+from torch import Tensor, nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from lit_act.callbacks.base import ActivationStatisticCallback
+from lit_act.stats.dead import DeadNeuronMetric
+from lit_act.stats.tap import ModuleSelector, neuron_view
+from lit_act.utils.schedule import validate_every_n
+
+
+class DeadNeurons(ActivationStatisticCallback):
+    """Dead neurons (Voita et al. 2023; :mod:`lit_act.stats.dead`) of every selected module (default: every
+    activation-function module; neurons = last dim, conv channels = dim 1, see :func:`~lit_act.stats.tap.neuron_view`).
+
+    A neuron is dead when it never exceeds ``threshold`` on any observed training sample of the window: by default one
+    training epoch (decided at epoch end), or ``window_steps`` training steps. Counts are summed over DDP ranks before
+    the decision. With ``every_n_steps > 1`` only every n-th batch of the window is observed (cheaper, but a neuron
+    firing only on skipped batches counts as dead). ``on_validation``/``on_test`` give the same over each epoch of
+    that stage.
+
+    Logged keys (``{stage}`` = ``train``/``val``/``test``; each also as ``{stage}/<statistic>/mean`` over modules):
+
+    * ``{stage}/dead_fraction/{module}``: dead neurons / neurons;
+    * ``{stage}/living_activation_frequency/{module}``: mean over living neurons of the fraction of samples on which
+      each fires;
+    * ``{stage}/dead/{module}/nonfinite``: NaN/Inf entries (excluded from the counts).
+
+    Training values are logged at the step the window started. Figure at train end:
+    ``figures/dead_fraction_per_layer.png`` (dead fraction per module vs window).
+
+    Args:
+        modules: module selector (default: every activation module).
+        threshold: a neuron fires when its activation is ``> threshold`` (default 0).
+        window_steps: window length in training steps (``None``: one epoch).
+        every_n_steps: observe every n-th training batch of the window (default 1: all).
+        on_validation, on_test: also count over whole validation / test epochs.
+        neuron_dim: override the neuron dimension.
+        figures: save the per-layer heatmap at train end.
+    """
+
+    statistic = "dead"
+    history_statistic = "dead_fraction"
+
+    def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, window_steps: int | None = None,
+                 every_n_steps: int | None = 1, on_validation: bool = False, on_test: bool = False,
+                 neuron_dim: int | None = None, figures: bool = True) -> None:
+        super().__init__(modules, every_n_steps, on_validation, on_test, figures)
+        validate_every_n("window_steps", window_steps)
+        if window_steps is not None and every_n_steps is not None and window_steps < every_n_steps:
+            raise ValueError(f"window_steps ({window_steps}) must be >= every_n_steps ({every_n_steps}) so a window "
+                             "observes at least one batch")
+        self.threshold = float(threshold)
+        self.window_steps = window_steps
+        self.neuron_dim = neuron_dim
+        self.window_start: int | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=repr(self.modules), every_n_steps=self.every_n_steps,
+                                        window_steps=self.window_steps)
+
+    def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
+        return {"dead": DeadNeuronMetric(neuron_view(x, module, self.neuron_dim).shape[1], self.threshold)}
+
+    def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
+        metrics["dead"].update(neuron_view(x, module, self.neuron_dim))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._collecting == "train" and self.window_start is None:
+            self.window_start = trainer.global_step
+
+    def train_window_done(self, trainer: Trainer) -> bool:
+        return self.window_steps is not None and trainer.global_step - self.window_start >= self.window_steps
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._collect_step = self.window_start if self.window_start is not None else trainer.global_step
+        done = self._collecting == "train" and self.train_window_done(trainer)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if done:
+            self.window_start = None
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.window_steps is None and self.window_start is not None:
+            self.emit(trainer, "train", self.window_start)
+            self.window_start = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"window_start": self.window_start}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.window_start = state_dict["window_start"]

@@ -1,0 +1,303 @@
+"""``HessianSpectrum``: Hessian eigenvalues, trace and spectral density of the training loss during training."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_act.hessian.density import gaussian_density, lla_criteria, slq
+from lit_act.hessian.lanczos import lanczos
+from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn
+from lit_act.hessian.trace import TRACE_METHODS, trace
+from lit_act.utils.figures import save_figure
+from lit_act.utils.schedule import due, is_real_run, validate_every_n
+
+PREFIX = "train/hessian/"
+
+
+@contextlib.contextmanager
+def preserved_training_state(module: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """Run a block on ``module`` and leave no trace: on exit (also on exceptions) restore every submodule's
+    ``training`` flag, every buffer (BatchNorm running statistics and ``num_batches_tracked``), every parameter's
+    ``.grad`` (values and ``None``-ness, same tensor object) and the global torch RNG state (CPU, and CUDA when
+    initialised). With ``eval_mode`` the block runs with ``module.eval()`` (BatchNorm uses running statistics,
+    dropout is off)."""
+    flags = [(m, m.training) for m in module.modules()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    if eval_mode:
+        module.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, flag in flags:
+                m.training = flag
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+            for p, grad_obj, saved in grads:
+                if grad_obj is not None:
+                    grad_obj.copy_(saved)
+                p.grad = grad_obj
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+class HessianSpectrum(Callback):
+    """Hessian spectrum of the training loss on a fixed set of cached training batches, every N steps or epochs.
+
+    The first ``num_batches`` training batches are cached (detached copies) and reused at every evaluation, so values
+    are comparable over training. Each evaluation runs outside ``inference_mode`` on ``pl_module`` itself (never the
+    DDP wrapper), by default in eval mode (BatchNorm running statistics, no dropout), and restores train/eval flags,
+    buffers, ``.grad`` and the global RNG exactly (:func:`preserved_training_state`). Under DDP every rank caches its
+    own batches; every rank uses rank 0's buffers (as DDP's forward does), Hessian-vector products are summed over
+    ranks (weighted by batch size), and every rank does the same products in the same order, so results are
+    identical on all ranks.
+
+    Logged keys (``pl_module.log``; on_step for ``every_n_steps``, on_epoch for ``every_n_epochs``):
+
+    * ``train/hessian/eig_1`` .. ``eig_k``: largest eigenvalues (Lanczos, :func:`lit_act.hessian.lanczos`);
+    * ``train/hessian/lambda_min``: smallest eigenvalue (Lanczos, ``which="smallest"``);
+    * ``train/hessian/trace``, ``train/hessian/trace_se``: Hutch++ (or Hutchinson) trace and its standard error;
+    * ``train/hessian/re``, ``train/hessian/kh``: LLA criteria from the SLQ nodes/weights
+      (:func:`lit_act.hessian.density.lla_criteria`);
+    * ``train/hessian/converged``: 1.0 when every Lanczos Ritz value passed its residual test, else 0.0;
+    * ``train/hessian/matvecs``: Hessian-vector products of the evaluation; ``train/hessian/seconds``: its wall time.
+
+    The SLQ density is saved as ``figures/hessian_density_step<step>.png`` (and a W&B image when W&B is on). A NaN/Inf
+    in a Hessian-vector product is reported (warning, all keys logged as NaN, ``nan_events`` incremented) instead of
+    stopping training.
+
+    Args:
+        every_n_steps: evaluate after every ``every_n_steps`` optimizer steps.
+        every_n_epochs: evaluate at the end of every ``every_n_epochs`` training epochs (default 1).
+        num_batches: training batches to cache and average over (weighted by batch size).
+        top_k: number of top eigenvalues.
+        max_iter: Lanczos steps at most per eigen-solve (default ``max(2 top_k + 20, 60)``).
+        tol: Lanczos relative tolerance.
+        lambda_min: also compute the smallest eigenvalue.
+        trace_budget: matvecs for the trace (0 disables it).
+        trace_method: ``"hutchpp"`` or ``"hutchinson"``.
+        slq_iter: Lanczos steps per SLQ run (0 disables the density, ``re`` and ``kh``).
+        slq_runs: SLQ runs.
+        kh_power: the power ``n`` of ``Kh_n``.
+        params: parameter names or ``fnmatch`` patterns (``None`` = all trainable parameters).
+        backend: Hessian-vector product backend (``"forward"``, ``"reverse"``, ``"cached"``; see
+            :mod:`lit_act.hessian.operator`).
+        eval_mode: compute in eval mode (BatchNorm/dropout); ``False`` keeps the current modes.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default ``module.loss(module(inputs), targets)``.
+        seed: seed of the private generator for start vectors and probes.
+        warm_start: start the top-k Lanczos from the previous top eigenvector.
+        checkpoint_vector: also store the warm-start vector in checkpoints (``dim`` floats).
+        save_density_figure: save the density plot.
+        progress: show a progress bar over Hessian-vector products on rank zero.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
+                 top_k: int = 3, max_iter: int | None = None, tol: float = 1e-4, lambda_min: bool = True,
+                 trace_budget: int = 60, trace_method: str = "hutchpp", slq_iter: int = 64, slq_runs: int = 2,
+                 kh_power: float = 0.5, params: Sequence[str] | None = None, backend: str = "forward",
+                 eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = True,
+                 checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True) -> None:
+        validate_every_n("every_n_steps", every_n_steps)
+        validate_every_n("every_n_epochs", every_n_epochs)
+        if every_n_steps is None and every_n_epochs is None:
+            raise ValueError("set every_n_steps or every_n_epochs (both are None: the callback would never run)")
+        for name, value, low in (("num_batches", num_batches, 1), ("top_k", top_k, 1), ("trace_budget", trace_budget, 0),
+                                 ("slq_iter", slq_iter, 0), ("slq_runs", slq_runs, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if max_iter is not None and max_iter < top_k:
+            raise ValueError(f"max_iter ({max_iter}) must be >= top_k ({top_k})")
+        if trace_method not in TRACE_METHODS:
+            raise ValueError(f"unknown trace_method {trace_method!r}; valid: {list(TRACE_METHODS)}")
+        if trace_method == "hutchpp" and 0 < trace_budget < 3:
+            raise ValueError(f"Hutch++ needs trace_budget >= 3 (or 0 to disable), got {trace_budget}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+        if tol <= 0 or kh_power <= 0:
+            raise ValueError(f"tol and kh_power must be positive, got tol={tol}, kh_power={kh_power}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(module, batch) -> scalar, got {loss_fn!r}")
+        self.every_n_steps, self.every_n_epochs, self.num_batches = every_n_steps, every_n_epochs, num_batches
+        self.top_k, self.max_iter, self.tol, self.lambda_min = top_k, max_iter, tol, lambda_min
+        self.trace_budget, self.trace_method = trace_budget, trace_method
+        self.slq_iter, self.slq_runs, self.kh_power = slq_iter, slq_runs, kh_power
+        self.params = None if params is None else list(params)
+        self.backend, self.eval_mode, self.loss_fn, self.seed = backend, eval_mode, loss_fn, seed
+        self.warm_start, self.checkpoint_vector = warm_start, checkpoint_vector
+        self.save_density_figure, self.progress = save_density_figure, progress
+        self.cached_batches: list[Any] = []
+        self.last_metrics: dict[str, float] = {}
+        self.evaluations = 0
+        self.nan_events = 0
+        self._warm_vector: Tensor | None = None
+        self._last_step = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs,
+                                        params=self.params)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if len(self.cached_batches) < self.num_batches:
+            self.cached_batches.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
+        step = trainer.global_step
+        if (due(step, self.every_n_steps) and step != self._last_step and step > 0 and is_real_run(trainer)
+                and len(self.cached_batches) == self.num_batches):
+            self._last_step = step
+            self._evaluate(trainer, pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+                and is_real_run(trainer)):
+            self._evaluate(trainer, pl_module, on_step=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"last_metrics": dict(self.last_metrics), "evaluations": self.evaluations,
+                                 "nan_events": self.nan_events, "last_step": self._last_step}
+        if self.checkpoint_vector and self._warm_vector is not None:
+            state["warm_vector"] = self._warm_vector.cpu()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+        self.evaluations = int(state_dict.get("evaluations", 0))
+        self.nan_events = int(state_dict.get("nan_events", 0))
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._warm_vector = state_dict.get("warm_vector")
+
+    # ------------------------------------------------------------------ computation
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, on_step: bool) -> None:
+        all_reduce = None
+        if trainer.world_size > 1:
+            def all_reduce(t: Tensor) -> Tensor:
+                return trainer.strategy.reduce(t, reduce_op="sum")
+        try:
+            metrics, density = self.compute(pl_module, all_reduce=all_reduce,
+                                            show_progress=self.progress and trainer.is_global_zero,
+                                            broadcast_buffers=trainer.world_size > 1)
+        except FloatingPointError as err:
+            self.nan_events += 1
+            rank_zero_warn(f"HessianSpectrum at step {trainer.global_step}: {err}; logging NaN")
+            metrics, density = dict.fromkeys(self.metric_names(), math.nan), None
+        self.evaluations += 1
+        self.last_metrics = metrics
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False)
+        rank_zero_info(f"HessianSpectrum step {trainer.global_step}: "
+                       + ", ".join(f"{k.removeprefix(PREFIX)}={v:.4g}" for k, v in metrics.items()))
+        if density is not None and self.save_density_figure and trainer.is_global_zero:
+            save_figure(trainer, self._density_figure(*density, trainer.global_step), "hessian_density",
+                        step=trainer.global_step)
+
+    def metric_names(self) -> list[str]:
+        """Every key an evaluation logs, in order."""
+        names = [f"{PREFIX}eig_{i + 1}" for i in range(self.top_k)]
+        names += [f"{PREFIX}lambda_min"] if self.lambda_min else []
+        names += [f"{PREFIX}trace", f"{PREFIX}trace_se"] if self.trace_budget else []
+        names += [f"{PREFIX}re", f"{PREFIX}kh"] if self.slq_iter else []
+        return [*names, f"{PREFIX}converged", f"{PREFIX}matvecs", f"{PREFIX}seconds"]
+
+    def compute(self, module: nn.Module, batches: Sequence[Any] | None = None,
+                all_reduce: Callable[[Tensor], Tensor] | None = None, show_progress: bool = False,
+                broadcast_buffers: bool = False) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+        """One evaluation on ``module`` over ``batches`` (default: the cached ones), leaving no trace on the module
+        or the RNG. Returns the metrics and the ``(grid, density)`` pair (``None`` without SLQ).
+
+        ``broadcast_buffers`` (DDP): use rank 0's buffers on every rank during the evaluation, as DDP's own forward
+        does (``broadcast_buffers=True``); without it, eval-mode BatchNorm would differ across ranks by their last
+        local running-statistics update. Local buffers are restored afterwards."""
+        batches = self.cached_batches if batches is None else list(batches)
+        start = time.perf_counter()
+        planned = ((self.max_iter or max(2 * self.top_k + 20, 60)) * (1 + self.lambda_min) + self.trace_budget
+                   + self.slq_iter * self.slq_runs)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(preserved_training_state(module, self.eval_mode))
+            if broadcast_buffers:
+                for buffer in module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            bar = stack.enter_context(_progress_bar(planned, show_progress))
+            op = HessianOperator(module, self.loss_fn, batches, params=self.params, backend=self.backend,
+                                 all_reduce=all_reduce, on_matvec=bar)
+            metrics, density = self._spectrum(op)
+        metrics[f"{PREFIX}matvecs"] = float(op.matvecs)
+        metrics[f"{PREFIX}seconds"] = time.perf_counter() - start
+        return metrics, density
+
+    def _spectrum(self, op: HessianOperator) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+        warm = self._warm_vector if self.warm_start else None
+        if warm is not None and warm.shape != (op.dim,):
+            warm = None
+        warm = None if warm is None else warm.to(dtype=op.dtype, device=op.device)
+        top = lanczos(op, self.top_k, "largest", self.max_iter, self.tol, v0=warm, seed=self.seed)
+        if self.warm_start:
+            self._warm_vector = top.eigenvectors[:, 0].detach().clone()
+        metrics = {f"{PREFIX}eig_{i + 1}": float(v) for i, v in enumerate(top.eigenvalues)}
+        converged = bool(top.converged.all())
+        if self.lambda_min:
+            low = lanczos(op, 1, "smallest", self.max_iter, self.tol, seed=self.seed + 1, return_vectors=False)
+            metrics[f"{PREFIX}lambda_min"] = float(low.eigenvalues[0])
+            converged = converged and bool(low.converged.all())
+        if self.trace_budget:
+            tr = trace(op, self.trace_budget, self.trace_method, seed=self.seed + 2)
+            metrics[f"{PREFIX}trace"], metrics[f"{PREFIX}trace_se"] = tr.estimate, tr.std_error
+        density = None
+        if self.slq_iter:
+            sq = slq(op, self.slq_iter, self.slq_runs, seed=self.seed + 3)
+            crit = lla_criteria(sq.nodes, sq.weights, self.kh_power)
+            metrics[f"{PREFIX}re"], metrics[f"{PREFIX}kh"] = crit.re, crit.kh
+            density = gaussian_density(sq.nodes, sq.weights)
+        if not converged:
+            rank_zero_warn(f"HessianSpectrum: Lanczos did not reach tol={self.tol} within max_iter; "
+                           "raise max_iter for converged eigenvalues")
+        metrics[f"{PREFIX}converged"] = float(converged)
+        return metrics, density
+
+    @staticmethod
+    def _density_figure(grid: Tensor, density: Tensor, step: int):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.add_subplot()
+        ax.semilogy(grid.numpy(), density.clamp_min(1e-12).numpy())
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (log scale)")
+        ax.set_title(f"Hessian spectral density (SLQ), step {step}")
+        return fig
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, show: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar over Hessian-vector products (``None`` when hidden)."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="Hessian spectrum", unit="HVP", leave=False)
+    try:
+        yield lambda count: bar.update(count - bar.n)
+    finally:
+        bar.close()

@@ -1,0 +1,131 @@
+"""MassiveActivations: top-k / median / ratio / criterion count of residual-stream magnitudes per layer, and the
+emergence-curve fit of the ratio over training."""
+
+from __future__ import annotations
+
+import math
+
+from lightning import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from lit_act.callbacks.base import ActivationStatisticCallback, log_to_loggers
+from lit_act.stats.emergence import _MIN_POINTS, EmergenceFit, fit_emergence
+from lit_act.stats.massive import MassiveActivationMetric
+from lit_act.stats.tap import ModuleSelector
+from lit_act.utils.figures import save_figure
+
+_BLOCK_LIST_NAMES = ("blocks", "layers", "h")
+
+
+def residual_stream_modules(pl_module: nn.Module) -> list[str]:
+    """Names of the children of the first ``nn.ModuleList`` called ``blocks``/``layers``/``h`` (``blocks.0``,
+    ``blocks.1``, ...: the block outputs, i.e. the residual stream); raises ``ValueError`` when there is none."""
+    for name, module in pl_module.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in _BLOCK_LIST_NAMES:
+            return [f"{name}.{child}" for child, _ in module.named_children()]
+    raise ValueError(f"{type(pl_module).__name__} has no nn.ModuleList named {'/'.join(_BLOCK_LIST_NAMES)} to take "
+                     "the residual stream from; pass modules= (e.g. a list of block names or a predicate)")
+
+
+class MassiveActivations(ActivationStatisticCallback):
+    """Massive activations (Sun et al. 2024; :mod:`lit_act.stats.massive`) on block outputs, by default every child of
+    the model's ``blocks`` ModuleList (``blocks.0``, ``blocks.1``, ... of :class:`lit_act.models.TransformerLM`), and
+    the emergence curve of the top-1/median ratio over training ("Hidden Dynamics of Massive Activations";
+    :mod:`lit_act.stats.emergence`).
+
+    Statistics are over one observed training batch, or a whole validation/test epoch. Logged keys (``{stage}`` =
+    ``train``/``val``/``test``, ``{module}`` as in ``named_modules()``; all but positions and ``nonfinite`` also as
+    ``{stage}/<statistic>/mean`` over modules):
+
+    * ``{stage}/massive_top{i}/{module}`` (i = 1..k): i-th largest ``|h|``;
+    * ``{stage}/massive_top{i}_token/{module}``, ``{stage}/massive_top{i}_dim/{module}``: its token position and
+      hidden dimension;
+    * ``{stage}/massive_median/{module}``: per-sequence median ``|h|``, averaged over sequences;
+    * ``{stage}/massive_ratio/{module}``: top-1 / median;
+    * ``{stage}/massive_count/{module}``: entries with ``|h| > magnitude`` and ``|h| >= median_ratio x`` their
+      sequence's median;
+    * ``{stage}/massive/{module}/nonfinite``: NaN/Inf entries (excluded);
+    * at train end, per module with at least 5 training collections: ``train/emergence_{p}/{module}`` for
+      ``p`` in ``A, lambda, gamma, t0, K, r2, peak_step`` (fit of ``massive_ratio`` vs step).
+
+    Figures at train end: ``figures/massive_ratio_per_layer.png`` (ratio per layer vs step) and
+    ``figures/massive_emergence.png`` (ratios with fitted curves).
+
+    Args:
+        modules: selector (default: :func:`residual_stream_modules`).
+        k: number of top magnitudes (>= 1).
+        magnitude, median_ratio: the massive-activation criterion (100 and 1000 in the paper).
+        every_n_steps: observe one training batch every ``every_n_steps`` steps (``None``: never).
+        on_validation, on_test: observe whole validation / test epochs.
+        fit_emergence: fit the emergence curve at train end.
+        figures: save the figures at train end.
+    """
+
+    statistic = "massive"
+    history_statistic = "massive_ratio"
+
+    def __init__(self, modules: ModuleSelector = None, k: int = 3, magnitude: float = 100.0,
+                 median_ratio: float = 1000.0, every_n_steps: int | None = 50, on_validation: bool = False,
+                 on_test: bool = False, fit_emergence: bool = True, figures: bool = True) -> None:
+        super().__init__(modules, every_n_steps, on_validation, on_test, figures)
+        MassiveActivationMetric(k, magnitude, median_ratio)  # validates the arguments
+        self.k, self.magnitude, self.median_ratio = k, magnitude, median_ratio
+        self.fit_emergence = fit_emergence
+        self.emergence: dict[str, EmergenceFit] = {}
+
+    def default_modules(self, pl_module: LightningModule) -> ModuleSelector:
+        return residual_stream_modules(pl_module)
+
+    def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
+        return {"massive": _PrefixedMassiveMetric(self.k, self.magnitude, self.median_ratio)}
+
+    def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
+        metrics["massive"].update(x)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.fit_emergence and len(self.history_steps) >= _MIN_POINTS:
+            self.fit_and_log_emergence(trainer)
+
+    def fit_and_log_emergence(self, trainer: Trainer) -> dict[str, EmergenceFit]:
+        """Fit every module's ratio history, log ``train/emergence_*`` and save the figure."""
+        self.emergence = {}
+        for name, ratios in self.history.items():
+            try:
+                self.emergence[name] = fit_emergence(self.history_steps, ratios)
+            except (RuntimeError, ValueError) as err:
+                rank_zero_warn(f"MassiveActivations: emergence fit failed for {name!r}: {err}")
+        logged = {f"train/emergence_{p}/{name}": v for name, fit in self.emergence.items()
+                  for p, v in fit.as_dict().items() if not math.isnan(v)}
+        if logged:
+            self.last_logged = logged
+            log_to_loggers(trainer, logged, trainer.global_step)
+        if self.figures and self.emergence:
+            self._save_emergence_figure(trainer)
+        return self.emergence
+
+    def _save_emergence_figure(self, trainer: Trainer) -> None:
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        grid = np.linspace(min(self.history_steps), max(self.history_steps), 200)
+        for name, fit in self.emergence.items():
+            points = ax.plot(self.history_steps, self.history[name], "o", ms=3, label=f"{name} (R2={fit.r2:.3f})")
+            ax.plot(grid, fit(grid), "-", color=points[0].get_color())
+        ax.set_xlabel("training step")
+        ax.set_ylabel("max|h| / median|h|")
+        ax.set_title("massive-activation emergence")
+        ax.legend(fontsize=7)
+        save_figure(trainer, fig, "massive_emergence")
+
+
+class _PrefixedMassiveMetric(MassiveActivationMetric):
+    """:class:`MassiveActivationMetric` whose statistic names carry the ``massive_`` prefix (``nonfinite`` kept)."""
+
+    def compute(self) -> dict[str, Tensor]:
+        return {(k if k == "nonfinite" else f"massive_{k}"): v for k, v in super().compute().items()}

@@ -1,0 +1,294 @@
+"""NeuronActivationCoverage: NAC-ME during training and an end-of-run NAC-UE OOD evaluation (with parameter search)
+next to the MSP and energy baselines. The math lives in :mod:`lit_act.stats.nac`, :mod:`lit_act.stats.nac_search` and
+:mod:`lit_act.stats.ood`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from lit_act.callbacks.base import log_to_loggers
+from lit_act.stats.nac import NAC_ME_PARAMS, LayerParams, LogitsFn, NACModel
+from lit_act.stats.nac_search import SearchResult, search_parameters
+from lit_act.stats.ood import auroc, logits_scorer, score_batches
+from lit_act.stats.tap import ModuleSelector, is_compiled, select_modules
+from lit_act.utils.figures import save_figure
+from lit_act.utils.schedule import due, is_real_run, validate_every_n
+
+OODSets = Mapping[str, Dataset | DataLoader] | Callable[[LightningDataModule], Mapping[str, Dataset | DataLoader]]
+EVALUATE_ON = (None, "test", "fit")
+_SEARCH_ARGS = set(inspect.signature(search_parameters).parameters) - {
+    "model", "train_loader", "val_loader", "modules", "ood_loader", "logits_fn", "neuron_dim", "base"}
+
+
+class NeuronActivationCoverage(Callback):
+    """Neuron Activation Coverage (Liu et al., ICLR 2024; :mod:`lit_act.stats.nac` has the formulas and the deviations
+    from BierOne/ood_coverage) of the selected modules (default: every activation-function module).
+
+    **NAC-ME during training.** At every ``every_n_steps``-th training step (``None``: off) the batch goes through a
+    separate forward/backward in eval mode (no ``.grad``, optimizer or BN statistics touched; flags restored) and the
+    states ``sigmoid(0.1 * pool(z) * pool(dKL/dz))`` of its correctly classified samples fill per-module coverage
+    histograms (``O = 500, M = 50``, linear bins; fixed shape, summed over DDP ranks). At each training epoch end the
+    coverage is logged and the histograms reset.
+
+    **NAC-UE OOD evaluation** at the end of ``trainer.test`` (``evaluate_on="test"``) or of ``trainer.fit``
+    (``"fit"``), on the trainer's datamodule: optionally :func:`~lit_act.stats.nac_search.search_parameters` (fit on
+    the train split, scored on the val split against ``search_ood`` or the synthetic shuffled proxy), then NAC-UE is
+    fitted on ``fit_samples`` training samples and its AUROC -- and those of MSP and energy on the same model -- is
+    measured on the test split against each OOD set of ``ood_sets``. Every rank computes the same numbers (no DDP
+    sharding of this offline pass); rank zero logs them and saves ``figures/nac_ood_auroc.png`` (table).
+
+    Logged keys (``{module}`` as in ``named_modules()``):
+
+    * ``train/nac_me/{module}``, ``train/nac_me/mean``: NAC-ME coverage of the epoch's observed correct samples;
+    * ``train/nac_me/{module}/nonfinite``: NaN/Inf states excluded from the histograms;
+    * ``test/{method}/auroc/{ood_set}`` and ``test/{method}/auroc/mean`` for ``method`` in ``nac``, ``msp``,
+      ``energy``: in-distribution test split vs each OOD set (in-distribution = positive; 0.5 = chance);
+    * ``test/nac/coverage/{module}``: NAC-UE coverage of the fitted (training) histograms;
+    * with ``search=True``: ``search/nac/val_auroc``, ``search/nac/num_layers``, ``search/nac/{alpha,saturation,bins}/
+      {module}`` for the chosen layers (alpha ``-1`` = ``"auto"``).
+
+    Args:
+        modules: module selector (:func:`lit_act.stats.tap.select_modules`).
+        alpha, saturation, bins, spacing: NAC-UE defaults for every layer (:class:`~lit_act.stats.nac.LayerParams`;
+            ``alpha="auto"`` scales alpha to each layer's products).
+        layer_params: per-module overrides ``{module: {alpha: ..., saturation: ..., bins: ..., spacing: ...}}``.
+        every_n_steps: NAC-ME collection period in training steps (``None``: no NAC-ME).
+        evaluate_on: ``"test"``, ``"fit"`` or ``None`` (no OOD evaluation).
+        ood_sets: ``{name: Dataset | DataLoader}`` or a callable ``datamodule -> {name: ...}`` (e.g.
+            :func:`lit_act.data.ood.digits_ood_sets`); required when ``evaluate_on`` is set.
+        search: run the parameter search before the evaluation.
+        search_ood: the search's OOD proxy (Dataset, DataLoader or callable ``datamodule -> Dataset``); ``None``:
+            the synthetic shuffled proxy.
+        search_kwargs: extra arguments of :func:`~lit_act.stats.nac_search.search_parameters` (``alphas``,
+            ``saturations``, ``bins``, ``strategy``, ``num_trials``, ``seed``, ...).
+        fit_samples: training samples the NAC-UE histograms are fitted on (the reference uses 1,000).
+        batch_size: batch size of loaders built from ``Dataset`` OOD sets.
+        logits_fn: maps the model output to logits ``(B, C)`` when it is not already.
+        neuron_dim: neuron dimension override.
+        figures: save the AUROC table figure.
+    """
+
+    def __init__(self, modules: ModuleSelector = None, alpha: float | str = "auto", saturation: float = 20.0,
+                 bins: int = 50, spacing: str = "symlog", layer_params: Mapping[str, Mapping[str, Any]] | None = None,
+                 every_n_steps: int | None = 1, evaluate_on: str | None = "test", ood_sets: OODSets | None = None,
+                 search: bool = False, search_ood: Any = None, search_kwargs: Mapping[str, Any] | None = None,
+                 fit_samples: int = 1000, batch_size: int = 256, logits_fn: LogitsFn | None = None,
+                 neuron_dim: int | None = None, figures: bool = True) -> None:
+        validate_every_n("every_n_steps", every_n_steps)
+        validate_every_n("fit_samples", fit_samples)
+        validate_every_n("batch_size", batch_size)
+        if evaluate_on not in EVALUATE_ON:
+            raise ValueError(f"evaluate_on must be one of {EVALUATE_ON}, got {evaluate_on!r}")
+        if evaluate_on is not None and ood_sets is None:
+            raise ValueError("evaluate_on is set but ood_sets is None: pass ood_sets={name: Dataset} or a callable "
+                             "datamodule -> {name: Dataset} (e.g. lit_act.data.ood.digits_ood_sets), or "
+                             "evaluate_on=None")
+        if every_n_steps is None and evaluate_on is None:
+            raise ValueError("NeuronActivationCoverage would do nothing: set every_n_steps (NAC-ME) or evaluate_on")
+        unknown = set(search_kwargs or {}) - _SEARCH_ARGS
+        if unknown:
+            raise ValueError(f"unknown search_kwargs {sorted(unknown)}; valid: {sorted(_SEARCH_ARGS)}")
+        self.params = LayerParams(alpha=alpha, saturation=saturation, bins=bins, spacing=spacing)
+        self.layer_params = {name: LayerParams(**{**self._fields(self.params), **dict(over)})
+                             for name, over in (layer_params or {}).items()}
+        self.modules = modules
+        self.every_n_steps = every_n_steps
+        self.evaluate_on = evaluate_on
+        self.ood_sets = ood_sets
+        self.search = search
+        self.search_ood = search_ood
+        self.search_kwargs = dict(search_kwargs or {})
+        self.fit_samples = fit_samples
+        self.batch_size = batch_size
+        self.logits_fn = logits_fn
+        self.neuron_dim = neuron_dim
+        self.figures = figures
+        self.selected: dict[str, nn.Module] = {}
+        self.me: NACModel | None = None
+        self._pending_me: dict[str, dict[str, Tensor]] = {}
+        self.search_result: SearchResult | None = None
+        self.results: dict[str, float] = {}
+        self.last_me: dict[str, float] = {}
+        self._due = False
+
+    @staticmethod
+    def _fields(params: LayerParams) -> dict[str, Any]:
+        return {k: getattr(params, k) for k in params.__dataclass_fields__}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=repr(self.modules), every_n_steps=self.every_n_steps)
+
+    # ------------------------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if is_compiled(pl_module):
+            raise RuntimeError("NeuronActivationCoverage cannot observe a torch.compile'd module: forward hooks added "
+                               "after compilation are not seen. Pass the uncompiled LightningModule to the Trainer.")
+        self.selected = select_modules(pl_module, self.modules)
+        unknown = set(self.layer_params) - set(self.selected)
+        if unknown:
+            raise ValueError(f"layer_params name modules that are not selected: {sorted(unknown)}; selected: "
+                             f"{sorted(self.selected)}")
+        if self.me is None:
+            self.me = NACModel(self.selected, NAC_ME_PARAMS, self.logits_fn, self.neuron_dim, correct_only=True)
+
+    def layer_params_for(self, names: list[str]) -> dict[str, LayerParams]:
+        """NAC-UE parameters of ``names`` (defaults and ``layer_params`` overrides)."""
+        return {n: self.layer_params.get(n, self.params) for n in names}
+
+    # -------------------------------------------------------------------------------------------------- NAC-ME
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._due = due(trainer.global_step, self.every_n_steps) and is_real_run(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.me is None or not self._due:
+            return
+        inputs, targets = batch[0], batch[1]
+        self.me.update(pl_module, inputs, targets)
+        for name, states in self._pending_me.items():
+            cov = self.me.coverage.get(name)
+            if cov is not None:
+                self._restore(cov, states)
+        self._pending_me = {k: v for k, v in self._pending_me.items() if k not in self.me.coverage}
+
+    @staticmethod
+    def _restore(cov, states: dict[str, Tensor]) -> None:
+        for key, value in states.items():
+            getattr(cov, key).add_(value.to(getattr(cov, key)))
+        cov._update_count = max(cov._update_count, 1)
+        cov._computed = None
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.me is None or not self.me.coverage or not is_real_run(trainer):
+            return
+        logged = {}
+        for name, cov in self.me.coverage.items():
+            logged[f"train/nac_me/{name}"] = float(cov.compute())
+            nonfinite = cov.nonfinite.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(nonfinite)
+            logged[f"train/nac_me/{name}/nonfinite"] = float(nonfinite)
+            cov.reset()
+        values = [v for k, v in logged.items() if not k.endswith("/nonfinite")]
+        logged["train/nac_me/mean"] = sum(values) / len(values)
+        bad = {k: v for k, v in logged.items() if k.endswith("/nonfinite") and v > 0}
+        if bad:
+            rank_zero_warn(f"NeuronActivationCoverage: NaN/Inf neuron states were excluded from NAC-ME ({bad})")
+        self.last_me = logged
+        log_to_loggers(trainer, logged, trainer.global_step)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evaluate_on == "fit" and is_real_run(trainer):
+            self.evaluate(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.evaluate_on == "test" and is_real_run(trainer):
+            self.evaluate(trainer, pl_module)
+
+    def _loader(self, data: Any) -> DataLoader:
+        if isinstance(data, DataLoader):
+            return data
+        if isinstance(data, Dataset):
+            return DataLoader(data, batch_size=self.batch_size, shuffle=False)
+        raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Run the (search and) NAC-UE / MSP / energy AUROC evaluation on ``trainer.datamodule``; returns and logs
+        the numbers (also stored in :attr:`results`)."""
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("NeuronActivationCoverage's OOD evaluation needs a LightningDataModule: call "
+                               "trainer.fit/test(model, datamodule=...) or set evaluate_on=None")
+        datamodule.setup("fit")
+        train, val, test = datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()
+        sets = self.ood_sets(datamodule) if callable(self.ood_sets) else self.ood_sets
+        ood_loaders = {name: self._loader(data) for name, data in sets.items()}
+        if not ood_loaders:
+            raise ValueError("ood_sets is empty: give at least one OOD set")
+        logged: dict[str, float] = {}
+        params = self.layer_params_for(list(self.selected))
+        if self.search:
+            proxy = self.search_ood(datamodule) if callable(self.search_ood) else self.search_ood
+            self.search_result = search_parameters(
+                pl_module, train, val, self.selected, None if proxy is None else self._loader(proxy),
+                **{"fit_samples": self.fit_samples, **self.search_kwargs}, logits_fn=self.logits_fn,
+                neuron_dim=self.neuron_dim, base=self.params)
+            params = self.search_result.params
+            logged.update(self.search_result.flat())
+            rank_zero_info(self.search_result.describe())
+        nac = NACModel({n: self.selected[n] for n in params}, params, self.logits_fn, self.neuron_dim, sync=False)
+        nac.fit(pl_module, train, self.fit_samples)
+        for name, value in nac.layer_coverage().items():
+            logged[f"test/nac/coverage/{name}"] = value
+        scorers = {"nac": lambda x: nac.score(pl_module, x),
+                   "msp": logits_scorer(pl_module, "msp", self.logits_fn),
+                   "energy": logits_scorer(pl_module, "energy", self.logits_fn)}
+        for method, scorer in scorers.items():
+            in_scores = score_batches(scorer, test)
+            values = []
+            for set_name, loader in ood_loaders.items():
+                value = auroc(in_scores, score_batches(scorer, loader))
+                logged[f"test/{method}/auroc/{set_name}"] = value
+                values.append(value)
+            logged[f"test/{method}/auroc/mean"] = sum(values) / len(values)
+        self.results = logged
+        log_to_loggers(trainer, logged, trainer.global_step)
+        self._report(trainer, list(ood_loaders))
+        return logged
+
+    @rank_zero_only
+    def _report(self, trainer: Trainer, set_names: list[str]) -> None:
+        methods = ("nac", "msp", "energy")
+        rows = [[f"{self.results[f'test/{m}/auroc/{s}']:.3f}" for m in methods] for s in [*set_names, "mean"]]
+        lines = ["OOD AUROC (in-distribution test split vs each set):", f"{'set':<12}" + "".join(
+            f"{m:>9}" for m in methods)]
+        lines += [f"{s:<12}" + "".join(f"{v:>9}" for v in row) for s, row in zip([*set_names, "mean"], rows,
+                                                                                  strict=True)]
+        rank_zero_info("\n".join(lines))
+        if self.figures:
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 0.5 + 0.3 * len(rows)))
+            ax.axis("off")
+            ax.table(cellText=rows, rowLabels=[*set_names, "mean"], colLabels=["NAC-UE", "MSP", "energy"],
+                     loc="center")
+            ax.set_title("OOD AUROC (test split)")
+            save_figure(trainer, fig, "nac_ood_auroc")
+
+    # ---------------------------------------------------------------------------------------------- resume
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        me = {} if self.me is None else {
+            name: {k: v.detach().cpu().clone() for k, v in cov.metric_state.items()}
+            for name, cov in self.me.coverage.items()}
+        me.update({k: v for k, v in self._pending_me.items() if k not in me})
+        return {"nac_me": me}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_me = {}
+        for name, states in state_dict["nac_me"].items():
+            cov = None if self.me is None else self.me.coverage.get(name)
+            if cov is None:
+                self._pending_me[name] = states
+            else:
+                cov.reset()
+                self._restore(cov, states)
