@@ -4,8 +4,9 @@ d_model 128, 2 layers, 4 heads, ReLU MLP; conf/data/pysource.yaml shapes: batch 
 Printed ratios (goal in brackets), each against the no-callback baseline measured in the same run:
 
 * step time, every statistic collected on every training step (<= 1.15x): ActivationSparsity(every_n_steps=1),
-  MassiveActivations(every_n_steps=1), DeadNeurons(every_n_steps=1), plus NeuronActivationCoverage when
-  ``lit_act.callbacks.nac`` imports (it is benchmarked with its defaults and every_n_steps=1);
+  MassiveActivations(every_n_steps=1), DeadNeurons(every_n_steps=1). NeuronActivationCoverage is not included: it
+  needs classification logits ``(B, C)`` with targets ``(B,)`` (NAC-ME keeps correctly classified samples), which a
+  language model's per-token batches do not provide;
 * step time with every_n_steps=50 (<= 1.02x);
 * peak memory (<= 1.05x): each configuration trains in a fresh subprocess; we report the ratio of the process's peak
   resident set size (``ru_maxrss``) and, more sensitive, of the RSS growth during ``fit`` (peak minus RSS before fit);
@@ -39,27 +40,15 @@ BATCH, BLOCK, VOCAB = 32, 64, 128
 WARMUP, STEPS, REPEATS = 5, 100, 3
 
 
-def _nac_class():
-    try:
-        from lit_act.callbacks.nac import NeuronActivationCoverage
-    except ImportError:
-        return None
-    return NeuronActivationCoverage
-
-
 def make_callbacks(every_n_steps: int | None) -> list[Callback]:
     """Every statistic, collected on training batches every ``every_n_steps`` (``None``: no callbacks)."""
     if every_n_steps is None:
         return []
-    callbacks: list[Callback] = [
+    return [
         ActivationSparsity(every_n_steps=every_n_steps, on_validation=False, figures=False),
         MassiveActivations(every_n_steps=every_n_steps, fit_emergence=False, figures=False),
         DeadNeurons(every_n_steps=every_n_steps, window_steps=max(every_n_steps, 50), figures=False),
     ]
-    nac = _nac_class()
-    if nac is not None:
-        callbacks.append(nac(every_n_steps=every_n_steps))
-    return callbacks
 
 
 class _StepTimer(Callback):
@@ -127,9 +116,8 @@ def _memory(every_n_steps: int | None) -> dict[str, int]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    nac = _nac_class()
-    print(f"statistics: ActivationSparsity, MassiveActivations, DeadNeurons"
-          f"{', NeuronActivationCoverage' if nac else ' (lit_act.callbacks.nac not importable: NAC not included)'}")
+    print("statistics: ActivationSparsity, MassiveActivations, DeadNeurons (NAC needs classification batches: "
+          "not included)")
     times: dict[str | None, list[float]] = {None: [], 1: [], 50: []}
     mean_step_time(None)  # warm-up (imports, allocator)
     for _ in range(REPEATS):

@@ -84,7 +84,7 @@ def find_jobs(root: Path) -> list[Path]:
     if _is_job_dir(root):
         return [root]
     found = {p.parent for p in root.rglob(STATUS_FILE)} | {p.parent.parent for p in root.rglob(str(OVERRIDES_FILE))}
-    return sorted((p for p in found if "wandb" not in p.relative_to(root).parts), key=_natural_key)
+    return sorted(found, key=_natural_key)
 
 
 def parse_overrides(lines: Sequence[str]) -> dict[str, str]:

@@ -71,11 +71,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 
-def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float:
-    """The value a sweeper optimises: ``metrics[cfg.optimized_metric]`` (NaN when the job failed or never logged it)."""
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimises: ``metrics[cfg.optimized_metric]``; ``None`` when the job failed or the value is
+    not finite (Optuna records ``None`` as a failed trial and goes on; it refuses NaN)."""
     name = cfg.get("optimized_metric")
-    if not name:
-        return math.nan
-    if metrics and name not in metrics:
+    if not name or not metrics:
+        return None
+    if name not in metrics:
         raise KeyError(f"optimized_metric {name!r} was not logged; logged metrics: {sorted(metrics)}")
-    return metrics.get(name, math.nan)
+    value = metrics[name]
+    return value if math.isfinite(value) else None

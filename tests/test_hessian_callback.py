@@ -52,7 +52,8 @@ def dense_hessian(model: nn.Module, batches) -> torch.Tensor:
         for n, p in params.items():
             values[n] = flat[offset:offset + p.numel()].reshape(p.shape)
             offset += p.numel()
-        return sum(x.shape[0] * model.loss(functional_call(model, values, (x.double(),)), y) for x, y in batches) / total
+        losses = [x.shape[0] * model.loss(functional_call(model, values, (x.double(),)), y) for x, y in batches]
+        return sum(losses) / total
 
     return torch.autograd.functional.hessian(loss, flat0)
 
@@ -119,11 +120,12 @@ def test_callback_leaves_no_trace_and_does_not_change_training(tmp_path, eval_mo
         assert torch.equal(b, c)
 
 
-def test_logged_values_match_dense_hessian(tmp_path):
+@pytest.mark.parametrize("backend", ["cached", "forward"])
+def test_logged_values_match_dense_hessian(tmp_path, backend):
     seed_everything(0)
     model = make_model()
     hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, top_k=3, trace_budget=30, slq_iter=24, slq_runs=2,
-                              progress=True)
+                              backend=backend, progress=True)
     trainer = make_trainer(tmp_path, [hessian])
     trainer.fit(model, DataLoader(make_data(), batch_size=16))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/hessian/")}

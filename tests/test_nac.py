@@ -109,6 +109,17 @@ def test_works_under_inference_mode_and_with_frozen_parameters() -> None:
     torch.testing.assert_close(got, expected)
 
 
+def test_bf16_autocast_gives_fp32_products_close_to_fp32() -> None:
+    torch.manual_seed(7)
+    model = TinyMLP()
+    x = torch.randn(16, 5)
+    expected = neuron_products(model, x, {"act": model.act}).products["act"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = neuron_products(model, x, {"act": model.act}).products["act"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.02)
+
+
 def _bin_of(s: float, edges: list[float]) -> int:
     for k in range(len(edges) - 1):
         if edges[k] <= s < edges[k + 1] or (k == len(edges) - 2 and s == edges[-1]):
@@ -235,3 +246,22 @@ def test_bad_model_setups_raise() -> None:
         NACModel({"act": model.act}).score(model, torch.randn(2, 5))
     with pytest.raises(ValueError, match="edges"):
         NACCoverage(3, 1, torch.tensor([0.0, 0.7, 0.5, 1.0]))
+
+
+def test_transformer_needs_a_position_and_pools_over_tokens() -> None:
+    from lit_act.models import TransformerLM
+
+    torch.manual_seed(8)
+    model = TransformerLM(vocab_size=128, block_size=8, d_model=16, n_layer=1, n_head=2)
+    x = torch.randint(0, 128, (3, 8))
+    act = model.blocks[0].mlp.act
+    with pytest.raises(ValueError, match="pick one position"):
+        neuron_products(model, x, {"act": act})
+    got = neuron_products(model, x, {"act": act}, logits_fn=lambda out: out[:, -1]).products["act"]
+    kept = []
+    handle = act.register_forward_hook(lambda m, a, out: kept.append(out))
+    model.eval()
+    logits = model(x)[:, -1]
+    handle.remove()
+    (grad,) = torch.autograd.grad(kl_u_softmax(logits.double()).sum(), kept[0])
+    torch.testing.assert_close(got, kept[0].detach().sum(1) * grad.sum(1), rtol=1e-4, atol=1e-6)

@@ -52,6 +52,10 @@ class ActivationStatisticCallback(Callback):
         on_validation: observe every validation batch and log at validation epoch end.
         on_test: the same for test epochs.
         figures: save the per-layer heatmap (and subclass figures) at train end.
+
+    Attributes (inspectable after ``fit``): ``selected`` (observed modules by name), ``metrics`` (stage -> module ->
+    metrics), ``history_steps`` / ``history`` (:attr:`history_statistic` per module at each training emission),
+    ``last_logged`` (the last ``{key: value}`` logged).
     """
 
     statistic: ClassVar[str]

@@ -95,8 +95,10 @@ class HessianSpectrum(Callback):
         slq_runs: SLQ runs.
         kh_power: the power ``n`` of ``Kh_n``.
         params: parameter names or ``fnmatch`` patterns (``None`` = all trainable parameters).
-        backend: Hessian-vector product backend (``"forward"``, ``"reverse"``, ``"cached"``; see
-            :mod:`lit_act.hessian.operator`).
+        backend: Hessian-vector product backend (``"cached"``, ``"forward"``, ``"reverse"``; see
+            :mod:`lit_act.hessian.operator`). ``"cached"`` (default) keeps the first-order graph of the cached
+            batches for the duration of one evaluation and is the fastest (2x ``"forward"`` on the benchmark MLP,
+            ~10x on tiny models, CPU); ``"forward"`` recomputes per product and holds one batch at a time.
         eval_mode: compute in eval mode (BatchNorm/dropout); ``False`` keeps the current modes.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default ``module.loss(module(inputs), targets)``.
         seed: seed of the private generator for start vectors and probes.
@@ -109,15 +111,16 @@ class HessianSpectrum(Callback):
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
                  top_k: int = 3, max_iter: int | None = None, tol: float = 1e-4, lambda_min: bool = True,
                  trace_budget: int = 60, trace_method: str = "hutchpp", slq_iter: int = 64, slq_runs: int = 2,
-                 kh_power: float = 0.5, params: Sequence[str] | None = None, backend: str = "forward",
+                 kh_power: float = 0.5, params: Sequence[str] | None = None, backend: str = "cached",
                  eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = True,
                  checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True) -> None:
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
         if every_n_steps is None and every_n_epochs is None:
             raise ValueError("set every_n_steps or every_n_epochs (both are None: the callback would never run)")
-        for name, value, low in (("num_batches", num_batches, 1), ("top_k", top_k, 1), ("trace_budget", trace_budget, 0),
-                                 ("slq_iter", slq_iter, 0), ("slq_runs", slq_runs, 1)):
+        minimums = {"num_batches": (num_batches, 1), "top_k": (top_k, 1), "trace_budget": (trace_budget, 0),
+                    "slq_iter": (slq_iter, 0), "slq_runs": (slq_runs, 1)}
+        for name, (value, low) in minimums.items():
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if max_iter is not None and max_iter < top_k:

@@ -75,6 +75,12 @@ class NeuronActivationCoverage(Callback):
         logits_fn: maps the model output to logits ``(B, C)`` when it is not already.
         neuron_dim: neuron dimension override.
         figures: save the AUROC table figure.
+
+    Attributes after a run: ``last_me`` (the last logged NAC-ME keys), ``results`` (every evaluation key above),
+    ``search_result`` (:class:`~lit_act.stats.nac_search.SearchResult` with all trials).
+
+    The evaluation calls ``datamodule.setup("fit")`` and builds fresh ``train/val/test_dataloader()``s (the train
+    split's first ``fit_samples`` samples in its loader's order).
     """
 
     def __init__(self, modules: ModuleSelector = None, alpha: float | str = "auto", saturation: float = 20.0,

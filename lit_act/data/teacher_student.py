@@ -1,7 +1,7 @@
 """Teacher-student regression: Gaussian inputs labelled by a random one-hidden-layer teacher.
 
 Teacher (soft committee machine, Saad & Solla 1995; the setting of "Should Under-parameterized Student Networks Copy
-or Average Teacher Weights?", Martin et al. 2024):
+or Average Teacher Weights?", Simsek, Bendjeddou, Gerstner & Brea, NeurIPS 2023, arXiv:2311.01644):
 
     y(x) = sum_{j=1..k} v_j g(w_j . x / sqrt(d)) + sigma * eps,    x ~ N(0, I_d),
 

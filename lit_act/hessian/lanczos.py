@@ -11,8 +11,11 @@ with ``m = dim`` steps the spectrum is exact.
 The Ritz pairs ``(theta_i, Q_m s_i)`` of ``T_m`` have residual ``||H x_i - theta_i x_i|| = beta_m |s_{m,i}|``.
 A Ritz value is flagged converged when ``min(r_i, r_i^2 / gap_i) <= tol * |theta_i|``: some eigenvalue lies within
 ``r_i`` of ``theta_i`` (Bauer-Fike/Weyl), and within ``r_i^2 / gap_i`` when the other Ritz values estimate the gap
-(Kato-Temple, the ARPACK-style estimate). PyHessian instead runs power iteration and stops when two consecutive
-Rayleigh quotients differ by less than ``1e-3`` relative, which on small spectral gaps stops ~1% low.
+(Kato-Temple, the ARPACK-style estimate). Like every Krylov method, Lanczos cannot flag an eigenvalue it has not
+found yet: with near-ties (e.g. ``lambda_2 ~ -lambda_1`` for ``"magnitude"``) raise ``max_iter`` or lower ``tol``.
+
+PyHessian instead runs power iteration and stops when two consecutive Rayleigh quotients differ by less than
+``1e-3`` relative, which on small spectral gaps stops ~1% low.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ class StudentNetwork(LitActModule):
     """``y = head(act(hidden(x) / sqrt(d)))`` with ``n`` hidden neurons, trained by mean squared error.
 
     ``hidden.weight`` rows are the student's incoming vectors, compared with the teacher's
-    (``TeacherStudentDataModule.teacher.w``) to tell copying from averaging (Martin et al. 2024).
+    (``TeacherStudentDataModule.teacher.w``) to tell copying from averaging (Simsek et al., NeurIPS 2023).
     ``forward`` returns predictions ``(B, 1)``; logged keys ``{stage}/loss`` (MSE).
     """
 

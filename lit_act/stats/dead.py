@@ -4,7 +4,8 @@ every sample ``s`` seen; the paper reports the dead fraction per layer. Alongsid
 living neurons, ``freq_i = #{s : a_si > threshold} / #{s}`` averaged over living neurons.
 
 Counts are per neuron (fixed shape ``(N,)``) and summed across DDP ranks *before* the decision, so a neuron that fires
-on any rank is alive. NaN/Inf entries are excluded from the counts and tallied as ``nonfinite``.
+on any rank is alive. NaN/Inf entries are excluded from the counts and tallied as ``nonfinite``. Per-batch counts are
+formed in fp32 (exact below 2**24 samples per batch) and accumulated in int64.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ NaN/Inf entries are counted (``nonfinite``) and excluded (from the median with `
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -53,18 +55,23 @@ class MassiveActivationMetric(Metric):
         """``h``: ``(B, T, D)`` hidden states (``(B, D)`` is one token per sample)."""
         if h.dim() < 2:
             raise ValueError(f"massive activations need (batch, ..., hidden) states, got shape {tuple(h.shape)}")
-        h = h.reshape(h.shape[0], -1, h.shape[-1])
-        magnitude = nan_marked(h).abs_()  # |h|, NaN where h is NaN/Inf
-        per_sample = magnitude.flatten(1)
+        per_sample = nan_marked(h.reshape(h.shape[0], -1)).abs_()  # (B, T*D) |h|, NaN where h is NaN/Inf
         median = per_sample.nanmedian(dim=1).values  # (B,); NaN when a sample has no finite entry
         seen = ~median.isnan()
-        criterion = (per_sample > self.magnitude) & (per_sample >= self.median_ratio * median[:, None])
+        # |h| > magnitude and |h| >= ratio * median  <=>  |h| > limit, with limit the stricter of the two per sample
+        # (x >= t is x > nextafter(t, -inf) in fp32); a NaN limit (no finite entry) matches nothing
+        relative = self.median_ratio * median
+        limit = torch.where(relative > self.magnitude, torch.nextafter(relative, relative.new_tensor(-math.inf)),
+                            relative.new_tensor(self.magnitude))
         self.median_sum += torch.where(seen, median, 0.0).sum(dtype=torch.float64)
         self.samples += seen.sum()
-        self.massive_count += criterion.sum()
+        self.massive_count += (per_sample > limit[:, None]).sum()
         self.nonfinite += per_sample.isnan().sum()
-        values, flat = magnitude.nan_to_num(0.0).flatten().topk(min(self.k, magnitude.numel()))
-        tokens, dims = (flat // h.shape[-1]) % h.shape[1], flat % h.shape[-1]
+        per_sample.nan_to_num_(nan=0.0)
+        row_values, row_index = per_sample.topk(min(self.k, per_sample.shape[1]), dim=1)
+        values, best = row_values.flatten().topk(min(self.k, row_values.numel()))
+        within = row_index.flatten()[best]  # index inside the sample's (T*D) entries
+        tokens, dims = within // h.shape[-1], within % h.shape[-1]
         self._merge(values, torch.stack([tokens, dims], dim=1))
 
     def _merge(self, values: Tensor, positions: Tensor) -> None:

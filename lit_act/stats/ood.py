@@ -11,7 +11,8 @@ Baselines computed on the same logits:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,6 +65,18 @@ def ood_auroc(score_fn: ScoreFn, in_loader: Iterable[Any], out_loader: Iterable[
     return auroc(score_batches(score_fn, in_loader), score_batches(score_fn, out_loader))
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode inside the block and restore every submodule's own train/eval flag after it."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
 def logits_scorer(model: nn.Module, baseline: str, logits_fn: Callable[[Any], Tensor] | None = None) -> ScoreFn:
     """A :data:`ScoreFn` applying the named baseline (``"msp"`` or ``"energy"``) to ``model``'s logits (eval mode,
     no grad, flags restored)."""
@@ -71,16 +84,11 @@ def logits_scorer(model: nn.Module, baseline: str, logits_fn: Callable[[Any], Te
         raise ValueError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
 
     def score(inputs: Any) -> Tensor:
-        was_training = model.training
-        model.eval()
-        try:
-            param = next(model.parameters(), None)
-            if param is not None:
-                inputs = move_data_to_device(inputs, param.device)
-            with torch.no_grad():
-                out = model(inputs)
-                return BASELINES[baseline](logits_fn(out) if logits_fn is not None else out)
-        finally:
-            model.train(was_training)
+        param = next(model.parameters(), None)
+        if param is not None:
+            inputs = move_data_to_device(inputs, param.device)
+        with evaluating(model), torch.no_grad():
+            out = model(inputs)
+            return BASELINES[baseline](logits_fn(out) if logits_fn is not None else out)
 
     return score
