@@ -12,9 +12,11 @@ Printed ratios (goal in brackets), each against the no-callback baseline measure
   resident set size (``ru_maxrss``) and, more sensitive, of the RSS growth during ``fit`` (peak minus RSS before fit);
 * informational: one validation epoch with ActivationSparsity's CETT calibration vs without callbacks.
 
-Step time = mean wall time between consecutive ``on_train_batch_start`` calls (forward, backward, optimizer and every
-callback hook) over ``STEPS`` steps after ``WARMUP``; configurations are interleaved and repeated ``REPEATS`` times and
-the median of the per-run means is used, so load from other processes affects all configurations alike.
+Step time = wall time between consecutive ``on_train_batch_start`` calls (forward, backward, optimizer and every
+callback hook). Configurations run interleaved, ``ROUNDS`` short fits each of ``STEPS`` steps after ``WARMUP``, and
+each is summarised by medians over all pooled steps (robust to load from other processes on a shared machine): the
+median step for ``every_n_steps`` in (None, 1); for ``every_n_steps=n`` the amortised
+``median(plain steps) + (median(collecting steps) - median(plain steps)) / n``.
 Run: ``.venv/bin/python -m benchmarks.bench_callbacks``.
 """
 
@@ -37,7 +39,7 @@ from lit_act.callbacks.sparsity import ActivationSparsity
 from lit_act.models import TransformerLM
 
 BATCH, BLOCK, VOCAB = 32, 64, 128
-WARMUP, STEPS, REPEATS = 5, 100, 3
+WARMUP, STEPS, ROUNDS = 5, 50, 6
 
 
 def make_callbacks(every_n_steps: int | None) -> list[Callback]:
@@ -76,11 +78,23 @@ def _trainer(callbacks: list[Callback], steps: int, **kw) -> Trainer:
                    num_sanity_val_steps=0, limit_val_batches=0, default_root_dir="/tmp/lit_act_bench", **kw)
 
 
-def mean_step_time(every_n_steps: int | None) -> float:
+def step_times(every_n_steps: int | None) -> dict[int, float]:
+    """``{step: seconds}`` of one fit of ``WARMUP + STEPS`` steps (warm-up steps dropped)."""
     timer = _StepTimer()
-    _trainer([timer, *make_callbacks(every_n_steps)], WARMUP + STEPS + 1).fit(_model(), _data(WARMUP + STEPS + 1))
-    gaps = [b - a for a, b in zip(timer.starts[WARMUP:], timer.starts[WARMUP + 1:], strict=False)]
-    return statistics.fmean(gaps)
+    steps = WARMUP + STEPS + 1
+    _trainer([timer, *make_callbacks(every_n_steps)], steps).fit(_model(), _data(steps))
+    return {step: b - a for step, (a, b) in enumerate(zip(timer.starts, timer.starts[1:], strict=False))
+            if step >= WARMUP}
+
+
+def per_step_cost(runs: list[dict[int, float]], every_n_steps: int | None) -> float:
+    """Median step time; for ``every_n_steps > 1`` amortised over plain and collecting steps."""
+    pooled = [(step, t) for run in runs for step, t in run.items()]
+    if every_n_steps in (None, 1):
+        return statistics.median(t for _, t in pooled)
+    plain = statistics.median(t for step, t in pooled if step % every_n_steps)
+    collecting = statistics.median(t for step, t in pooled if not step % every_n_steps)
+    return plain + (collecting - plain) / every_n_steps
 
 
 def validation_time(with_cett: bool) -> float:
@@ -118,15 +132,15 @@ def main() -> None:
     torch.set_num_threads(1)
     print("statistics: ActivationSparsity, MassiveActivations, DeadNeurons (NAC needs classification batches: "
           "not included)")
-    times: dict[str | None, list[float]] = {None: [], 1: [], 50: []}
-    mean_step_time(None)  # warm-up (imports, allocator)
-    for _ in range(REPEATS):
-        for every in times:
-            times[every].append(mean_step_time(every))
-    base = statistics.median(times[None])
-    print(f"baseline step time (no callbacks): {base * 1e3:.1f} ms (median of {REPEATS} runs of {STEPS} steps)")
+    runs: dict[int | None, list[dict[int, float]]] = {None: [], 1: [], 50: []}
+    step_times(None)  # warm-up (imports, allocator)
+    for _ in range(ROUNDS):
+        for every in runs:
+            runs[every].append(step_times(every))
+    base = per_step_cost(runs[None], None)
+    print(f"baseline step time (no callbacks): {base * 1e3:.1f} ms (median over {ROUNDS} x {STEPS} steps)")
     for every, goal in ((1, 1.15), (50, 1.02)):
-        ratio = statistics.median(times[every]) / base
+        ratio = per_step_cost(runs[every], every) / base
         print(f"step time, all statistics every_n_steps={every}: {ratio:.3f}x (goal <= {goal}x)")
     memory = {every: _memory(every) for every in (None, 1)}
     peak = memory[1]["peak"] / memory[None]["peak"]
@@ -134,7 +148,7 @@ def main() -> None:
     print(f"peak RSS, all statistics every step: {peak:.3f}x (goal <= 1.05x; "
           f"{memory[None]['peak'] / 1024:.0f} -> {memory[1]['peak'] / 1024:.0f} MiB); "
           f"RSS growth during fit: {growth:.3f}x")
-    val = statistics.median(validation_time(True) / validation_time(False) for _ in range(REPEATS))
+    val = statistics.median(validation_time(True) / validation_time(False) for _ in range(3))
     print(f"validation epoch with CETT calibration (ActivationSparsity at validation): {val:.2f}x (informational)")
 
 
