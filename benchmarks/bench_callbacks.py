@@ -14,7 +14,9 @@ Printed ratios (goal in brackets), each against the no-callback baseline measure
 
 Step time = wall time between consecutive ``on_train_batch_start`` calls (forward, backward, optimizer and every
 callback hook). Configurations run interleaved, ``ROUNDS`` short fits each of ``STEPS`` steps after ``WARMUP``, and
-each is summarised by medians over all pooled steps (robust to load from other processes on a shared machine): the
+the order rotates every round and each fit starts after ``gc.collect()`` with glibc's mmap threshold pinned
+(``mallopt``), so neither position in a round nor the allocator history left by an earlier fit favours a
+configuration. Each is summarised by medians over all pooled steps (robust to load from other processes): the
 median step for ``every_n_steps`` in (None, 1); for ``every_n_steps=n`` the amortised
 ``median(plain steps) + (median(collecting steps) - median(plain steps)) / n``.
 Run: ``.venv/bin/python -m benchmarks.bench_callbacks``.
@@ -22,6 +24,8 @@ Run: ``.venv/bin/python -m benchmarks.bench_callbacks``.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import resource
 import statistics
@@ -80,6 +84,7 @@ def _trainer(callbacks: list[Callback], steps: int, **kw) -> Trainer:
 
 def step_times(every_n_steps: int | None) -> dict[int, float]:
     """``{step: seconds}`` of one fit of ``WARMUP + STEPS`` steps (warm-up steps dropped)."""
+    gc.collect()
     timer = _StepTimer()
     steps = WARMUP + STEPS + 1
     _trainer([timer, *make_callbacks(every_n_steps)], steps).fit(_model(), _data(steps))
@@ -116,6 +121,7 @@ def _rss_kib() -> int:
 def memory_child(every_n_steps: int | None) -> dict[str, int]:
     """Runs in a fresh process: RSS before fit and peak RSS (KiB) for 60 steps."""
     torch.set_num_threads(1)
+    _pin_mmap_threshold()
     model, data, callbacks = _model(), _data(60), make_callbacks(every_n_steps)
     before = _rss_kib()
     _trainer(callbacks, 60).fit(model, data)
@@ -128,14 +134,24 @@ def _memory(every_n_steps: int | None) -> dict[str, int]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _pin_mmap_threshold(nbytes: int = 256 * 1024 * 1024) -> None:
+    """Fix glibc's mmap threshold (M_MMAP_THRESHOLD = -3), which otherwise grows with the allocation history."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
+    except OSError:  # not glibc
+        pass
+
+
 def main() -> None:
     torch.set_num_threads(1)
     print("statistics: ActivationSparsity, MassiveActivations, DeadNeurons (NAC needs classification batches: "
           "not included)")
+    _pin_mmap_threshold()
     runs: dict[int | None, list[dict[int, float]]] = {None: [], 1: [], 50: []}
+    order = list(runs)
     step_times(None)  # warm-up (imports, allocator)
-    for _ in range(ROUNDS):
-        for every in runs:
+    for round_ in range(ROUNDS):
+        for every in order[round_ % 3:] + order[:round_ % 3]:
             runs[every].append(step_times(every))
     base = per_step_cost(runs[None], None)
     print(f"baseline step time (no callbacks): {base * 1e3:.1f} ms (median over {ROUNDS} x {STEPS} steps)")

@@ -92,7 +92,7 @@ def test_down_projection_found_or_explicit_or_error():
     mlp = MLPClassifier(in_features=4, num_classes=3, hidden=(8,))
     act = next(n for n, _ in mlp.named_modules() if n.endswith(".act"))
     with pytest.raises(ValueError, match="down_projections="):
-        find_down_projection(mlp, act)
+        find_down_projection(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(5, 3)), "1")  # widths differ
     assert down_projections_for(mlp, [act], {act: "head"})[act] is mlp.head
     with pytest.raises(ValueError, match="not an nn.Linear"):
         down_projections_for(mlp, [act], {act: act})
@@ -143,3 +143,14 @@ def test_ppl_p_sparsity_meets_budget_and_matches_recomputation():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
     with pytest.raises(ValueError, match="p must be"):
         ppl_p_sparsity(model, data, p=0)
+
+
+def test_down_projection_found_across_parents_of_reference_mlp():
+    """MLPClassifier splits Linear -> act -> Linear over hidden.N and hidden.N+1 / head; conv activations have none."""
+    from lit_act.models import CNNClassifier, MLPClassifier
+
+    mlp = MLPClassifier(64, 10, hidden=(32, 16))
+    assert find_down_projection(mlp, "hidden.0.act") is mlp.hidden[1].linear
+    assert find_down_projection(mlp, "hidden.1.act") is mlp.head
+    with pytest.raises(ValueError, match="down_projections="):
+        find_down_projection(CNNClassifier(1, 10), "features.1.act")

@@ -70,8 +70,13 @@ def cett_threshold(a: Tensor, w_out: Tensor, b_out: Tensor | None, target: float
 
 
 def find_down_projection(model: nn.Module, act_name: str) -> nn.Linear:
-    """The ``nn.Linear`` registered right after activation ``act_name`` in its parent (``Linear -> act -> Linear``
-    blocks such as ``fc_in, act, fc_out``); raises ``ValueError`` asking for ``down_projections=`` otherwise."""
+    """The down-projection ``W_out`` of activation ``act_name`` in a ``Linear -> act -> Linear`` block.
+
+    First the ``nn.Linear`` registered right after the activation in its parent (``fc_in, act, fc_out``); otherwise
+    the first ``nn.Linear`` after it in ``named_modules()`` order whose ``in_features`` equals the ``out_features`` of
+    the last ``nn.Linear`` before it (blocks split across parents, e.g. ``hidden.0.{linear,act}`` -> ``hidden.1.linear``).
+    Raises ``ValueError`` asking for ``down_projections=`` otherwise (e.g. convolutional activations).
+    """
     parent_name, _, leaf = act_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     children = list(parent.named_children())
@@ -80,8 +85,18 @@ def find_down_projection(model: nn.Module, act_name: str) -> nn.Linear:
     for _, child in after:
         if isinstance(child, nn.Linear):
             return child
-    raise ValueError(f"no nn.Linear follows {act_name!r} in {type(parent).__name__}, so its down-projection W_out "
-                     f"cannot be found; pass down_projections={{{act_name!r}: '<name of the Linear after it>'}}")
+    modules = list(model.named_modules())
+    position = [n for n, _ in modules].index(act_name)
+    before = [m for _, m in modules[:position] if isinstance(m, nn.Linear)]
+    if before:
+        width = before[-1].out_features
+        for name, module in modules[position + 1:]:
+            if isinstance(module, nn.Linear) and not name.startswith(act_name + "."):
+                if module.in_features == width:
+                    return module
+                break
+    raise ValueError(f"no nn.Linear follows {act_name!r} in a Linear -> act -> Linear block, so its down-projection "
+                     f"W_out cannot be found; pass down_projections={{{act_name!r}: '<name of the Linear after it>'}}")
 
 
 def down_projections_for(model: nn.Module, act_names: Iterable[str],
