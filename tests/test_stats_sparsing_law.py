@@ -92,7 +92,7 @@ def test_down_projection_found_or_explicit_or_error():
     mlp = MLPClassifier(in_features=4, num_classes=3, hidden=(8,))
     act = next(n for n, _ in mlp.named_modules() if n.endswith(".act"))
     with pytest.raises(ValueError, match="down_projections="):
-        find_down_projection(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(5, 3)), "1")  # widths differ
+        find_down_projection(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), "1")  # nothing after the activation
     assert down_projections_for(mlp, [act], {act: "head"})[act] is mlp.head
     with pytest.raises(ValueError, match="not an nn.Linear"):
         down_projections_for(mlp, [act], {act: act})

@@ -28,7 +28,7 @@ from scipy.special import erf
 TABLE_PATH = Path(__file__).with_name("rational_init.json")
 FIT_RANGE = (-3.0, 3.0)
 FIT_POINTS = 2001
-DEFAULT_DEGREES = ((2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (7, 6))
+DEFAULT_DEGREES = ((3, 2), (4, 3), (5, 4))
 DEFAULT_VERSIONS = ("A", "B", "C")
 FITTED_VERSIONS = ("A", "B", "C", "N")  # D is evaluated (and initialised) as B
 
@@ -115,8 +115,8 @@ def fit_rational(target: str, degrees: tuple[int, int] = (5, 4), version: str = 
     for a0, b0 in _starts(x, f, m, n, version):
         theta0 = np.concatenate([a0, b0])
         theta0 = np.maximum(theta0, lower + 1e-12 * np.isfinite(lower))
-        sol = least_squares(residual, theta0, bounds=(lower, np.inf), method="trf", xtol=1e-14, ftol=1e-14,
-                            gtol=1e-14, max_nfev=20000)
+        sol = least_squares(residual, theta0, bounds=(lower, np.inf), method="trf", xtol=1e-10, ftol=1e-10,
+                            gtol=1e-10, max_nfev=300)
         err = float(np.max(np.abs(residual(sol.x))))
         if np.isfinite(err) and (best is None or err < best[1]):
             best = (sol.x, err)

@@ -192,7 +192,7 @@ class KANLinear(nn.Module):
         if outside > 0:
             warnings.warn(f"update_grid: {outside:.1%} of the samples lie outside the current grid range; the "
                           "spline there is the decaying extrapolation (zero beyond the extended grid), and the "
-                          "refit reproduces that", stacklevel=2)
+                          "refit reproduces that", stacklevel=3)
         coeff = self.scaled_spline_weight  # (out, in, K)
         x_sorted = torch.sort(x, dim=0).values
         idx = torch.linspace(0, n - 1, self.grid_size + 1, dtype=torch.int64, device=x.device)
