@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lit_act.stats.tap import ModuleSelector, is_compiled, select_modules, tap
+from lit_act.stats.tap import ModuleSelector, require_uncompiled, select_modules, tap
 from lit_act.utils.figures import save_figure
 from lit_act.utils.schedule import due, is_real_run, validate_every_n
 
@@ -110,11 +110,7 @@ class ActivationStatisticCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if is_compiled(pl_module):
-            raise RuntimeError(
-                f"{type(self).__name__} cannot observe a torch.compile'd module: forward hooks added after compilation "
-                "are not seen by the compiled graph. Pass the uncompiled LightningModule to the Trainer (or remove "
-                "this callback when compiling).")
+        require_uncompiled(pl_module, type(self).__name__)
         selector = self.modules if self.modules is not None else self.default_modules(pl_module)
         self.selected = select_modules(pl_module, selector)
         self.check_setup(pl_module)

@@ -19,7 +19,7 @@ from lit_act.callbacks.base import log_to_loggers
 from lit_act.stats.nac import NAC_ME_PARAMS, LayerParams, LogitsFn, NACModel
 from lit_act.stats.nac_search import SearchResult, search_parameters
 from lit_act.stats.ood import auroc, logits_scorer, score_batches
-from lit_act.stats.tap import ModuleSelector, is_compiled, select_modules
+from lit_act.stats.tap import ModuleSelector, require_uncompiled, select_modules
 from lit_act.utils.figures import save_figure
 from lit_act.utils.schedule import due, is_real_run, validate_every_n
 
@@ -138,9 +138,7 @@ class NeuronActivationCoverage(Callback):
     # ------------------------------------------------------------------------------------------------- setup
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if is_compiled(pl_module):
-            raise RuntimeError("NeuronActivationCoverage cannot observe a torch.compile'd module: forward hooks added "
-                               "after compilation are not seen. Pass the uncompiled LightningModule to the Trainer.")
+        require_uncompiled(pl_module, "NeuronActivationCoverage")
         self.selected = select_modules(pl_module, self.modules)
         unknown = set(self.layer_params) - set(self.selected)
         if unknown:

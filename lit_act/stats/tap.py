@@ -230,3 +230,12 @@ def is_compiled(model: nn.Module) -> bool:
 
     return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
                for m in model.modules())
+
+
+def require_uncompiled(model: nn.Module, who: str) -> None:
+    """Raise a ``RuntimeError`` with the fix when :func:`is_compiled` (``who`` names the callback in the message)."""
+    if is_compiled(model):
+        raise RuntimeError(
+            f"{who} cannot observe a torch.compile'd module: forward hooks added after compilation are not seen by "
+            "the compiled graph. Pass the uncompiled LightningModule to the Trainer (or remove this callback when "
+            "compiling).")
