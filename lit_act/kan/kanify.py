@@ -7,7 +7,8 @@ Recognised blocks (a module whose name matches ``match``; its direct children ar
   ``nn.Sequential(Linear, GELU, Linear)``): ``fc_in`` becomes ``layer(d_in, h')``, ``act`` becomes ``nn.Identity``,
   ``fc_out`` becomes ``layer(h', d_out)`` -- KAN's two-layer ``[d_in, h', d_out]`` shape, with the nonlinearity on
   the edges. **Parameter rule**: ``h'`` is the width whose parameter count is closest to the MLP's
-  (``d_in h + h + h d_out + d_out``); the layers' counts are affine in ``h'``, measured on ``h' = 1, 2``. For GR-KAN
+  (``d_in h + h + h d_out + d_out``); the layers' counts are affine in ``h'``, measured on two widths; for
+  grouped layers (``num_groups``) ``h'`` is a multiple of ``num_groups``. For GR-KAN
   this gives ``h' ~= h`` (KAT's choice); for a cubic KAN with ``G = 5``, ``h' ~= h / 10``.
 * **Linear -> activation** (e.g. ``MLPClassifier``'s ``hidden.N``: ``linear -> act -> dropout``): ``linear``
   becomes ``layer(d_in, d_out)`` and ``act`` becomes ``nn.Identity``. The widths are fixed by the neighbours, so
@@ -21,24 +22,21 @@ a ``BatchNorm`` wrapped inside ``act`` is removed together with the activation.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from lit_act.kan.fourier import FourierKANLinear
+from lit_act.kan.grkan import GRKANLinear
 from lit_act.kan.kan_linear import KANLinear
 from lit_act.kan.skan import SKANLinear
 
 __all__ = ["LAYERS", "Replacement", "kanify", "layer_class"]
 
-LAYERS: dict[str, type[nn.Module]] = {"kan": KANLinear, "fourier_kan": FourierKANLinear, "skan": SKANLinear}
-try:  # GR-KAN needs the group-rational activation of the learnable-activations issue
-    from lit_act.kan.grkan import GRKANLinear
-
-    LAYERS["grkan"] = GRKANLinear
-except ImportError:  # pragma: no cover - only while lit_act.activations.rational is absent
-    pass
+LAYERS: dict[str, type[nn.Module]] = {"kan": KANLinear, "fourier_kan": FourierKANLinear, "skan": SKANLinear,
+                                      "grkan": GRKANLinear}
 
 
 @dataclass(frozen=True)
@@ -81,17 +79,22 @@ def _structure(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
 
 def _build(cls: type[nn.Module], d_in: int, d_out: int, position: int, kwargs: dict) -> nn.Module:
-    if cls.__name__ == "GRKANLinear" and "act_init" not in kwargs:
+    if cls is GRKANLinear and "act_init" not in kwargs:
         kwargs = {**kwargs, "act_init": ("identity", "gelu")[position]}  # KAT: identity then gelu
     return cls(d_in, d_out, **kwargs)
 
 
 def _matched_width(cls: type[nn.Module], d_in: int, d_out: int, target: int, kwargs: dict) -> int:
+    """Width ``h'`` (a multiple of ``num_groups`` for grouped layers) whose two-layer count is closest to ``target``."""
+    groups = inspect.signature(cls).parameters.get("num_groups")
+    step = int(kwargs.get("num_groups", groups.default if groups is not None else 1))
+
     def count(h: int) -> int:
         return _n_params(_build(cls, d_in, h, 0, kwargs)) + _n_params(_build(cls, h, d_out, 1, kwargs))
 
-    p1, p2 = count(1), count(2)
-    return max(1, round((target - p1) / (p2 - p1)) + 1)
+    p1, p2 = count(step), count(2 * step)  # the count is affine in h'
+    per_unit = (p2 - p1) / step
+    return max(step, step * round((step + (target - p1) / per_unit) / step))
 
 
 def kanify(model: nn.Module, layer: str = "kan", match: str | Sequence[str] = "*mlp", hidden: int | None = None,
