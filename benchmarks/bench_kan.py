@@ -18,8 +18,10 @@ Memory, two numbers per candidate:
 * **saved for backward**: bytes of every tensor autograd saves between forward and backward (counted with
   ``torch.autograd.graph.saved_tensors_hooks``, storages de-duplicated) -- exact and load-independent, the
   activation memory a training step holds per layer;
-* **peak RSS growth**: in a fresh subprocess, ``ru_maxrss`` after one forward+backward minus ``ru_maxrss`` before it
-  (layer and input already built) -- includes transient temporaries, rounded to the allocator's pages.
+* **peak RSS growth**: in a fresh subprocess (layer and input built, one warm-up step run), the peak-RSS counter
+  is reset (``/proc/self/clear_refs`` ``5``), one forward+backward runs, and we report ``VmHWM`` minus the ``VmRSS``
+  before the step -- includes transient temporaries such as the naive formula's ``(batch, out, in, G)`` product
+  (Linux only; reported as n/a elsewhere).
 
 Run: ``.venv/bin/python -m benchmarks.bench_kan``.
 """
@@ -127,17 +129,23 @@ def saved_bytes(module: nn.Module) -> int:
     return sum(seen.values())
 
 
-def rss_growth(name: str) -> int:
-    """Peak RSS growth (bytes) of one forward+backward of ``name``, in a fresh subprocess."""
+def rss_growth(name: str) -> int | None:
+    """Peak RSS growth (bytes) of one forward+backward of ``name``, in a fresh subprocess (``None``: not Linux)."""
     code = (
-        "import json, resource, torch; torch.set_num_threads(1)\n"
+        "import json, torch; torch.set_num_threads(1)\n"
         "from benchmarks.bench_kan import candidates, IN, BATCH\n"
-        f"m = candidates()[{name!r}](); x = (torch.rand(BATCH, IN) * 2 - 1).requires_grad_()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "m(x).sum().backward()\n"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))\n"
+        f"m = candidates()[{name!r}]()\n"
+        "def step():\n"
+        "    x = (torch.rand(BATCH, IN) * 2 - 1).requires_grad_(); m(x).sum().backward()\n"
+        "def status(key):\n"
+        "    return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key))\n"
+        "step(); m.zero_grad(set_to_none=False)\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = status('VmRSS:')\n"
+        "step(); print(json.dumps(status('VmHWM:') - before))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -154,11 +162,13 @@ def main() -> None:
     for n in mods:
         goal = f"<={goals[n]:.0f}x" if n in goals else ""
         saved = saved_bytes(mods[n]) / 2**20
-        rss = rss_growth(n) / 2**20
-        print(f"{n:<14} {times[n] * 1e3:>10.3f} {times[n] / base:>13.2f}x {goal:>6} {saved:>10.2f} {rss:>14.1f}")
-    fk, naive = saved_bytes(mods["fourier_kan"]), saved_bytes(mods["fourier_naive"])
+        rss = rss_growth(n)
+        rss_text = "n/a" if rss is None else f"{rss / 2**20:.1f}"
+        print(f"{n:<14} {times[n] * 1e3:>10.3f} {times[n] / base:>13.2f}x {goal:>6} {saved:>10.2f} {rss_text:>14}")
+    fk, naive = rss_growth("fourier_kan"), rss_growth("fourier_naive")
+    mem = "n/a" if not fk or naive is None else f"{naive / fk:.1f}x smaller"
     print(f"FourierKANLinear vs naive broadcast: time {times['fourier_naive'] / times['fourier_kan']:.1f}x faster, "
-          f"saved-for-backward memory {naive / fk:.1f}x smaller")
+          f"peak RSS growth {mem}")
     for n, g in goals.items():
         status = "OK" if times[n] / base <= g else "MISSED"
         print(f"goal {n} <= {g:.0f}x Linear+GELU: {times[n] / base:.2f}x {status}")

@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate_model(cfg.model, getattr(datamodule, "shape_hints", {}))
-    if cfg.get("mlp") is not None:
+    if cfg.get("mlp"):  # an `mlp` config such as mlp=kan rewrites the model's MLP blocks
         instantiate(cfg.mlp)(model)
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))

@@ -19,9 +19,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.kan.kan_linear import check_in_features
+from lit_act.activations.fused import _Kernel, check_backend
+from lit_act.kan.kan_linear import check_in_features, use_compiled
 
 __all__ = ["FKANImage", "FourierKANLinear", "fit_image", "image_coordinates", "load_sample_image", "psnr"]
+
+
+def _fourier_math(x: Tensor, frequencies: Tensor) -> Tensor:
+    """``(N, in)`` -> ``(N, 2, in, G)``: ``cos(k x_i)`` then ``sin(k x_i)``."""
+    kx = x.unsqueeze(-1) * frequencies
+    return torch.stack([torch.cos(kx), torch.sin(kx)], dim=1)
+
+
+def _fourier_grad_math(grad: Tensor, feats: Tensor, frequencies: Tensor) -> Tensor:
+    """``dL/dx_i = sum_k k (cos(k x_i) dL/dsin_ik - sin(k x_i) dL/dcos_ik)``."""
+    return ((feats[:, 0] * grad[:, 1] - feats[:, 1] * grad[:, 0]) * frequencies).sum(-1)
+
+
+_FOURIER_FWD = _Kernel(_fourier_math)
+_FOURIER_BWD = _Kernel(_fourier_grad_math)
+
+
+class _FourierFeatures(torch.autograd.Function):
+    """Features with an analytic input gradient reusing the saved ``cos``/``sin`` (no trig in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, frequencies: Tensor, compiled: bool) -> Tensor:
+        feats = _FOURIER_FWD(compiled, x, frequencies)
+        ctx.save_for_backward(feats, frequencies)
+        ctx.compiled = compiled
+        return feats
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        feats, frequencies = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _FOURIER_BWD(ctx.compiled, grad.contiguous(), feats, frequencies), None, None
 
 
 class FourierKANLinear(nn.Module):
@@ -32,10 +66,12 @@ class FourierKANLinear(nn.Module):
         bias: learn ``b_j`` (zeros at init, as GistNoesis).
         smooth_initialization: GistNoesis' option: coefficients ``N(0, 1) / (sqrt(in) k^2)`` (energy decaying like
             ``1/k^2``) instead of the default ``N(0, 1) / sqrt(in G)``.
+        backend: ``"auto"`` (``torch.compile``-fused feature kernels when the features hold >= 2^16 values),
+            ``"compiled"`` or ``"eager"``. The input gradient is analytic and reuses the saved features.
     """
 
     def __init__(self, in_features: int, out_features: int, grid_size: int = 8, bias: bool = True,
-                 smooth_initialization: bool = False) -> None:
+                 smooth_initialization: bool = False, backend: str = "auto") -> None:
         super().__init__()
         if int(grid_size) != grid_size or grid_size < 1:
             raise ValueError(f"grid_size must be an integer >= 1, got {grid_size}")
@@ -43,6 +79,7 @@ class FourierKANLinear(nn.Module):
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features, self.out_features, self.grid_size = in_features, out_features, int(grid_size)
         self.smooth_initialization = smooth_initialization
+        self.backend = check_backend(backend)
         self.register_buffer("frequencies", torch.arange(1, self.grid_size + 1, dtype=torch.float32),
                              persistent=False)
         self.fouriercoeffs = nn.Parameter(torch.empty(2, out_features, in_features, self.grid_size))
@@ -61,8 +98,9 @@ class FourierKANLinear(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """``[cos(k x_i)]_{i,k}`` then ``[sin(k x_i)]_{i,k}``: ``(N, in)`` -> ``(N, 2 in G)``."""
-        kx = x.unsqueeze(-1) * self.frequencies.to(x.dtype)  # (N, in, G)
-        return torch.cat([torch.cos(kx), torch.sin(kx)], dim=1).reshape(x.shape[0], -1)
+        compiled = use_compiled(self.backend, x, 2 * self.grid_size)
+        feats = _FourierFeatures.apply(x, self.frequencies.to(x.dtype), compiled)  # (N, 2, in, G)
+        return feats.reshape(x.shape[0], -1)
 
     def flat_weight(self) -> Tensor:
         """Coefficients as one ``(out, 2 in G)`` matrix matching :meth:`features`."""

@@ -26,7 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_act.activations.fused import COMPILE_MIN_NUMEL, _Kernel, check_backend
+
 __all__ = ["KANLinear", "bspline_bases", "check_in_features", "uniform_grid"]
+
+
+def use_compiled(backend: str, x: Tensor, width: int) -> bool:
+    """Whether to run the ``torch.compile``'d kernels for ``x`` expanded to ``width`` values per input."""
+    if backend == "eager" or torch.compiler.is_compiling():
+        return False
+    if backend == "compiled":
+        return True
+    return x.numel() * width >= COMPILE_MIN_NUMEL and x.device.type in ("cpu", "cuda")
 
 
 def check_in_features(x: Tensor, in_features: int, layer: str) -> None:
@@ -50,20 +61,61 @@ def uniform_grid(in_features: int, grid_size: int, spline_order: int, grid_range
     return knots.expand(in_features, -1).contiguous()
 
 
-def bspline_bases(x: Tensor, grid: Tensor, spline_order: int) -> Tensor:
+def _bspline_math(x: Tensor, grid: Tensor, spline_order: int) -> tuple[Tensor, Tensor]:
+    """Cox-de Boor bases of order ``k`` and of order ``k - 1`` (kept for the derivative)."""
+    x = x.unsqueeze(-1)
+    grid = grid.to(x.dtype)
+    bases = ((x >= grid[:, :-1]) & (x < grid[:, 1:])).to(x.dtype)
+    lower = bases
+    for p in range(1, spline_order + 1):
+        lower = bases
+        inv_left = 1.0 / (grid[:, p:-1] - grid[:, : -(p + 1)])
+        inv_right = 1.0 / (grid[:, p + 1:] - grid[:, 1:-p])
+        bases = ((x - grid[:, : -(p + 1)]) * inv_left * bases[..., :-1]
+                 + (grid[:, p + 1:] - x) * inv_right * bases[..., 1:])
+    return bases, lower
+
+
+def _bspline_grad_math(grad: Tensor, lower: Tensor, grid: Tensor, spline_order: int) -> Tensor:
+    """``dL/dx = sum_m g_m dB_{m,k}/dx`` with ``dB_{m,k}/dx = k B_{m,k-1} / (t_{m+k} - t_m)
+    - k B_{m+1,k-1} / (t_{m+k+1} - t_{m+1})``."""
+    grid = grid.to(lower.dtype)
+    d = lower * (spline_order / (grid[:, spline_order:] - grid[:, :-spline_order]))
+    return (grad * (d[..., :-1] - d[..., 1:])).sum(-1)
+
+
+_BSPLINE_FWD = _Kernel(_bspline_math)
+_BSPLINE_BWD = _Kernel(_bspline_grad_math)
+
+
+class _BSplineBases(torch.autograd.Function):
+    """Bases with an analytic input gradient: saves only the order ``k - 1`` bases ``(N, in, K + 1)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, grid: Tensor, spline_order: int, compiled: bool) -> Tensor:
+        bases, lower = _BSPLINE_FWD(compiled, x, grid, spline_order)
+        ctx.save_for_backward(lower, grid)
+        ctx.spline_order, ctx.compiled = spline_order, compiled
+        return bases
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        lower, grid = ctx.saved_tensors
+        if ctx.spline_order == 0 or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return _BSPLINE_BWD(ctx.compiled, grad.contiguous(), lower, grid, ctx.spline_order), None, None, None
+
+
+def bspline_bases(x: Tensor, grid: Tensor, spline_order: int, backend: str = "eager") -> Tensor:
     """Order-``k`` B-spline bases of ``x`` ``(N, in)`` on per-input knots ``grid`` ``(in, M)`` -> ``(N, in, M-1-k)``.
 
     Cox-de Boor: ``B_{i,0} = [t_i <= x < t_{i+1}]``,
     ``B_{i,p} = (x - t_i) / (t_{i+p} - t_i) B_{i,p-1} + (t_{i+p+1} - x) / (t_{i+p+1} - t_{i+1}) B_{i+1,p-1}``.
+    Differentiable in ``x`` (analytic derivative, not in ``grid``). ``backend``: ``"eager"``, ``"compiled"``
+    (``torch.compile``-fused loops) or ``"auto"`` (compiled when the bases hold >= ``COMPILE_MIN_NUMEL`` values).
     """
-    x = x.unsqueeze(-1)
-    grid = grid.to(x.dtype)
-    bases = ((x >= grid[:, :-1]) & (x < grid[:, 1:])).to(x.dtype)
-    for p in range(1, spline_order + 1):
-        left = (x - grid[:, : -(p + 1)]) / (grid[:, p:-1] - grid[:, : -(p + 1)])
-        right = (grid[:, p + 1:] - x) / (grid[:, p + 1:] - grid[:, 1:-p])
-        bases = left * bases[..., :-1] + right * bases[..., 1:]
-    return bases
+    compiled = use_compiled(check_backend(backend), x, grid.shape[1])
+    return _BSplineBases.apply(x, grid, spline_order, compiled)
 
 
 class KANLinear(nn.Module):
@@ -85,13 +137,16 @@ class KANLinear(nn.Module):
             ``in * (Var(w_b) E[b(x)^2] + Var(c) E[sum_k B_k(x)^2])`` with ``scaler = 1``; each term is set to 1/2,
             i.e. ``w_b ~ N(0, 1 / (2 in E[b^2]))`` and ``c ~ N(0, 1 / (2 in E[sum_k B_k^2]))``, the expectations
             taken over 2048 normal quantiles, so ``Var(y) ~= 1`` for unit-variance inputs.
+        backend: ``"auto"`` (default), ``"compiled"`` or ``"eager"`` evaluation of the bases (see
+            :func:`bspline_bases`); the bases' input gradient is analytic either way, so autograd keeps only the
+            order ``k - 1`` bases ``(N, in, K + 1)`` instead of every step of the recursion.
     """
 
     def __init__(self, in_features: int, out_features: int, grid_size: int = 5, spline_order: int = 3,
                  grid_range: Sequence[float] = (-1.0, 1.0), scale_noise: float = 0.1, scale_base: float = 1.0,
                  scale_spline: float = 1.0, standalone_scale_spline: bool = True,
                  base_activation: type[nn.Module] | nn.Module = nn.SiLU, grid_eps: float = 0.02,
-                 init: str = "efficient_kan") -> None:
+                 init: str = "efficient_kan", backend: str = "auto") -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
@@ -109,6 +164,7 @@ class KANLinear(nn.Module):
         self.base_activation = base_activation() if isinstance(base_activation, type) else base_activation
         self.grid_eps = grid_eps
         self.init = init
+        self.backend = check_backend(backend)
         self.reset_parameters()
 
     @property
@@ -143,7 +199,7 @@ class KANLinear(nn.Module):
 
     def b_splines(self, x: Tensor) -> Tensor:
         """B-spline bases ``(N, in, K)`` of ``x`` ``(N, in)`` on this layer's grid."""
-        return bspline_bases(x, self.grid, self.spline_order)
+        return bspline_bases(x, self.grid, self.spline_order, self.backend)
 
     def curve2coeff(self, x: Tensor, y: Tensor) -> Tensor:
         """Least-squares coefficients ``(out, in, K)`` so that ``sum_k c[j,i,k] B_k(x[:, i]) ~= y[:, i, j]``."""
