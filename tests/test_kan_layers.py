@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from lit_act.kan import (FKANImage, FourierKANLinear, GRKANLinear, KANLinear, SKANLinear, fit_image,
-                         load_sample_image, psnr)
+from lit_act.kan import (
+    FKANImage,
+    FourierKANLinear,
+    GRKANLinear,
+    KANLinear,
+    SKANLinear,
+    fit_image,
+    load_sample_image,
+    psnr,
+)
 from lit_act.kan.kan_linear import bspline_bases
 
 

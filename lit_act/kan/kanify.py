@@ -129,7 +129,7 @@ def kanify(model: nn.Module, layer: str = "kan", match: str | Sequence[str] = "*
         before = _n_params(module)
         if len(kids) == 3:
             fc_out = kids[2][1]
-            d_in, h, d_out = fc_in.in_features, fc_in.out_features, fc_out.out_features
+            d_in, d_out = fc_in.in_features, fc_out.out_features
             mlp_params = _n_params(fc_in) + _n_params(fc_out)
             width = hidden or _matched_width(cls, d_in, d_out, mlp_params, layer_kwargs)
             setattr(module, kids[0][0], _build(cls, d_in, width, 0, layer_kwargs).to(ref.device, ref.dtype))

@@ -25,6 +25,9 @@ Choices where the paper is open:
 * **Stage 3** (``stage="pruned"``, :meth:`SKANLinear.select`): each node keeps ``argmax_s alpha_is``; the kept
   space's coefficients are multiplied by its current weight ``w_is`` (so the output changes only by the dropped
   spaces' residual share), the other spaces' coefficients and ``alpha`` are deleted.
+
+Limitation: a pruned layer's ``state_dict`` (per-space ``nodes_<space>`` index buffers, fewer coefficients) loads
+only into a layer pruned the same way; resuming a checkpoint saved after stage 3 needs ``select()`` replayed first.
 """
 
 from __future__ import annotations
