@@ -4,8 +4,8 @@ VENV ?= .venv
 # CPU-capable torch by default; GPU users override, e.g. `make train TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,launchers
-BENCH_DEPS ?= pykan
-BENCH_NODEPS ?= pyhessian rational-activations==0.2.0
+BENCH_DEPS ?= pandas
+BENCH_NODEPS ?= pyhessian pykan rational-activations==0.2.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lit-act-installed
 

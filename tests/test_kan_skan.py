@@ -162,3 +162,27 @@ def test_stage_callback_needs_skan_layers(tmp_path):
     trainer = L.Trainer(max_epochs=1, callbacks=[SKANStageCallback()], logger=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="no SKANLinear"):
         trainer.fit(Plain(), DataLoader(TensorDataset(torch.rand(4, 1), torch.rand(4, 1))))
+
+
+def test_best_checkpoint_after_pruning_is_a_pruned_one(tmp_path):
+    """Checkpoints from before select() cannot load into the pruned model, so "best" must come from after it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Monitored(_Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            # lower is better, and the pre-pruning epochs score best: the reset must still win
+            self.log("score", float(self.current_epoch), on_epoch=True, on_step=False)
+            return loss
+
+    callback = SKANStageCallback(full_epochs=1, selective_epochs=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="score", mode="min", save_top_k=1)
+    x = torch.rand(32, 2) * 2 - 1
+    data = DataLoader(TensorDataset(x, torch.sin(3 * x[:, :1])), batch_size=16)
+    module = Monitored(callback)
+    trainer = L.Trainer(max_epochs=4, callbacks=[callback, checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    state = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+    assert "layer.selection_logits" not in state  # saved after pruning
+    module.load_state_dict(state)

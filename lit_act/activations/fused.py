@@ -40,7 +40,7 @@ def check_floating(x: Tensor, who: str) -> None:
         raise TypeError(f"{who} needs a floating-point tensor, got {kind}; cast the input with .float() first")
 
 
-class _Kernel:
+class CompiledKernel:
     """A math function with an eager and a lazily ``torch.compile``'d variant (falls back to eager once on failure)."""
 
     def __init__(self, fn: Callable[..., object]) -> None:
@@ -170,8 +170,8 @@ def rational_backward_math(grad: Tensor, x: Tensor, num: Tensor, den: Tensor, ve
     return grad_x.to(x.dtype), _sum_to(grads_num, num), grad_den
 
 
-_RATIONAL_FWD = _Kernel(rational_forward_math)
-_RATIONAL_BWD = _Kernel(rational_backward_math)
+_RATIONAL_FWD = CompiledKernel(rational_forward_math)
+_RATIONAL_BWD = CompiledKernel(rational_backward_math)
 
 
 class RationalFunction(torch.autograd.Function):
@@ -244,8 +244,8 @@ def polyrelu_backward_math(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor
     return grad_x.to(x.dtype), grad_w, g.sum().reshape(bias.shape).to(bias.dtype)
 
 
-_POLYRELU_FWD = _Kernel(polyrelu_forward_math)
-_POLYRELU_BWD = _Kernel(polyrelu_backward_math)
+_POLYRELU_FWD = CompiledKernel(polyrelu_forward_math)
+_POLYRELU_BWD = CompiledKernel(polyrelu_backward_math)
 
 
 class PolyReLUFunction(torch.autograd.Function):
@@ -311,8 +311,8 @@ def polynorm_backward_math(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor
     return grad_x.to(x.dtype), grad_weight, g.sum().reshape(bias.shape).to(bias.dtype)
 
 
-_POLYNORM_FWD = _Kernel(polynorm_forward_math)
-_POLYNORM_BWD = _Kernel(polynorm_backward_math)
+_POLYNORM_FWD = CompiledKernel(polynorm_forward_math)
+_POLYNORM_BWD = CompiledKernel(polynorm_backward_math)
 
 
 class PolyNormFunction(torch.autograd.Function):

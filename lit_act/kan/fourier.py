@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.activations.fused import _Kernel, check_backend
+from lit_act.activations.fused import CompiledKernel, check_backend
 from lit_act.kan.kan_linear import check_in_features, use_compiled
 
 __all__ = ["FKANImage", "FourierKANLinear", "fit_image", "image_coordinates", "load_sample_image", "psnr"]
@@ -36,8 +36,8 @@ def _fourier_grad_math(grad: Tensor, feats: Tensor, frequencies: Tensor) -> Tens
     return ((feats[:, 0] * grad[:, 1] - feats[:, 1] * grad[:, 0]) * frequencies).sum(-1)
 
 
-_FOURIER_FWD = _Kernel(_fourier_math)
-_FOURIER_BWD = _Kernel(_fourier_grad_math)
+_FOURIER_FWD = CompiledKernel(_fourier_math)
+_FOURIER_BWD = CompiledKernel(_fourier_grad_math)
 
 
 class _FourierFeatures(torch.autograd.Function):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.activations.fused import COMPILE_MIN_NUMEL, _Kernel, check_backend
+from lit_act.activations.fused import COMPILE_MIN_NUMEL, CompiledKernel, check_backend
 
 __all__ = ["KANLinear", "bspline_bases", "check_in_features", "uniform_grid"]
 
@@ -84,8 +84,8 @@ def _bspline_grad_math(grad: Tensor, lower: Tensor, grid: Tensor, spline_order: 
     return (grad * (d[..., :-1] - d[..., 1:])).sum(-1)
 
 
-_BSPLINE_FWD = _Kernel(_bspline_math)
-_BSPLINE_BWD = _Kernel(_bspline_grad_math)
+_BSPLINE_FWD = CompiledKernel(_bspline_math)
+_BSPLINE_BWD = CompiledKernel(_bspline_grad_math)
 
 
 class _BSplineBases(torch.autograd.Function):

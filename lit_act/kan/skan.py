@@ -255,6 +255,7 @@ class SKANStageCallback(Callback):
                     for s, c in m.select().items():
                         counts[s] = counts.get(s, 0) + c
                 trainer.strategy.setup_optimizers(trainer)
+                _forget_checkpoints_before_pruning(trainer)
                 pl_module.log_dict({f"skan/nodes_{s}": float(c) for s, c in counts.items()})
             return
         for m in layers:
@@ -265,3 +266,14 @@ class SKANStageCallback(Callback):
         with torch.no_grad():
             entropy = torch.stack([m.selection_entropy() for m in layers]).mean()
         pl_module.log_dict({"skan/temperature": layers[0].temperature, "skan/selection_entropy": entropy})
+
+
+def _forget_checkpoints_before_pruning(trainer: Trainer) -> None:
+    """Make every ``ModelCheckpoint`` rank only checkpoints of the pruned model: a best checkpoint from before
+    ``select()`` holds parameters the pruned layers no longer have, so ``trainer.test(ckpt_path="best")`` could not
+    load it. The earlier files stay on disk."""
+    for callback in trainer.checkpoint_callbacks:
+        callback.best_k_models = {}
+        callback.best_model_path = callback.kth_best_model_path = ""
+        callback.best_model_score = None
+        callback.kth_value = torch.tensor(float("inf") if callback.mode == "min" else -float("inf"))
