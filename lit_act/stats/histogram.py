@@ -1,0 +1,57 @@
+"""Fixed-bin activation histograms: constant memory whatever the number of steps or samples.
+
+``bins`` equal-width bins on ``[low, high)`` plus the counts below ``low`` and at or above ``high``; NaN/Inf entries are
+counted apart (``nonfinite``) and never binned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class ActivationHistogramMetric(Metric):
+    """Counts of activation values in fixed bins (states summed over DDP ranks).
+
+    Args:
+        bins: number of equal-width bins on ``[low, high)``.
+        low, high: the binned range (``low < high``).
+    """
+
+    full_state_update = False
+
+    def __init__(self, bins: int = 64, low: float = -5.0, high: float = 5.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not (isinstance(bins, int) and bins >= 1):
+            raise ValueError(f"bins must be a positive integer, got {bins!r}")
+        if not low < high:
+            raise ValueError(f"need low < high for the histogram range, got [{low}, {high})")
+        self.bins, self.low, self.high = bins, float(low), float(high)
+        self.add_state("counts", torch.zeros(bins, dtype=torch.int64), dist_reduce_fx="sum")
+        for name in ("below", "above", "nonfinite"):
+            self.add_state(name, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor) -> None:
+        """Bin every finite entry of ``x`` (any shape, any float dtype)."""
+        x = x.detach().float().reshape(-1)
+        finite = torch.isfinite(x)
+        values = x[finite]
+        self.nonfinite += x.numel() - values.numel()
+        below, above = values < self.low, values >= self.high
+        self.below += below.sum()
+        self.above += above.sum()
+        inside = values[~(below | above)]
+        index = ((inside - self.low) * (self.bins / (self.high - self.low))).long().clamp_(max=self.bins - 1)
+        self.counts += torch.bincount(index, minlength=self.bins)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``hist_outside``: fraction of finite entries outside ``[low, high)`` (NaN when none seen); ``nonfinite``."""
+        total = self.counts.sum() + self.below + self.above
+        outside = (self.below + self.above).double() / total.clamp(min=1)
+        return {"hist_outside": torch.where(total > 0, outside, torch.nan).float(), "nonfinite": self.nonfinite.float()}
+
+    def edges(self) -> np.ndarray:
+        """The ``bins + 1`` bin edges."""
+        return np.linspace(self.low, self.high, self.bins + 1)
