@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 # CPU-capable torch by default; GPU users override, e.g. `make train TORCH_SPEC="torch==2.13.0 --index-url ..."`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,launchers
+EXTRAS ?= dev,launchers,optuna
 BENCH_DEPS ?= pandas
 BENCH_NODEPS ?= pyhessian pykan rational-activations==0.2.0
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)

@@ -53,7 +53,6 @@ def test_launcher_objects_accept_the_presets(tmp_path, preset):
 
 
 def test_optuna_search_composes(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the `optuna` extra")
     cfg = compose_train(tmp_path, ["hparams_search=digits_optuna"])
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
     assert sweeper["_target_"] == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -92,7 +91,6 @@ def test_slurm_local_runs_two_jobs(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_runs(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the `optuna` extra")
     sweep = tmp_path / "sweep"
     proc = _train(["hparams_search=digits_optuna", "hydra.sweeper.n_trials=2", "debug=fdr", "logger=csv",
                    f"hydra.sweep.dir={sweep}"], tmp_path)
