@@ -20,6 +20,7 @@ from lit_act.hessian.lanczos import lanczos
 from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn
 from lit_act.hessian.trace import TRACE_METHODS, trace
 from lit_act.utils.figures import save_figure
+from lit_act.utils.modes import evaluating
 from lit_act.utils.schedule import due, is_real_run, validate_every_n
 
 PREFIX = "train/hessian/"
@@ -32,19 +33,15 @@ def preserved_training_state(module: nn.Module, eval_mode: bool = True) -> Itera
     ``.grad`` (values and ``None``-ness, same tensor object) and the global torch RNG state (CPU, and CUDA when
     initialised). With ``eval_mode`` the block runs with ``module.eval()`` (BatchNorm uses running statistics,
     dropout is off)."""
-    flags = [(m, m.training) for m in module.modules()]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    if eval_mode:
-        module.eval()
     try:
-        yield
+        with evaluating(module, eval_mode):
+            yield
     finally:
         with torch.no_grad():
-            for m, flag in flags:
-                m.training = flag
             for buffer, saved in buffers:
                 buffer.copy_(saved)
             for p, grad_obj, saved in grads:

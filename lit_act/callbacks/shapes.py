@@ -8,9 +8,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_act.stats.ood import evaluating
 from lit_act.stats.tap import ModuleSelector, select_modules
 from lit_act.utils.figures import save_figure
+from lit_act.utils.modes import evaluating
 from lit_act.utils.schedule import is_real_run, validate_every_n
 
 _LEARNABLE_PACKAGES = ("lit_act.activations", "lit_act.kan")

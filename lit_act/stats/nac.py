@@ -54,8 +54,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lit_act.stats.ood import evaluating, inputs_of
+from lit_act.stats.ood import inputs_of
 from lit_act.stats.tap import neuron_view, tap
+from lit_act.utils.modes import evaluating
 
 LogitsFn = Callable[[Any], Tensor]
 BIN_SPACINGS = ("symlog", "linear")

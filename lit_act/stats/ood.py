@@ -11,14 +11,15 @@ Baselines computed on the same logits:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc
+
+from lit_act.utils.modes import evaluating
 
 ScoreFn = Callable[[Any], Tensor]
 
@@ -63,18 +64,6 @@ def score_batches(score_fn: ScoreFn, batches: Iterable[Any]) -> Tensor:
 def ood_auroc(score_fn: ScoreFn, in_loader: Iterable[Any], out_loader: Iterable[Any]) -> float:
     """AUROC of ``score_fn`` (inputs -> per-sample scores, higher = in-distribution) on two loaders."""
     return auroc(score_batches(score_fn, in_loader), score_batches(score_fn, out_loader))
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode inside the block and restore every submodule's own train/eval flag after it."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def logits_scorer(model: nn.Module, baseline: str, logits_fn: Callable[[Any], Tensor] | None = None) -> ScoreFn:
