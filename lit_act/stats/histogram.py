@@ -34,17 +34,16 @@ class ActivationHistogramMetric(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, x: Tensor) -> None:
-        """Bin every finite entry of ``x`` (any shape, any float dtype)."""
+        """Bin every finite entry of ``x`` (any shape, any float dtype) with one ``bincount``: no host sync."""
         x = x.detach().float().reshape(-1)
-        finite = torch.isfinite(x)
-        values = x[finite]
-        self.nonfinite += x.numel() - values.numel()
-        below, above = values < self.low, values >= self.high
-        self.below += below.sum()
-        self.above += above.sum()
-        inside = values[~(below | above)]
-        index = ((inside - self.low) * (self.bins / (self.high - self.low))).long().clamp_(max=self.bins - 1)
-        self.counts += torch.bincount(index, minlength=self.bins)
+        position = ((x - self.low) * (self.bins / (self.high - self.low))).floor_().clamp_(-1, self.bins)
+        # slots: 0 below, 1..bins the bins, bins + 1 at or above high, bins + 2 NaN/Inf
+        slot = torch.where(torch.isfinite(x), position + 1, self.bins + 2).long()
+        counts = torch.bincount(slot, minlength=self.bins + 3)
+        self.below += counts[0]
+        self.counts += counts[1:self.bins + 1]
+        self.above += counts[self.bins + 1]
+        self.nonfinite += counts[self.bins + 2]
 
     def compute(self) -> dict[str, Tensor]:
         """``hist_outside``: fraction of finite entries outside ``[low, high)`` (NaN when none seen); ``nonfinite``."""
