@@ -48,3 +48,39 @@ def test_nonfinite_counted_and_excluded_and_bf16_accumulates_in_fp32():
 def test_bad_threshold_raises():
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         ActivationSparsityMetric(threshold=-1)
+
+
+def test_signed_mode_counts_negative_lobe_as_inactive():
+    torch.manual_seed(0)
+    a = torch.nn.functional.gelu(torch.randn(64, 10))
+    for tau in (0.0, 0.05, -0.1):
+        metric = ActivationSparsityMetric(threshold=tau, mode="signed")
+        metric.update(a)
+        out = metric.compute()
+        assert out["sparsity"].item() == pytest.approx((a <= tau).float().mean().item())
+        assert out["token_activation_ratio"].item() == pytest.approx((a > tau).float().mean(dim=1).mean().item(),
+                                                                    rel=1e-6)
+    exact_zeros = ActivationSparsityMetric()  # abs, tau = 0: GELU has (almost) no exact zeros
+    exact_zeros.update(a)
+    assert exact_zeros.compute()["sparsity"].item() == pytest.approx((a == 0).float().mean().item())
+
+
+def test_relu_modes_agree_and_nonfinite_layer_is_nan():
+    a = torch.relu(torch.randn(30, 7))
+    outs = []
+    for mode in ("abs", "signed"):
+        metric = ActivationSparsityMetric(mode=mode)
+        metric.update(a)
+        outs.append(metric.compute()["sparsity"].item())
+    assert outs[0] == outs[1] == pytest.approx((a == 0).float().mean().item())
+    metric = ActivationSparsityMetric()
+    metric.update(torch.full((3, 4), float("inf")))
+    out = metric.compute()
+    assert out["nonfinite"].item() == 12
+    assert all(torch.isnan(v) for k, v in out.items() if k != "nonfinite")
+
+
+def test_bad_mode_lists_valid_values():
+    with pytest.raises(ValueError, match=r"mode must be one of \['abs', 'signed'\]"):
+        ActivationSparsityMetric(mode="relu")
+    ActivationSparsityMetric(threshold=-0.5, mode="signed")  # a negative threshold is valid in signed mode

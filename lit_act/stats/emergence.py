@@ -9,6 +9,22 @@ initialisation ``A = max r - min r``, ``K = min r + A / 2``, ``lambda = 1 / std(
 ``t0 = 1``, with ``A, lambda, gamma >= 0`` and ``t0 > 0`` (so ``x > 0``). Goodness of fit ``R^2 = 1 - SS_res / SS_tot``.
 The curve peaks where ``d/dx [exp(-lambda x) log x] = 0``, i.e. ``lambda x log x = 1``, ``x* = exp(W(1 / lambda))``
 (Lambert W), so ``t_peak = (x* - t0) / gamma``.
+
+The series ``r(t)`` is the per-layer statistic of Sun et al.'s procedure that the paper's code (a fork of
+locuslab/massive-activations) records at each checkpoint: the mean over sequences of the per-sequence top-1 ``|h|``
+divided by the mean over sequences of the per-sequence median ``|h|`` -- ``ratio`` of
+:class:`lit_act.stats.massive.MassiveActivationMetric` (``massive_ratio``), which does not depend on how many sequences
+were observed, so points taken on a batch and on an epoch estimate the same curve. The running maximum over all
+sequences (``massive_max1``) grows with the number of sequences and is not this statistic.
+
+Deviation from the paper: the paper fits checkpoints of one training run evaluated on a fixed text sample; fitting
+the ratios observed on different training batches at different steps adds batch-to-batch noise to ``r(t)``.
+
+Example:
+    >>> steps = np.linspace(0, 2000, 40)
+    >>> fit = fit_emergence(steps, emergence_curve(steps, 40.0, 1.2, 0.003, 0.6, 3.0))
+    >>> round(fit.r2, 4)
+    1.0
 """
 
 from __future__ import annotations
