@@ -10,6 +10,7 @@ from torch import nn
 from lit_act.models import MLPClassifier, TransformerLM
 from lit_act.stats.sparsing_law import (
     CETTSparsityMetric,
+    calibrate_thresholds,
     cett,
     cett_threshold,
     down_projections_for,
@@ -38,14 +39,90 @@ def test_neuron_output_norm_and_cett_match_plain_formula():
         assert torch.allclose(cett(a, w, b, eps), _plain_cett(a, w, b, eps), atol=1e-6)
 
 
-def test_threshold_is_largest_eps_meeting_target():
+def _brute_force_threshold(a, w, b, target):
+    """Every observed norm (and +inf) as a candidate: the largest eps whose mean CETT is within target."""
+    candidates = sorted({float(v) for v in neuron_output_norm(a, w).flatten()}) + [math.inf]
+    means = [cett(a, w, b, c).mean().item() for c in candidates]
+    best = max(c for c, m in zip(candidates, means, strict=True) if m <= target)
+    return best, candidates, means
+
+
+def _with_outlier_neurons(seed, tokens=24, neurons=20, width=6):
+    torch.manual_seed(seed)
+    a = torch.relu(torch.randn(tokens, neurons))
+    w = torch.rand(width, neurons) * 0.1  # non-negative contributions: mean CETT monotone in eps
+    w[:, 3] *= 2000.0  # one neuron's output norm ~2000x the others, as MiniLM layer 0 (195 vs 0.09)
+    w[:, 11] *= 50.0
+    return a, w
+
+
+@pytest.mark.parametrize("target", [0.05, 0.2, 0.5])
+def test_threshold_is_exact_largest_eps_with_outlier_neurons(target):
+    a, w = _with_outlier_neurons(0)
+    b = torch.rand(6) * 0.01
+    best, candidates, means = _brute_force_threshold(a, w, b, target)
+    assert means == sorted(means)  # the fixture is monotone, so the largest eps is well defined
+    eps = cett_threshold(a, w, b, target)
+    assert eps.item() == pytest.approx(best, rel=1e-6)
+    achieved = cett(a, w, b, eps).mean().item()
+    assert achieved <= target
+    following = candidates[candidates.index(best) + 1]
+    assert cett(a, w, b, following).mean().item() > target
+    # the former 16 halvings of [0, max n] stop far from it: max n is dominated by the outlier neuron
+    norms = neuron_output_norm(a, w)
+    lo, hi = 0.0, norms.max().item() * (1 + 1e-6)
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cett(a, w, b, mid).mean().item() <= target else (lo, mid)
+    assert lo <= best
+
+
+def test_threshold_on_signed_random_data_is_a_crossing():
     a, w = torch.randn(40, 16), torch.randn(8, 16)
     eps = cett_threshold(a, w, None, 0.2)
     assert cett(a, w, None, eps).mean() <= 0.2
-    # next candidate neuron norm above eps pushes the mean CETT above the target
     norms = neuron_output_norm(a, w).flatten().sort().values
     above = norms[norms > eps][0]
     assert cett(a, w, None, above + 1e-6).mean() > 0.2
+
+
+def test_calibrate_once_then_apply():
+    a, w = _with_outlier_neurons(1, tokens=30)
+    down = nn.Linear(20, 6)
+    with torch.no_grad():
+        down.weight.copy_(w)
+    calibration, batches = a[:12], [a[12:20], a[20:]]
+    eps = calibrate_thresholds({"act": calibration}, {"act": down}, 0.2)["act"]
+    assert eps.item() == pytest.approx(cett_threshold(calibration, w, down.bias.detach(), 0.2).item())
+    metric = CETTSparsityMetric(0.2, threshold=eps)
+    for x in batches:
+        metric.update(x, down.weight, down.bias)
+    out = metric.compute()
+    rest = torch.cat(batches)
+    assert out["cett_threshold"].item() == pytest.approx(eps.item())
+    kept = (neuron_output_norm(rest, w) >= eps).float().mean().item()
+    assert out["cett_activation_ratio"].item() == pytest.approx(kept, rel=1e-6)
+    assert out["cett"].item() == pytest.approx(cett(rest, w, down.bias.detach(), eps).mean().item(), rel=1e-5)
+    # passing the down-projection output saves a matmul and gives the same CETT
+    with_out = CETTSparsityMetric(0.2, threshold=eps)
+    for x in batches:
+        with_out.update(x, down.weight, down.bias, ffn_out=down(x).detach())
+    assert with_out.compute()["cett"].item() == pytest.approx(out["cett"].item(), rel=1e-5)
+    blind = CETTSparsityMetric(0.2, threshold=eps, measure_cett=False)
+    blind.update(rest, down.weight, down.bias)
+    assert math.isnan(blind.compute()["cett"].item())
+    assert blind.compute()["cett_activation_ratio"].item() == pytest.approx(kept, rel=1e-6)
+    with pytest.raises(ValueError, match="threshold must be one number"):
+        CETTSparsityMetric(0.2, threshold=-1.0)
+
+
+def test_nonfinite_layer_logs_nan():
+    w = torch.randn(3, 4)
+    for metric in (CETTSparsityMetric(0.2), CETTSparsityMetric(0.2, threshold=0.5)):
+        metric.update(torch.full((5, 4), float("nan")), w, None)
+        out = metric.compute()
+        assert out["nonfinite"].item() == 20
+        assert all(math.isnan(out[k].item()) for k in ("cett_threshold", "cett", "cett_activation_ratio"))
 
 
 def test_metric_averages_batches():
@@ -112,7 +189,7 @@ class _FFN(nn.Module):
 
 
 def _sparse_loss(model, data, c):
-    """Independent re-computation: mask each batch's activations at its CETT-c threshold."""
+    """Independent re-computation: thresholds from the batch's dense activations, applied in the sparse pass."""
     total, count = 0.0, 0
     for x, y in data:
         a = model.act(model.fc_in(x))
@@ -132,7 +209,7 @@ def test_ppl_p_sparsity_meets_budget_and_matches_recomputation():
     assert model.training  # flag restored
     dense = sum(F.cross_entropy(model(x), y).item() * 32 for x, y in data) / 96
     assert result.ppl_dense == pytest.approx(math.exp(dense), rel=1e-5)
-    assert result.ppl_sparse <= result.ppl_dense * 1.01 + 1e-9
+    assert result.ppl_ratio < 1.01
     assert 0 < result.cett < 1
     with torch.no_grad():
         assert result.ppl_sparse == pytest.approx(math.exp(_sparse_loss(model, data, result.cett)), rel=1e-5)
@@ -154,3 +231,51 @@ def test_down_projection_found_across_parents_of_reference_mlp():
     assert find_down_projection(mlp, "hidden.1.act") is mlp.head
     with pytest.raises(ValueError, match="down_projections="):
         find_down_projection(CNNClassifier(1, 10), "features.1.act")
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1, self.out1 = nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 6)
+        self.fc2, self.act2, self.out2 = nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.out2(self.act2(self.fc2(x + self.out1(self.act1(self.fc1(x))))))
+
+
+def _reference_inspect(model, data, c):
+    """inspect_sparsity.inspect_model + calc_thresholds_given_cett, written plainly for two layers: per batch a dense
+    pass gives each layer's threshold (exact largest eps, every norm a candidate), the sparse pass applies them."""
+    ratios, kept = [], {"act1": [0.0, 0], "act2": [0.0, 0]}
+    for x, y in data:
+        h1 = model.act1(model.fc1(x))
+        r = x + model.out1(h1)
+        h2 = model.act2(model.fc2(r))
+        dense = F.cross_entropy(model.out2(h2), y).item()
+        eps1 = _brute_force_threshold(h1, model.out1.weight, model.out1.bias, c)[0]
+        eps2 = _brute_force_threshold(h2, model.out2.weight, model.out2.bias, c)[0]
+        s1 = model.act1(model.fc1(x))
+        m1 = neuron_output_norm(s1, model.out1.weight) >= eps1
+        s2 = model.act2(model.fc2(x + model.out1(s1 * m1)))
+        m2 = neuron_output_norm(s2, model.out2.weight) >= eps2
+        sparse = F.cross_entropy(model.out2(s2 * m2), y).item()
+        ratios.append(math.exp(sparse - dense))
+        for name, m in (("act1", m1), ("act2", m2)):
+            kept[name][0] += m.float().sum().item()
+            kept[name][1] += m.numel()
+    return sum(ratios) / len(ratios), {k: s / n for k, (s, n) in kept.items()}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ppl_p_sparsity_follows_reference_procedure_on_two_layers():
+    torch.manual_seed(1)
+    model = _TwoLayer()
+    data = [(torch.randn(6, 6), torch.randint(0, 5, (6,))) for _ in range(2)]
+    result = ppl_p_sparsity(model, data, p=0.05, modules=["act1", "act2"], steps=6)
+    with torch.no_grad():
+        ratio, kept = _reference_inspect(model, data, result.cett)
+        assert result.ppl_ratio == pytest.approx(ratio, rel=1e-5) and ratio < 1.05
+        assert result.activation_ratio == pytest.approx(kept, rel=1e-6)
+        # the next CETT of the bisection grid breaks the budget (or c is the grid's last point)
+        if result.cett + 2 ** -6 < 1:
+            assert _reference_inspect(model, data, result.cett + 2 ** -6)[0] >= 1.05
