@@ -279,3 +279,10 @@ def test_ppl_p_sparsity_follows_reference_procedure_on_two_layers():
         # the next CETT of the bisection grid breaks the budget (or c is the grid's last point)
         if result.cett + 2 ** -6 < 1:
             assert _reference_inspect(model, data, result.cett + 2 ** -6)[0] >= 1.05
+
+
+def test_metric_moves_between_devices_in_both_modes():
+    for metric in (CETTSparsityMetric(0.2), CETTSparsityMetric(0.2, threshold=0.3)):
+        metric = metric.to("cpu").double().float()  # nn.Module._apply must stay intact
+        metric.update(torch.rand(4, 5), torch.rand(3, 5), None)
+        assert metric.compute()["cett_activation_ratio"].item() > 0

@@ -267,18 +267,18 @@ class CETTSparsityMetric(Metric):
         w_out = w_out.detach().float()
         b_out = None if b_out is None else b_out.detach().float()
         if self.threshold is None:
-            self._calibrate(strided_subsample(a, self.max_tokens), w_out, b_out)
+            self._update_calibrated(strided_subsample(a, self.max_tokens), w_out, b_out)
         else:
-            self._apply(a, w_out, b_out, ffn_out)
+            self._update_fixed(a, w_out, b_out, ffn_out)
 
-    def _calibrate(self, a: Tensor, w_out: Tensor, b_out: Tensor | None) -> None:
+    def _update_calibrated(self, a: Tensor, w_out: Tensor, b_out: Tensor | None) -> None:
         eps = cett_threshold(a, w_out, b_out, self.target)
         self.threshold_sum += eps
         self.cett_sum += cett(a, w_out, b_out, eps).mean()
         self.ratio_sum += (neuron_output_norm(a, w_out) >= eps).float().mean()
         self.batches += 1
 
-    def _apply(self, a: Tensor, w_out: Tensor, b_out: Tensor | None, ffn_out: Tensor | None) -> None:
+    def _update_fixed(self, a: Tensor, w_out: Tensor, b_out: Tensor | None, ffn_out: Tensor | None) -> None:
         eps = self.threshold.to(a.device)
         norms = neuron_output_norm(a, w_out)
         self.kept += (norms >= eps).sum()
