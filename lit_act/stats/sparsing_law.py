@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lit_act.stats.tap import finite_fp32, select_modules
+from lit_act.stats.tap import finite_fp32, nan_marked, select_modules
 
 
 def neuron_output_norm(a: Tensor, w_out: Tensor) -> Tensor:
@@ -255,19 +255,15 @@ class CETTSparsityMetric(Metric):
 
     def update(self, a: Tensor, w_out: Tensor, b_out: Tensor | None, ffn_out: Tensor | None = None) -> None:
         """``a``: ``(tokens, N)`` activations entering the down-projection ``(w_out (D, N), b_out)``; ``ffn_out``:
-        optional ``(tokens, D)`` down-projection output for the same tokens (saves one matmul)."""
-        a, finite = finite_fp32(a)
-        rows = finite.all(dim=1)
-        self.nonfinite += (~finite).sum()
-        a = a[rows]
-        if ffn_out is not None:
-            ffn_out = ffn_out.detach().reshape(-1, ffn_out.shape[-1]).float()[rows]
-        if not a.shape[0]:
-            return
+        optional ``(tokens, D)`` down-projection output for the same tokens (fixed-threshold mode: saves one
+        matmul)."""
         w_out = w_out.detach().float()
         b_out = None if b_out is None else b_out.detach().float()
         if self.threshold is None:
-            self._update_calibrated(strided_subsample(a, self.max_tokens), w_out, b_out)
+            a, nonfinite = _finite_tokens(a)
+            self.nonfinite += nonfinite
+            if a.shape[0]:
+                self._update_calibrated(strided_subsample(a, self.max_tokens), w_out, b_out)
         else:
             self._update_fixed(a, w_out, b_out, ffn_out)
 
@@ -279,21 +275,27 @@ class CETTSparsityMetric(Metric):
         self.batches += 1
 
     def _update_fixed(self, a: Tensor, w_out: Tensor, b_out: Tensor | None, ffn_out: Tensor | None) -> None:
+        """Counting only (no copy of ``a`` beyond one fp32 buffer, no host sync); NaN/Inf entries are left out of the
+        ratio one by one, tokens holding any out of the CETT mean."""
         eps = self.threshold.to(a.device)
-        norms = neuron_output_norm(a, w_out)
-        self.kept += (norms >= eps).sum()
-        self.entries += norms.numel()
+        norms = nan_marked(a).abs_().mul_(w_out.norm(dim=0))  # n_si, NaN where a is NaN/Inf
+        # int32 bool sums are ~3x faster than the default int64 on CPU (exact below 2**31 entries per batch)
+        nonfinite = norms.isnan().sum(dtype=torch.int32).long()
+        self.nonfinite += nonfinite
+        self.kept += (norms >= eps).sum(dtype=torch.int32).long()
+        self.entries += norms.numel() - nonfinite
         if not self.measure_cett:
             return
-        sub = strided_subsample(a, self.max_tokens)
-        rows = strided_subsample(norms, self.max_tokens)
+        sub = strided_subsample(a.detach().float(), self.max_tokens)
         if ffn_out is not None:
-            full = strided_subsample(ffn_out, self.max_tokens).norm(dim=-1)
-            full = full.clamp(min=torch.finfo(full.dtype).tiny)
+            full = strided_subsample(ffn_out.detach().reshape(-1, ffn_out.shape[-1]).float(), self.max_tokens)
+            full = full.norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
         else:
             full = _ffn_norm(sub, w_out, b_out)
-        self.cett_token_sum += (_tail_norm(sub, w_out, rows, eps) / full).sum(dtype=torch.float64)
-        self.cett_tokens += sub.shape[0]
+        values = _tail_norm(sub, w_out, strided_subsample(norms, self.max_tokens), eps) / full
+        measured = values.isfinite()
+        self.cett_token_sum += torch.where(measured, values, 0.0).sum(dtype=torch.float64)
+        self.cett_tokens += measured.sum()
 
     def compute(self) -> dict[str, Tensor]:
         """``cett_threshold``, ``cett`` (achieved mean CETT) and ``cett_activation_ratio``, ``nonfinite``; NaN for
