@@ -1,7 +1,17 @@
 """Fixed-bin activation histograms: constant memory whatever the number of steps or samples.
 
 ``bins`` equal-width bins on ``[low, high)`` plus the counts below ``low`` and at or above ``high``; NaN/Inf entries are
-counted apart (``nonfinite``) and never binned.
+counted apart (``nonfinite``) and never binned. A layer with no finite entry logs ``hist_outside = NaN`` (its counts
+stay zero), so it drops out of module means taken with ``nanmean``.
+
+Not a paper statistic: the exact count of values per fixed bin (no sampling, no per-call adaptive edges), so histograms
+of different steps and ranks share their edges and add up.
+
+Example:
+    >>> metric = ActivationHistogramMetric(bins=4, low=-2.0, high=2.0)
+    >>> metric.update(torch.tensor([-3.0, -1.5, 0.2, 0.7, 2.0, float("nan")]))
+    >>> metric.counts.tolist(), metric.compute()["hist_outside"].item(), metric.compute()["nonfinite"].item()
+    ([1, 0, 2, 0], 0.4000000059604645, 1.0)
 """
 
 from __future__ import annotations
@@ -10,6 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+
+def _histogram_arg_validation(bins: int, low: float, high: float) -> None:
+    if not (isinstance(bins, int) and bins >= 1):
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    if not low < high:
+        raise ValueError(f"need low < high for the histogram range, got [{low}, {high})")
 
 
 class ActivationHistogramMetric(Metric):
@@ -24,10 +41,7 @@ class ActivationHistogramMetric(Metric):
 
     def __init__(self, bins: int = 64, low: float = -5.0, high: float = 5.0, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not (isinstance(bins, int) and bins >= 1):
-            raise ValueError(f"bins must be a positive integer, got {bins!r}")
-        if not low < high:
-            raise ValueError(f"need low < high for the histogram range, got [{low}, {high})")
+        _histogram_arg_validation(bins, low, high)
         self.bins, self.low, self.high = bins, float(low), float(high)
         self.add_state("counts", torch.zeros(bins, dtype=torch.int64), dist_reduce_fx="sum")
         for name in ("below", "above", "nonfinite"):
