@@ -170,3 +170,41 @@ def test_bad_arguments():
         MassiveActivationMetric(capacity=0)
     with pytest.raises(ValueError, match="batch, ..., hidden"):
         MassiveActivationMetric().update(torch.ones(3))
+
+
+def _ddp_worker(rank, world, port, shards, result):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        metric = MassiveActivationMetric(k=2, capacity=4)
+        metric.update(shards[rank])
+        out = metric.compute()  # syncs: sums, cat-then-merge of the position tables and running maxima
+        if rank == 0:
+            result.update({k: v.item() for k, v in out.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_pass():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(6)
+    h = torch.randn(8, 5, 6)
+    for b in range(8):
+        h[b, 0 if b % 4 else 1, 3] = 200.0 + b  # (0, 3) in six sequences, (1, 3) in two
+    h[5, 4, 4] = -999.0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, port, [h[:3], h[3:]], result), nprocs=2)
+        merged = dict(result)
+    whole = MassiveActivationMetric(k=2, capacity=4)
+    whole.update(h)
+    for key, value in whole.compute().items():
+        assert merged[key] == pytest.approx(value.item(), rel=1e-6, nan_ok=True), key
