@@ -30,6 +30,9 @@ Deviations from the reference, listed:
 * Monotonicity: the bisection (here and in the reference) assumes the mean CETT is non-decreasing in ``eps``. It is
   when the dropped contributions do not cancel; a norm of a vector sum can decrease when a term is added, so on real
   data the result is *a* crossing point of the target (the largest one whenever the curve is monotone).
+* Which tensor is ``a``: the reference takes the input of ``down_proj``, i.e. ``act(gate) * up`` in its gated MLP;
+  callers must pass that tensor for gated MLPs (LLaMA-style ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``), not
+  the activation module's output. Padded tokens are left out by the reference (``att_mask``); pass only real tokens.
 * Batch calibration mode (``threshold=None``): each batch is calibrated on its own tokens (capped at ``max_tokens``) and
   thresholds, CETT and activation ratio are averaged over batches, as ``calc_threshold_for_each_layer.py`` averages
   per-batch thresholds over its 10 dense batches.
