@@ -290,12 +290,13 @@ def _mlps(model: nn.Module) -> list[_MLP]:
     named = dict(model.named_modules())
     types = activation_types()
     found: dict[str, _MLP] = {}
-    for scope in _blocks(model) or [""]:
+    blocks = _blocks(model)
+    for scope in blocks or [""]:
         inside = [(n, m) for n, m in named.items() if _inside(n, scope)]
         linears = [(n, m, f) for n, m in inside if (f := linear_features(m)) is not None]
-        # the model width d is the more common width of the pair among the block's linear layers (attention
-        # projections are d -> d); on a tie the smaller one (MLPs expand)
-        counts = Counter(w for _, _, f in linears for w in f)
+        # the model width d is the more common width of the pair among a block's linear layers (attention
+        # projections are d -> d); on a tie, and outside blocks, the smaller one (MLPs expand)
+        counts = Counter(w for _, _, f in linears for w in f) if blocks else Counter()
         for down_name, down, (hidden, width) in linears:
             ups = [u for u, _, f in linears if f == (width, hidden)]
             if hidden == width or not ups or (counts[width], -width) < (counts[hidden], -hidden):
@@ -321,7 +322,7 @@ def mlp_hidden(model: nn.Module) -> dict[str, Site]:
     down-projection is a linear-like layer (:func:`linear_features`) mapping a hidden width ``h`` to the model width
     ``d != h`` with an up-projection ``d -> h`` in the same block (the smallest module holding both is the MLP);
     ``d`` is the width of the two that more of the block's linear layers read or write (attention projections are
-    ``d -> d``), the smaller one on a tie.
+    ``d -> d``), the smaller one on a tie and in models without blocks (MLPs expand).
     With one up-projection and one activation module in the MLP (``fc_in -> act -> fc_out``, GPT-2
     ``c_fc -> act -> c_proj``, BERT ``intermediate.dense -> intermediate_act_fn -> output.dense``) the site is the
     activation's output; for gated MLPs (LLaMA ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``) and functional
