@@ -27,8 +27,8 @@ def residual_stream_modules(pl_module: nn.Module) -> list[str]:
 
 
 class MassiveActivations(ActivationStatisticCallback):
-    """Massive activations (Sun et al. 2024; :mod:`lit_act.stats.massive`) on block outputs, by default every child of
-    the model's ``blocks`` ModuleList (``blocks.0``, ``blocks.1``, ... of :class:`lit_act.models.TransformerLM`), and
+    """Massive activations (Sun et al. 2024; :mod:`lit_act.stats.massive`) on block outputs, by default the blocks of
+    every repeated-block stack (:func:`lit_act.selection.residual_stream`: ``blocks.N``, ``transformer.h.N``, ...), and
     the emergence curve of the top-1/median ratio over training ("Hidden Dynamics of Massive Activations";
     :mod:`lit_act.stats.emergence`).
 
