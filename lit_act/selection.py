@@ -77,6 +77,9 @@ class Site:
         if self.port not in PORTS:
             raise ValueError(f"Site port must be one of {PORTS}, got {self.port!r}")
 
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, {type(self.module).__name__}, port={self.port!r})"
+
 
 # ----------------------------------------------------------------------------------------------- activation table
 
@@ -336,8 +339,9 @@ def mlp_hidden(model: nn.Module) -> dict[str, Site]:
     if not sites:
         linears = [f"{n} ({f[0]}->{f[1]})" for n, m in model.named_modules() if (f := linear_features(m))]
         raise ValueError(
-            f"found no MLP in {type(model).__name__} (a down-projection h->d with an up-projection d->h, h != d, in "
-            "the same block); pass modules= with the modules whose outputs you want. Linear layers: "
+            f"the \"mlp_hidden\" preset found no MLP in {type(model).__name__} (a down-projection h->d with an "
+            "up-projection d->h, h != d, in the same block); pass modules= with the modules whose outputs you want. "
+            "Linear layers: "
             f"{_shortlist(linears)}")
     return sites
 
