@@ -251,6 +251,29 @@ def test_residual_stream(name, blocks):
     assert all(s.port == "output" and s.module is model.get_submodule(s.name) for s in sites.values())
 
 
+class _Block(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.fc, self.act = nn.Linear(width, width), nn.ReLU()
+
+
+class _OtherBlock(_Block):
+    pass
+
+
+def test_stack_rules():
+    """A stack is a ModuleList/Sequential of >= 2 composite blocks of one class with parameters; outermost only."""
+    assert residual_stream(nn.Sequential(_Block(), _Block())) == ["0", "1"]  # the model itself may be the stack
+    outer = nn.ModuleDict({"blocks": nn.ModuleList([_Block(), _Block()]),
+                           "single": nn.ModuleList([_Block()]),  # one block: not a stack
+                           "leaves": nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]),  # no composite blocks
+                           "mixed": nn.ModuleList([_Block(), _OtherBlock()]),  # two classes
+                           "frozen_free": nn.ModuleList([nn.Sequential(nn.ReLU()), nn.Sequential(nn.ReLU())])})
+    assert residual_stream(outer) == ["blocks.0", "blocks.1"]
+    nested = nn.ModuleList([nn.ModuleDict({"inner": nn.ModuleList([_Block(), _Block()])}) for _ in range(3)])
+    assert residual_stream(nested) == ["0", "1", "2"]
+
+
 def test_residual_stream_of_a_model_without_blocks_raises_with_the_fix():
     with pytest.raises(ValueError, match=r"BoringModel has no repeated-block stack.*pass modules=.*Candidates: layer"):
         residual_stream(BoringModel())
