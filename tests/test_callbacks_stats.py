@@ -313,7 +313,7 @@ def test_bad_input_raises_with_fix(tmp_path):
         MassiveActivations(k=0)
     with pytest.raises(ValueError, match=r"\['blocks\.\*\.nope'\] match no module"):
         _trainer(tmp_path, [ActivationSparsity(modules="blocks.*.nope")]).fit(_lm(), _tokens())
-    with pytest.raises(ValueError, match="no nn.ModuleList named blocks"):
+    with pytest.raises(ValueError, match="no repeated-block stack.*pass modules="):
         _trainer(tmp_path, [MassiveActivations()]).fit(TinyNet(), _classification())
     with pytest.raises(ValueError, match="not among the selected modules"):
         _trainer(tmp_path, [ActivationSparsity(down_projections={"fc_out": "fc_out"})]).fit(TinyNet(),

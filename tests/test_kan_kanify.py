@@ -88,9 +88,9 @@ def test_kanify_errors_are_clear():
     with pytest.raises(ValueError, match="valid: \\['fourier_kan', 'grkan', 'kan', 'skan'\\]"):
         kanify(tiny_lm(), layer="pykan")
     with pytest.raises(ValueError, match="no Linear -> activation.*recognised blocks in this model: \\['blocks.0.mlp'"):
-        kanify(tiny_lm(), match="*ffn")
+        kanify(tiny_lm(), match="**.ffn")
     with pytest.raises(ValueError, match="names matched: \\['blocks.0.attn'"):
-        kanify(tiny_lm(), match="*attn")
+        kanify(tiny_lm(), match="**.attn")
 
 
 @pytest.mark.parametrize("name", ["kan", "fourier_kan", "skan", "grkan"])

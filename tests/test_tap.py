@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from lit_act.models import TransformerLM
+from lit_act.selection import activation_types
 from lit_act.stats.tap import (
     count_above,
-    default_activation_types,
     extract_tensor,
     finite_fp32,
     is_compiled,
@@ -32,10 +32,10 @@ def test_default_selection_is_activation_modules_in_order():
     assert list(select_modules(_lm())) == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
 
 
-def test_default_types_include_torch_and_lit_act_activations():
+def test_activation_types_include_torch_and_lit_act_activations():
     from lit_act.activations.fixed import Erf
 
-    types = default_activation_types()
+    types = activation_types()
     assert nn.GELU in types and nn.ReLU in types and nn.Mish in types and Erf in types
     model = nn.Sequential(nn.Linear(2, 2), Erf(), nn.Linear(2, 2), nn.Softplus())
     assert list(select_modules(model)) == ["1", "3"]

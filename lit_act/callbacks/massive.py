@@ -12,27 +12,23 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lit_act.callbacks.base import ActivationStatisticCallback, log_to_loggers
+from lit_act.selection import residual_stream
 from lit_act.stats.emergence import _MIN_POINTS, EmergenceFit, fit_emergence
 from lit_act.stats.massive import MassiveActivationMetric
 from lit_act.stats.tap import ModuleSelector
 from lit_act.utils.figures import save_figure
 
-_BLOCK_LIST_NAMES = ("blocks", "layers", "h")
-
 
 def residual_stream_modules(pl_module: nn.Module) -> list[str]:
-    """Names of the children of the first ``nn.ModuleList`` called ``blocks``/``layers``/``h`` (``blocks.0``,
-    ``blocks.1``, ...: the block outputs, i.e. the residual stream); raises ``ValueError`` when there is none."""
-    for name, module in pl_module.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in _BLOCK_LIST_NAMES:
-            return [f"{name}.{child}" for child, _ in module.named_children()]
-    raise ValueError(f"{type(pl_module).__name__} has no nn.ModuleList named {'/'.join(_BLOCK_LIST_NAMES)} to take "
-                     "the residual stream from; pass modules= (e.g. a list of block names or a predicate)")
+    """The block names of every repeated-block stack (:func:`lit_act.selection.residual_stream`: ``blocks.0``,
+    ``blocks.1``, ..., encoder and decoder layers alike): the block outputs, i.e. the residual stream; raises
+    ``ValueError`` with the fix when the model has none."""
+    return residual_stream(pl_module)
 
 
 class MassiveActivations(ActivationStatisticCallback):
-    """Massive activations (Sun et al. 2024; :mod:`lit_act.stats.massive`) on block outputs, by default every child of
-    the model's ``blocks`` ModuleList (``blocks.0``, ``blocks.1``, ... of :class:`lit_act.models.TransformerLM`), and
+    """Massive activations (Sun et al. 2024; :mod:`lit_act.stats.massive`) on block outputs, by default the blocks of
+    every repeated-block stack (:func:`lit_act.selection.residual_stream`: ``blocks.N``, ``transformer.h.N``, ...), and
     the emergence curve of the top-1/median ratio over training ("Hidden Dynamics of Massive Activations";
     :mod:`lit_act.stats.emergence`).
 

@@ -21,7 +21,6 @@ a ``BatchNorm`` wrapped inside ``act`` is removed together with the activation.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from lit_act.kan.fourier import FourierKANLinear
 from lit_act.kan.grkan import GRKANLinear
 from lit_act.kan.kan_linear import KANLinear
 from lit_act.kan.skan import SKANLinear
+from lit_act.selection import match_glob
 
 __all__ = ["LAYERS", "Replacement", "kanify", "layer_class"]
 
@@ -97,14 +97,17 @@ def _matched_width(cls: type[nn.Module], d_in: int, d_out: int, target: int, kwa
     return max(step, step * round((step + (target - p1) / per_unit) / step))
 
 
-def kanify(model: nn.Module, layer: str = "kan", match: str | Sequence[str] = "*mlp", hidden: int | None = None,
+def kanify(model: nn.Module, layer: str = "kan", match: str | Sequence[str] = "**.mlp", hidden: int | None = None,
            **layer_kwargs) -> list[Replacement]:
-    """Replace every recognised MLP block whose qualified name matches ``match`` (``fnmatch`` glob(s)) in place.
+    """Replace every recognised MLP block whose qualified name matches ``match`` in place.
 
     Args:
         model: any ``nn.Module`` (a LightningModule included).
         layer: one of :data:`LAYERS` (``kan``, ``fourier_kan``, ``skan``, ``grkan``).
-        match: glob or list of globs on ``named_modules()`` names (``*`` also matches dots).
+        match: glob or list of globs on ``named_modules()`` names (:func:`lit_act.selection.match_glob`: ``*``
+            within one dotted segment, ``**`` across dots; the default ``"**.mlp"`` is every module called ``mlp``).
+            A block is swapped when any glob matches it, so one list serves several models (``["**.mlp",
+            "hidden.*"]`` for ``TransformerLM`` and ``MLPClassifier``).
         hidden: force the hidden width ``h'`` of two-layer replacements instead of the parameter rule.
         **layer_kwargs: passed to every new layer (e.g. ``grid_size=3``).
 
@@ -113,7 +116,7 @@ def kanify(model: nn.Module, layer: str = "kan", match: str | Sequence[str] = "*
     """
     cls = layer_class(layer)
     patterns = [match] if isinstance(match, str) else list(match)
-    matched = [(n, m) for n, m in model.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    matched = [(n, m) for n, m in model.named_modules() if n and any(match_glob(p, n) for p in patterns)]
     blocks = [(n, m, s) for n, m in matched if (s := _structure(m)) is not None]
     if not blocks:
         names = [n for n, _ in matched][:8]

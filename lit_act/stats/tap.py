@@ -9,9 +9,9 @@ TransformerLens-style name-filtered hooks in a context manager::
 
 Conventions (shared by every lit-act statistic):
 
-* **Selection** (:func:`select_modules`): ``None`` = every activation-function module (:func:`default_activation_types`),
-  a glob (or list of globs) on ``named_modules()`` names, an ``nn.Module`` type (or tuple of types), or a predicate
-  ``(name, module) -> bool``.
+* **Selection** lives in :mod:`lit_act.selection` (``select_modules`` / ``ModuleSelector`` are re-exported here):
+  presets (``"activations"``, ``"residual_stream"``, ``"mlp_hidden"``), name globs (``*`` within one dotted
+  segment, ``**`` across dots), types, predicates.
 * **Observed tensor** (:func:`extract_tensor`): a Tensor output as is; the first element of a tuple/list; for a dict or
   HF ``ModelOutput`` the ``last_hidden_state``, else ``hidden_states``, else the first Tensor value.
 * **Neurons** (:func:`neuron_view`): the last dimension for linear / attention / activation outputs of any rank
@@ -21,107 +21,20 @@ Conventions (shared by every lit-act statistic):
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-ModuleSelector = None | str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...] | Callable[
-    [str, nn.Module], bool]
+from lit_act.selection import ModuleSelector, select_modules
 
-_TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanh, nn.Sigmoid, nn.LogSigmoid, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Threshold, nn.GLU,
-)
-_LIT_ACT_ACTIVATION_PACKAGE = "lit_act.activations"
+__all__ = ["ModuleSelector", "count_above", "extract_tensor", "finite_fp32", "is_compiled", "nan_marked",
+           "neuron_view", "require_uncompiled", "select_modules", "tap"]  # selection re-exported from its home
+
 _CONV_TYPES = (_ConvNd,)
 _SPATIAL_RANKS = (3, 4, 5)  # (B, C, L), (B, C, H, W), (B, C, D, H, W)
-
-
-def default_activation_types() -> tuple[type[nn.Module], ...]:
-    """torch's activation-function modules plus every ``nn.Module`` subclass defined under ``lit_act.activations``
-    (fixed ones such as ``Erf`` and the learnable ones), looked up at call time so later-imported classes count."""
-    lit_act_types = tuple(cls for cls in _all_module_subclasses()
-                          if cls.__module__.startswith(_LIT_ACT_ACTIVATION_PACKAGE))
-    return _TORCH_ACTIVATIONS + tuple(cls for cls in lit_act_types if cls not in _TORCH_ACTIVATIONS)
-
-
-def _all_module_subclasses() -> list[type[nn.Module]]:
-    seen: list[type[nn.Module]] = []
-    stack = [nn.Module]
-    while stack:
-        for sub in stack.pop().__subclasses__():
-            if sub not in seen:
-                seen.append(sub)
-                stack.append(sub)
-    return seen
-
-
-def _is_activation(module: nn.Module) -> bool:
-    return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__.startswith(_LIT_ACT_ACTIVATION_PACKAGE)
-
-
-def _describe(modules: ModuleSelector) -> str:
-    if modules is None:
-        return "the default activation modules (torch activations and lit_act.activations)"
-    if isinstance(modules, type):
-        return f"modules of type {modules.__name__}"
-    if isinstance(modules, tuple) and modules and all(isinstance(m, type) for m in modules):
-        return "modules of type " + " | ".join(m.__name__ for m in modules)
-    if callable(modules) and not isinstance(modules, str):
-        return f"modules accepted by predicate {getattr(modules, '__name__', modules)!r}"
-    return f"modules matching {modules!r}"
-
-
-def _available(model: nn.Module, limit: int = 25) -> str:
-    names = [name for name, _ in model.named_modules() if name]
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def select_modules(model: nn.Module, modules: ModuleSelector = None) -> dict[str, nn.Module]:
-    """Named submodules of ``model`` chosen by ``modules``, in ``named_modules()`` order.
-
-    Args:
-        model: any ``nn.Module`` (a LightningModule: names are as in its ``named_modules()``).
-        modules: ``None`` (every activation-function module, see :func:`default_activation_types`); a glob or a list of
-            globs on module names (``fnmatch``, e.g. ``"blocks.*.mlp.act"``; every glob must match something); an
-            ``nn.Module`` type or tuple of types; or a predicate ``(name, module) -> bool``.
-
-    Raises:
-        ValueError: nothing matched (or one of several globs matched nothing); the message names what was asked and
-            lists available module names.
-        TypeError: ``modules`` is none of the above.
-    """
-    named = [(name, module) for name, module in model.named_modules() if name]
-    if modules is None:
-        chosen = {name: m for name, m in named if _is_activation(m)}
-    elif isinstance(modules, str) or (isinstance(modules, Sequence) and not isinstance(modules, tuple | str)) or (
-            isinstance(modules, tuple) and modules and all(isinstance(m, str) for m in modules)):
-        patterns = [modules] if isinstance(modules, str) else list(modules)
-        if not patterns or not all(isinstance(p, str) for p in patterns):
-            raise TypeError(f"module globs must be non-empty strings, got {modules!r}")
-        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in named)]
-        if unmatched:
-            raise ValueError(f"module glob(s) {unmatched} match no module of {type(model).__name__}; "
-                             f"available modules: {_available(model)}")
-        chosen = {name: m for name, m in named if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
-    elif isinstance(modules, type) or (isinstance(modules, tuple) and modules
-                                       and all(isinstance(m, type) for m in modules)):
-        chosen = {name: m for name, m in named if isinstance(m, modules)}
-    elif callable(modules):
-        chosen = {name: m for name, m in named if modules(name, m)}
-    else:
-        raise TypeError("modules must be None, a glob, a list of globs, an nn.Module type (or tuple of types) or a "
-                        f"predicate (name, module) -> bool; got {modules!r}")
-    if not chosen:
-        raise ValueError(f"no module of {type(model).__name__} matches {_describe(modules)}; pass modules= as a glob, "
-                         f"type or predicate; available modules: {_available(model)}")
-    return chosen
 
 
 def extract_tensor(name: str, output) -> Tensor:
