@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_act.utils.instantiate import instantiate, instantiate_collection, instantiate_model
 from lit_act.utils.task import task_wrapper
@@ -48,9 +49,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    model = instantiate_model(cfg.model, getattr(datamodule, "shape_hints", {}))
-    if cfg.get("mlp"):  # an `mlp` config such as mlp=kan rewrites the model's MLP blocks
-        instantiate(cfg.mlp)(model)
+    model_cfg = cfg.model
+    if cfg.get("mlp"):  # mlp=kan etc.: the model kanifies itself and records it, so its checkpoints reload alone
+        model_cfg = copy.deepcopy(cfg.model)
+        with open_dict(model_cfg):
+            model_cfg.mlp = cfg.mlp
+    model = instantiate_model(model_cfg, getattr(datamodule, "shape_hints", {}))
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -1,0 +1,128 @@
+"""Training loaders that resume mid-epoch on the same batches (Lightning fault-tolerant data loading).
+
+A plain ``DataLoader`` restarts its epoch at batch 0 when ``Trainer.fit(ckpt_path=...)`` resumes from a mid-epoch
+checkpoint, and a shuffling one draws a new order, so the resumed run trains on other batches. Lightning saves the
+``state_dict()`` of every training loader that has ``state_dict`` / ``load_state_dict`` (``_Stateful``) in the
+checkpoint (``loops.fit_loop.state_dict.combined_loader``) and hands it back through ``load_state_dict`` before the
+first batch of the resumed epoch. :class:`ResumableDataLoader` implements that interface:
+
+* the order of epoch ``e`` is a function of ``(seed, e)`` only (:class:`ResumableSampler`, a
+  ``DistributedSampler``: ``torch.randperm`` seeded with ``seed + e``; Lightning calls ``set_epoch`` every epoch);
+* its state is ``{"epoch": e, "batches": k}``, the batches it has yielded in epoch ``e``; loading it makes the next
+  pass of epoch ``e`` skip those ``k`` batches in the sampler, without loading their samples.
+
+:class:`ResumableTrainLoaderMixin` gives a ``LightningDataModule`` the same state through the datamodule's own
+``state_dict`` / ``load_state_dict``, which Lightning restores before ``configure_optimizers``: this also covers
+Lightning issue #20550 (when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, the training
+loader is built before the loop state is read, and the fit loop never hands the loader its state).
+
+Under DDP the sampler shards the order over ranks itself (``DistributedSampler``, so Lightning does not wrap it);
+the state is per rank. Example::
+
+    loader = ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=0)
+    state = loader.state_dict()            # {"epoch": 0, "batches": 7} after 7 batches of epoch 0
+    fresh = ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=0)
+    fresh.load_state_dict(state)           # next(iter(fresh)) is the 8th batch of epoch 0
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "ResumableTrainLoaderMixin"]
+
+
+class ResumableSampler(DistributedSampler):
+    """Indices of epoch ``epoch`` in an order fixed by ``(seed, epoch)`` (shuffled or sequential), sharded over
+    the DDP ranks when a process group is initialised, and able to start ``skip`` indices into the epoch.
+
+    ``set_epoch`` to another epoch cancels a pending skip. The skip is consumed by the next ``iter()``.
+    """
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` with Lightning's ``state_dict`` / ``load_state_dict``.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: samples per batch.
+        shuffle: shuffle each epoch (order fixed by ``(seed, epoch)``); ``False`` keeps the dataset order.
+        seed: seed of the shuffle.
+        drop_last: drop the last incomplete batch.
+        **kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``, ...; not ``sampler``).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 1, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, **kwargs: Any) -> None:
+        for key in ("sampler", "batch_sampler", "generator"):
+            if kwargs.pop(key, None) is not None:
+                raise ValueError(f"ResumableDataLoader builds its own sampler from (shuffle, seed); {key}= is not "
+                                 "accepted")
+        super().__init__(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, seed),
+                         drop_last=drop_last, **kwargs)
+        self.batches = 0  # batches yielded in the current epoch (including the skipped ones after a resume)
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: the body runs at the first next(), after Lightning's set_epoch for the epoch
+        self.batches = self.sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": e, "batches": k}``: ``k`` batches of epoch ``e`` were yielded."""
+        return {"epoch": self.sampler.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next pass continue epoch ``state_dict["epoch"]`` after its first ``batches`` batches (or start
+        the next epoch when that one was complete)."""
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batches * self.batch_size
+        self.batches = batches
+
+
+class ResumableTrainLoaderMixin:
+    """For a ``LightningDataModule``: build the training loader with :meth:`resumable_train_loader` and the
+    datamodule's checkpoint state carries the loader's position (see the module docstring)."""
+
+    _train_loader: ResumableDataLoader | None = None
+    _train_loader_state: dict[str, int] | None = None
+
+    def resumable_train_loader(self, dataset: Dataset, **kwargs: Any) -> ResumableDataLoader:
+        """A :class:`ResumableDataLoader` (``kwargs`` as its arguments), positioned where a loaded checkpoint was."""
+        loader = ResumableDataLoader(dataset, **kwargs)
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_loader" in state_dict:
+            self._train_loader_state = dict(state_dict["train_loader"])
