@@ -6,8 +6,10 @@ checkpoint, and a shuffling one draws a new order, so the resumed run trains on 
 checkpoint (``loops.fit_loop.state_dict.combined_loader``) and hands it back through ``load_state_dict`` before the
 first batch of the resumed epoch. :class:`ResumableDataLoader` implements that interface:
 
-* the order of epoch ``e`` is a function of ``(seed, e)`` only (:class:`ResumableSampler`, a
-  ``DistributedSampler``: ``torch.randperm`` seeded with ``seed + e``; Lightning calls ``set_epoch`` every epoch);
+* the order of epoch ``e`` is a function of ``(seed, e)`` only (:class:`ResumableSampler`; Lightning calls
+  ``set_epoch`` every epoch): the order a fresh ``DataLoader(shuffle=True,
+  generator=torch.Generator().manual_seed(seed + e))`` yields, so epoch 0 is what lit-act's datamodules yielded
+  before they resumed; the workers' base seed is drawn from the same generator, so it too depends on ``(seed, e)``;
 * its state is ``{"epoch": e, "batches": k}``, the batches it has yielded in epoch ``e``; loading it makes the next
   pass of epoch ``e`` skip those ``k`` batches in the sampler, without loading their samples.
 
@@ -27,10 +29,11 @@ the state is per rank. Example::
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -55,9 +58,23 @@ class ResumableSampler(DistributedSampler):
             self.skip = 0
         super().set_epoch(epoch)
 
+    def generator(self) -> torch.Generator:
+        """A generator seeded with ``seed + epoch``."""
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
-        return itertools.islice(super().__iter__(), skip, None)
+        if self.shuffle:
+            g = self.generator()
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # a DataLoader's first draw: its workers' seed
+            indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            indices = list(range(len(self.dataset)))
+        if self.drop_last:  # shard over the ranks as DistributedSampler does
+            indices = indices[:self.total_size]
+        else:
+            indices += (indices * math.ceil(self.total_size / len(indices)))[:self.total_size - len(indices)]
+        return iter(indices[self.rank:self.total_size:self.num_replicas][skip:])
 
 
 class ResumableDataLoader(DataLoader):
@@ -79,11 +96,12 @@ class ResumableDataLoader(DataLoader):
                 raise ValueError(f"ResumableDataLoader builds its own sampler from (shuffle, seed); {key}= is not "
                                  "accepted")
         super().__init__(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, seed),
-                         drop_last=drop_last, **kwargs)
+                         drop_last=drop_last, generator=torch.Generator(), **kwargs)
         self.batches = 0  # batches yielded in the current epoch (including the skipped ones after a resume)
 
     def __iter__(self) -> Iterator[Any]:
         # a generator: the body runs at the first next(), after Lightning's set_epoch for the epoch
+        self.generator.set_state(self.sampler.generator().get_state())  # workers' base seed: from (seed, epoch)
         self.batches = self.sampler.skip // self.batch_size
         for batch in super().__iter__():
             self.batches += 1
