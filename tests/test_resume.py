@@ -13,9 +13,15 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lit_act.data import DigitsDataModule, PySourceDataModule, ResumableDataLoader, TeacherStudentDataModule
+from lit_act.data import (
+    DigitsDataModule,
+    PySourceDataModule,
+    ResumableDataLoader,
+    ResumableSampler,
+    TeacherStudentDataModule,
+)
 from lit_act.models import MLPClassifier, StudentNetwork, TransformerLM
 
 
@@ -84,6 +90,25 @@ def test_epochs_reshuffle_and_depend_only_on_seed_and_epoch():
     assert epoch_order(0, 0) != epoch_order(0, 1) and epoch_order(0, 1) != epoch_order(3, 1)
     sequential = ResumableDataLoader(data, batch_size=5, shuffle=False)
     assert torch.cat([b[0] for b in sequential]).tolist() == list(range(20))
+    # epoch 0 is what lit-act's datamodules yielded before they resumed: a plain DataLoader with a seeded generator
+    plain = DataLoader(data, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(4))
+    assert epoch_order(4, 0) == torch.cat([b[0] for b in plain]).tolist()
+
+
+@pytest.mark.parametrize("shuffle,drop_last", [(True, False), (False, False), (True, True)])
+def test_sampler_shards_like_distributed_sampler(shuffle, drop_last):
+    data = TensorDataset(torch.arange(23))
+    shards = [list(ResumableSampler(data, shuffle, seed=1, drop_last=drop_last, num_replicas=3, rank=r))
+              for r in range(3)]
+    reference = [list(DistributedSampler(data, 3, r, shuffle=False, drop_last=drop_last)) for r in range(3)]
+    assert [len(s) for s in shards] == [len(s) for s in reference]
+    if not shuffle:
+        assert shards == reference
+    covered = [i for s in shards for i in s]
+    if drop_last:  # 21 distinct indices, the last two of the order dropped
+        assert len(covered) == len(set(covered)) == 21
+    else:  # every index, the first of the order repeated to fill 24 = 3 x 8
+        assert len(covered) == 24 and set(covered) == set(range(23))
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -145,3 +170,20 @@ def test_plain_dataloader_restarts_the_epoch(tmp_path):
         _trainer(12, [resumed]).fit(MLPClassifier(64, 10, hidden=(16,)), datamodule=PlainDigits(batch_size=64),
                                     ckpt_path=tmp_path / "step=7.ckpt")
     assert resumed.hashes == straight.hashes[:5]  # batch 0 of the epoch again, not batch 7
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_under_ddp(tmp_path):
+    """ddp_spawn on 2 CPU processes: each rank resumes its shard (10 batches per rank and epoch) at step 4."""
+
+    def fit(callbacks=(), ckpt_path=None) -> MLPClassifier:
+        torch.manual_seed(0 if ckpt_path is None else 1)
+        model = MLPClassifier(64, 10, hidden=(16,))
+        trainer = _trainer(14, list(callbacks), strategy="ddp_spawn", accelerator="cpu", devices=2)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+        return model
+
+    straight = fit([ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)])
+    resumed = fit(ckpt_path=tmp_path / "step=4.ckpt")
+    for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), key

@@ -42,15 +42,21 @@ __all__ = ["ResumableDataLoader", "ResumableSampler", "ResumableTrainLoaderMixin
 
 class ResumableSampler(DistributedSampler):
     """Indices of epoch ``epoch`` in an order fixed by ``(seed, epoch)`` (shuffled or sequential), sharded over
-    the DDP ranks when a process group is initialised, and able to start ``skip`` indices into the epoch.
+    the DDP ranks as ``DistributedSampler`` shards (``num_replicas`` / ``rank`` default to the initialised process
+    group, else one replica), and able to start ``skip`` indices into the epoch.
 
     ``set_epoch`` to another epoch cancels a pending skip. The skip is consumed by the next ``iter()``.
     """
 
-    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
         distributed = dist.is_available() and dist.is_initialized()
-        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
-                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
