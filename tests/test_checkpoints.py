@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from lit_act.activations import available, build
 from lit_act.data import DigitsDataModule
 from lit_act.kan import LAYERS, SKANLinear
-from lit_act.models import CNNClassifier, MLPClassifier, StudentNetwork, TransformerLM
+from lit_act.models import MLPClassifier
 from lit_act.models.base import activation_spec
 from lit_act.training import train
 from tests.helpers import CONF_DIR, compose_train
@@ -170,7 +170,6 @@ def test_class_and_partial_activations_reload(tmp_path, activation):
 def test_unrecordable_activation_fails_clearly_on_reload(tmp_path):
     with pytest.warns(UserWarning, match="could not be recorded"):
         model = MLPClassifier(64, 10, hidden=(8,), activation=lambda: torch.nn.ReLU())
-    L.Trainer(logger=False).strategy.connect(model)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "pytorch-lightning_version": L.__version__}, tmp_path / "m.ckpt")
     with pytest.raises(ValueError, match="pass it again"):
@@ -181,7 +180,23 @@ def test_unrecordable_activation_fails_clearly_on_reload(tmp_path):
 
 def test_checkpoints_load_without_pickled_code(tmp_path):
     """The hyperparameters are plain data: the checkpoint loads with ``weights_only=True``."""
-    model, _, path = _fit(tmp_path, [*TINY["mlp"], "activation=rational", "mlp=kan"])
+    _, _, path = _fit(tmp_path, [*TINY["mlp"], "activation=rational", "mlp=kan"])
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    assert hparams["activation"]["name"] == "rational" and hparams["mlp"]["layer"] == "kan"
-    assert isinstance(model, MLPClassifier) and not isinstance(model, (CNNClassifier, StudentNetwork, TransformerLM))
+    assert hparams["activation"] == {"name": "rational", "degrees": [5, 4], "version": "A", "init": "leaky_relu",
+                                     "sharing": "layer", "backend": "auto"}
+    assert hparams["mlp"] == {"layer": "kan", "match": ["*mlp", "hidden.*"], "hidden": None, "grid_size": 5,
+                              "spline_order": 3, "grid_range": [-1.0, 1.0]}
+
+
+class NoMLPArgument(MLPClassifier):
+    """A model without an ``mlp`` argument, like a user's own LightningModule."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden=(16,), activation="relu", dropout=0.0,
+                 batch_norm=False, lr=1e-3, weight_decay=0.0) -> None:
+        super().__init__(in_features, num_classes, hidden, activation, dropout, batch_norm, lr, weight_decay)
+
+
+def test_main_job_kanifies_other_models_after_construction(tmp_path):
+    model, _, _ = _fit(tmp_path, [*TINY["mlp"], f"model._target_={__name__}.NoMLPArgument", "mlp=fourier_kan"])
+    assert model.hparams.mlp is None
+    assert [type(b.linear).__name__ for b in model.hidden] == ["FourierKANLinear", "FourierKANLinear"]

@@ -103,7 +103,7 @@ def activation_spec(spec: ActivationSpec | None) -> str | dict[str, Any] | None:
         target = spec.func
         if target is build:  # partial(build, name, **kwargs) or partial(build, name=..., **kwargs)
             target = args.pop(0) if args else kwargs.pop("name", None)
-        name = target if isinstance(target, str) else activation_spec(target) if target is not None else None
+        name = target if isinstance(target, str) else _name_of(target) if callable(target) else None
         if not args and isinstance(name, str):
             return {"name": name, **kwargs} if kwargs else name
     elif callable(spec) and (name := _name_of(spec)) is not None:
@@ -130,7 +130,8 @@ def activation_factory(spec: ActivationSpec) -> Callable[[], nn.Module]:
         return functools.partial(build, spec)  # a partial, not a lambda: ddp_spawn pickles the module
     if callable(spec):
         return functools.partial(build, spec)
-    raise TypeError(f"activation must be a name, an nn.Module class or a factory, got {spec!r}")
+    raise TypeError(f"activation must be a name, a mapping {{'name': ..., **kwargs}}, an nn.Module class or a factory, "
+                    f"got {spec!r}")
 
 
 def mlp_spec(mlp: MLPSpec) -> dict[str, Any] | None:
