@@ -135,23 +135,6 @@ def test_loader_state_continues_the_epoch(num_workers):
     assert done.sampler.epoch == 3 and len(list(done)) == 10
 
 
-def test_datamodule_state_carries_the_loader_position():
-    """The datamodule's own checkpoint state, restored before ``configure_optimizers`` (Lightning issue #20550)."""
-    dm = TeacherStudentDataModule(input_dim=4, n_train=64, batch_size=8)
-    dm.setup()
-    assert dm.state_dict() == {}
-    it = iter(dm.train_dataloader())
-    seen = [next(it)[0] for _ in range(3)]
-    state = dm.state_dict()
-    assert state == {"train_loader": {"epoch": 0, "batches": 3}}
-    fresh = TeacherStudentDataModule(input_dim=4, n_train=64, batch_size=8)
-    fresh.setup()
-    fresh.load_state_dict(state)
-    continued = [b[0] for b in fresh.train_dataloader()]
-    assert len(continued) == 5 and torch.equal(continued[0], next(it)[0])
-    assert not any(torch.equal(continued[0], s) for s in seen)
-
-
 class PlainDigits(DigitsDataModule):
     """The same data through a plain shuffling ``DataLoader``: not resumable."""
 

@@ -6,7 +6,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_act.data.resumable import ResumableDataLoader, ResumableTrainLoaderMixin
+from lit_act.data.resumable import ResumableDataLoader
 from lit_act.data.splits import split_indices
 
 
@@ -19,7 +19,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
-class DigitsDataModule(ResumableTrainLoaderMixin, LightningDataModule):
+class DigitsDataModule(LightningDataModule):
     """Fixed, seeded train/val/test split of the sklearn digits; batches are ``(images (B,1,8,8), labels (B,))``.
 
     Args:
@@ -65,7 +65,7 @@ class DigitsDataModule(ResumableTrainLoaderMixin, LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled in an order fixed by ``(split_seed, epoch)``; resumes mid-epoch (:mod:`lit_act.data.resumable`)."""
-        return self.resumable_train_loader(self.train_set, batch_size=self.batch_size, shuffle=True,
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
                                    seed=self.hparams.split_seed, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -18,7 +18,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lit_act.data.resumable import ResumableDataLoader, ResumableTrainLoaderMixin
+from lit_act.data.resumable import ResumableDataLoader
 
 VOCAB_SIZE = 128
 _UNKNOWN = ord("?")
@@ -68,7 +68,7 @@ class TokenWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class PySourceDataModule(ResumableTrainLoaderMixin, LightningDataModule):
+class PySourceDataModule(LightningDataModule):
     """Batches ``(idx (B, T), targets (B, T))`` of stdlib source code, next-character targets.
 
     Args:
@@ -119,7 +119,7 @@ class PySourceDataModule(ResumableTrainLoaderMixin, LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled in an order fixed by ``(seed, epoch)``, last partial batch dropped; resumes mid-epoch
         (:mod:`lit_act.data.resumable`)."""
-        return self.resumable_train_loader(self.splits["train"], batch_size=self.hparams.batch_size, shuffle=True,
+        return ResumableDataLoader(self.splits["train"], batch_size=self.hparams.batch_size, shuffle=True,
                                    seed=self.hparams.seed, drop_last=True, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -13,13 +13,8 @@ first batch of the resumed epoch. :class:`ResumableDataLoader` implements that i
 * its state is ``{"epoch": e, "batches": k}``, the batches it has yielded in epoch ``e``; loading it makes the next
   pass of epoch ``e`` skip those ``k`` batches in the sampler, without loading their samples.
 
-:class:`ResumableTrainLoaderMixin` gives a ``LightningDataModule`` the same state through the datamodule's own
-``state_dict`` / ``load_state_dict``, which Lightning restores before ``configure_optimizers``: this also covers
-Lightning issue #20550 (when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, the training
-loader is built before the loop state is read, and the fit loop never hands the loader its state).
-
 Under DDP the sampler shards the order over ranks itself (``DistributedSampler``, so Lightning does not wrap it);
-the state is per rank. Example::
+the state counts batches per rank, the same on every rank, so the checkpoint written by rank 0 serves them all. Example::
 
     loader = ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=0)
     state = loader.state_dict()            # {"epoch": 0, "batches": 7} after 7 batches of epoch 0
@@ -37,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "ResumableTrainLoaderMixin"]
+__all__ = ["ResumableDataLoader", "ResumableSampler"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -127,26 +122,3 @@ class ResumableDataLoader(DataLoader):
         self.sampler.skip = batches * self.batch_size
         self.batches = batches
 
-
-class ResumableTrainLoaderMixin:
-    """For a ``LightningDataModule``: build the training loader with :meth:`resumable_train_loader` and the
-    datamodule's checkpoint state carries the loader's position (see the module docstring)."""
-
-    _train_loader: ResumableDataLoader | None = None
-    _train_loader_state: dict[str, int] | None = None
-
-    def resumable_train_loader(self, dataset: Dataset, **kwargs: Any) -> ResumableDataLoader:
-        """A :class:`ResumableDataLoader` (``kwargs`` as its arguments), positioned where a loaded checkpoint was."""
-        loader = ResumableDataLoader(dataset, **kwargs)
-        if self._train_loader_state is not None:
-            loader.load_state_dict(self._train_loader_state)
-            self._train_loader_state = None
-        self._train_loader = loader
-        return loader
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "train_loader" in state_dict:
-            self._train_loader_state = dict(state_dict["train_loader"])

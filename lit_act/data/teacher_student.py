@@ -17,7 +17,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_act.data.resumable import ResumableDataLoader, ResumableTrainLoaderMixin
+from lit_act.data.resumable import ResumableDataLoader
 
 _TEACHER_ACTIVATIONS = {"erf": torch.erf, "relu": torch.relu}
 
@@ -44,7 +44,7 @@ class Teacher:
         return self.g(x @ self.w.T / math.sqrt(self.w.shape[1])) @ self.v
 
 
-class TeacherStudentDataModule(ResumableTrainLoaderMixin, LightningDataModule):
+class TeacherStudentDataModule(LightningDataModule):
     """Batches ``(x (B, d), y (B,))``; ``self.teacher`` holds the teacher weights for analysis.
 
     Args:
@@ -82,7 +82,7 @@ class TeacherStudentDataModule(ResumableTrainLoaderMixin, LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled in an order fixed by ``(seed, epoch)``; resumes mid-epoch (:mod:`lit_act.data.resumable`)."""
-        return self.resumable_train_loader(self.datasets["train"], batch_size=self.hparams.batch_size, shuffle=True,
+        return ResumableDataLoader(self.datasets["train"], batch_size=self.hparams.batch_size, shuffle=True,
                                    seed=self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader:

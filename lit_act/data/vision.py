@@ -6,7 +6,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, random_split
 
-from lit_act.data.resumable import ResumableDataLoader, ResumableTrainLoaderMixin
+from lit_act.data.resumable import ResumableDataLoader
 
 
 def _torchvision():
@@ -20,7 +20,7 @@ def _torchvision():
     return torchvision
 
 
-class TorchvisionDataModule(ResumableTrainLoaderMixin, LightningDataModule):
+class TorchvisionDataModule(LightningDataModule):
     """A torchvision classification dataset with a seeded train/val split of its training set.
 
     Args:
@@ -70,7 +70,7 @@ class TorchvisionDataModule(ResumableTrainLoaderMixin, LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled in an order fixed by ``(seed, epoch)``; resumes mid-epoch (:mod:`lit_act.data.resumable`)."""
-        return self.resumable_train_loader(self.sets["train"], batch_size=self.hparams.batch_size, shuffle=True,
+        return ResumableDataLoader(self.sets["train"], batch_size=self.hparams.batch_size, shuffle=True,
                                    seed=self.hparams.seed, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
