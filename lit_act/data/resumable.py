@@ -14,7 +14,8 @@ first batch of the resumed epoch. :class:`ResumableDataLoader` implements that i
   pass of epoch ``e`` skip those ``k`` batches in the sampler, without loading their samples.
 
 Under DDP the sampler shards the order over ranks itself (``DistributedSampler``, so Lightning does not wrap it);
-the state counts batches per rank, the same on every rank, so the checkpoint written by rank 0 serves them all. Example::
+the state counts batches per rank, the same on every rank, so the checkpoint written by rank 0 serves them all.
+Example::
 
     loader = ResumableDataLoader(dataset, batch_size=32, shuffle=True, seed=0)
     state = loader.state_dict()            # {"epoch": 0, "batches": 7} after 7 batches of epoch 0
