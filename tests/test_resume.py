@@ -170,3 +170,28 @@ def test_resume_mid_epoch_under_ddp(tmp_path):
     resumed = fit(ckpt_path=tmp_path / "step=4.ckpt")
     for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), key
+
+
+def test_main_job_resumes_mid_epoch(tmp_path):
+    """``python train.py ckpt_path=...`` from a mid-epoch checkpoint ends on the uninterrupted run's parameters."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lit_act.training import train
+    from tests.helpers import compose_train
+
+    def run(out, *extra):
+        cfg = compose_train(out, ["callbacks=model_checkpoint", "++callbacks.model_checkpoint.every_n_train_steps=7",
+                                  "++callbacks.model_checkpoint.save_top_k=-1", "++callbacks.model_checkpoint.monitor=null",
+                                  "++callbacks.model_checkpoint.save_last=false", "++callbacks.model_checkpoint.filename='{step}'",
+                                  "model.hidden=[16]", "test=false", "optimized_metric=train/loss",
+                                  "++trainer.max_steps=25", "++trainer.limit_val_batches=0",
+                                  "++trainer.enable_progress_bar=false", *extra])
+        try:
+            return train(cfg)[1]["model"]
+        finally:
+            HydraConfig.instance().cfg = None
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / '7.ckpt'}", "seed=1")
+    for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), key
