@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, TensorDataset
 
 from lit_act.data import (
     DigitsDataModule,
@@ -195,3 +195,16 @@ def test_main_job_resumes_mid_epoch(tmp_path):
     resumed = run(tmp_path / "b", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / '7.ckpt'}", "seed=1")
     for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), key
+
+
+def test_a_replaced_sampler_gives_a_plain_loader():
+    """Lightning re-creates the loader with its own sampler for ``overfit_batches``: that loader does not resume."""
+    data = TensorDataset(torch.arange(10.0))
+    loader = ResumableDataLoader(data, batch_size=4, sampler=SequentialSampler(data))
+    assert torch.cat([b[0] for b in loader]).tolist() == list(range(10)) and loader.state_dict() == {}
+    loader.load_state_dict({"epoch": 1, "batches": 2})
+    assert len(list(loader)) == 3
+    trainer = L.Trainer(overfit_batches=2, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(MLPClassifier(64, 10, hidden=(8,)), datamodule=DigitsDataModule())
+    assert trainer.global_step == 4

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 __all__ = ["ResumableDataLoader", "ResumableSampler"]
 
@@ -88,38 +88,46 @@ class ResumableDataLoader(DataLoader):
         shuffle: shuffle each epoch (order fixed by ``(seed, epoch)``); ``False`` keeps the dataset order.
         seed: seed of the shuffle.
         drop_last: drop the last incomplete batch.
-        **kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``, ...; not ``sampler``).
+        sampler: leave ``None``; another sampler (Lightning passes one for ``overfit_batches``) makes the loader
+            a plain, non-resuming ``DataLoader`` (its ``state_dict`` is empty).
+        **kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``, ...).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 1, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, **kwargs: Any) -> None:
-        for key in ("sampler", "batch_sampler", "generator"):
-            if kwargs.pop(key, None) is not None:
-                raise ValueError(f"ResumableDataLoader builds its own sampler from (shuffle, seed); {key}= is not "
-                                 "accepted")
-        super().__init__(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, seed),
-                         drop_last=drop_last, generator=torch.Generator(), **kwargs)
+                 drop_last: bool = False, sampler: Sampler | None = None, **kwargs: Any) -> None:
+        if kwargs.get("batch_sampler") is not None:
+            raise ValueError("ResumableDataLoader batches its own sampler; batch_sampler= is not accepted")
+        if sampler is None:
+            sampler, kwargs["generator"] = ResumableSampler(dataset, shuffle, seed), torch.Generator()
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
         self.batches = 0  # batches yielded in the current epoch (including the skipped ones after a resume)
+
+    @property
+    def resumable(self) -> bool:
+        return isinstance(self.sampler, ResumableSampler)
 
     def __iter__(self) -> Iterator[Any]:
         # a generator: the body runs at the first next(), after Lightning's set_epoch for the epoch
-        self.generator.set_state(self.sampler.generator().get_state())  # workers' base seed: from (seed, epoch)
-        self.batches = self.sampler.skip // self.batch_size
+        self.batches = 0
+        if self.resumable:
+            self.generator.set_state(self.sampler.generator().get_state())  # workers' base seed: from (seed, epoch)
+            self.batches = self.sampler.skip // self.batch_size
         for batch in super().__iter__():
             self.batches += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch": e, "batches": k}``: ``k`` batches of epoch ``e`` were yielded."""
-        return {"epoch": self.sampler.epoch, "batches": self.batches}
+        """``{"epoch": e, "batches": k}``: ``k`` batches of epoch ``e`` were yielded (``{}`` if not resumable)."""
+        return {"epoch": self.sampler.epoch, "batches": self.batches} if self.resumable else {}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Make the next pass continue epoch ``state_dict["epoch"]`` after its first ``batches`` batches (or start
         the next epoch when that one was complete)."""
+        if not state_dict or not self.resumable:
+            return
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
         if batches >= len(self):
             epoch, batches = epoch + 1, 0
         self.sampler.set_epoch(epoch)
         self.sampler.skip = batches * self.batch_size
         self.batches = batches
-
