@@ -49,7 +49,8 @@ class MLPClassifier(LitActModule):
                  mlp: MLPSpec = None) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         act_factory = activation_factory(activation)
-        activation, mlp = activation_spec(activation), mlp_spec(mlp)  # recorded so that checkpoints reload alone
+        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
+        activation, mlp = activation_spec(activation), mlp_spec(mlp)
         self.save_hyperparameters()
         self.activation_factory = act_factory
         widths = [in_features, *hidden]
