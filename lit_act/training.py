@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_act.utils.instantiate import instantiate, instantiate_collection, instantiate_model
 from lit_act.utils.task import task_wrapper
@@ -48,9 +51,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    model = instantiate_model(cfg.model, getattr(datamodule, "shape_hints", {}))
-    if cfg.get("mlp"):  # an `mlp` config such as mlp=kan rewrites the model's MLP blocks
-        instantiate(cfg.mlp)(model)
+    model_cfg, mlp = cfg.model, cfg.get("mlp")  # mlp=kan etc. rewrites the model's MLP blocks (lit_act.kan.kanify)
+    if mlp and "mlp" in inspect.signature(hydra.utils.get_object(cfg.model._target_)).parameters:
+        # lit-act models kanify themselves and record it in their hparams, so their checkpoints reload alone
+        model_cfg, mlp = copy.deepcopy(cfg.model), None
+        with open_dict(model_cfg):
+            model_cfg.mlp = cfg.mlp
+    model = instantiate_model(model_cfg, getattr(datamodule, "shape_hints", {}))
+    if mlp:  # any other model is rewritten after construction
+        instantiate(mlp)(model)
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

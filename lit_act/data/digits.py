@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_act.data.resumable import ResumableDataLoader
 from lit_act.data.splits import split_indices
 
 
@@ -61,11 +61,12 @@ class DigitsDataModule(LightningDataModule):
         self.train_set, self.val_set, self.test_set = (TensorDataset(images[i], labels[i]) for i in (train, val, test))
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(int(np.uint32(self.hparams.split_seed))))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled in an order fixed by ``(split_seed, epoch)``; resumes mid-epoch (:mod:`lit_act.data.resumable`)."""
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                                   seed=self.hparams.split_seed, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -18,6 +18,8 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lit_act.data.resumable import ResumableDataLoader
+
 VOCAB_SIZE = 128
 _UNKNOWN = ord("?")
 
@@ -111,16 +113,17 @@ class PySourceDataModule(LightningDataModule):
         if not self.splits:
             self.splits = {k: TokenWindows(v, self.hparams.block_size) for k, v in self.read_splits().items()}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, drop_last=shuffle,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled in an order fixed by ``(seed, epoch)``, last partial batch dropped; resumes mid-epoch
+        (:mod:`lit_act.data.resumable`)."""
+        return ResumableDataLoader(self.splits["train"], batch_size=self.hparams.batch_size, shuffle=True,
+                                   seed=self.hparams.seed, drop_last=True, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self._loader("test")

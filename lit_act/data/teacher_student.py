@@ -17,6 +17,8 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_act.data.resumable import ResumableDataLoader
+
 _TEACHER_ACTIVATIONS = {"erf": torch.erf, "relu": torch.relu}
 
 
@@ -75,15 +77,16 @@ class TeacherStudentDataModule(LightningDataModule):
             y = self.teacher(x) + self.hparams.noise * torch.randn(len(x), generator=g)
             self.datasets[split] = TensorDataset(x, y)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled in an order fixed by ``(seed, epoch)``; resumes mid-epoch (:mod:`lit_act.data.resumable`)."""
+        return ResumableDataLoader(self.datasets["train"], batch_size=self.hparams.batch_size, shuffle=True,
+                                   seed=self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self._loader("test")

@@ -6,6 +6,8 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, random_split
 
+from lit_act.data.resumable import ResumableDataLoader
+
 
 def _torchvision():
     try:
@@ -63,15 +65,16 @@ class TorchvisionDataModule(LightningDataModule):
         train, val = random_split(full, [len(full) - self.hparams.val_size, self.hparams.val_size], generator=g)
         self.sets = {"train": train, "val": val, "test": cls(self.hparams.data_dir, train=False, transform=transform)}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.sets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.sets[split], batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled in an order fixed by ``(seed, epoch)``; resumes mid-epoch (:mod:`lit_act.data.resumable`)."""
+        return ResumableDataLoader(self.sets["train"], batch_size=self.hparams.batch_size, shuffle=True,
+                                   seed=self.hparams.seed, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self._loader("test")

@@ -26,14 +26,17 @@ Choices where the paper is open:
   space's coefficients are multiplied by its current weight ``w_is`` (so the output changes only by the dropped
   spaces' residual share), the other spaces' coefficients and ``alpha`` are deleted.
 
-Limitation: a pruned layer's ``state_dict`` (per-space ``nodes_<space>`` index buffers, fewer coefficients) loads
-only into a layer pruned the same way; resuming a checkpoint saved after stage 3 needs ``select()`` replayed first.
+Checkpoints: ``stage`` and ``temperature`` travel in the ``state_dict`` (``_extra_state``), the selection in the
+``chosen`` and ``nodes_<space>`` buffers. Loading a pruned layer's state into an unpruned layer (a model rebuilt by
+``load_from_checkpoint`` or by a resumed ``Trainer.fit``) prunes it to the saved shapes first, so checkpoints from
+every stage reload without replaying :meth:`SKANLinear.select`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +189,42 @@ class SKANLinear(nn.Module):
         self.selection_logits = None
         self.stage = "pruned"
         return {s: int((self.chosen == n).sum()) for n, s in enumerate(self.spaces)}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """``stage`` and ``temperature``, saved in the ``state_dict`` next to the parameters."""
+        return {"stage": self.stage, "temperature": self.temperature}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.stage, self.temperature = state["stage"], float(state["temperature"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and extra.get("stage") == "pruned":
+            self._prune_like(state_dict, prefix)
+        elif isinstance(extra, dict) and self.stage == "pruned":
+            error_msgs.append(f"{prefix or 'SKANLinear'}: cannot load a {extra.get('stage')!r}-stage state into a "
+                              "pruned layer (its dropped spaces cannot be restored)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _prune_like(self, state_dict, prefix: str) -> None:
+        """Give this layer the pruned structure (kept spaces, their shapes and node buffers) of a saved state;
+        ``load_state_dict`` then fills in the values."""
+        ref = next(iter(self.coefficients.values()))
+        kept = nn.ParameterDict()
+        for s in self.spaces:
+            if prefix + f"coefficients.{s}" in state_dict:
+                shape = state_dict[prefix + f"coefficients.{s}"].shape
+                kept[s] = nn.Parameter(ref.new_empty(shape))
+                self.register_buffer(f"nodes_{s}", torch.empty(state_dict[prefix + f"nodes_{s}"].shape,
+                                                                dtype=torch.long, device=ref.device))
+            elif hasattr(self, f"nodes_{s}"):
+                delattr(self, f"nodes_{s}")
+        self.coefficients = kept
+        self.selection_logits = None
+        self.stage = "pruned"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spaces={list(self.spaces)}, "

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.models.base import (
+    ActivationSpec,
+    LitActModule,
+    MLPSpec,
+    activation_factory,
+    activation_spec,
+    mlp_spec,
+)
 
 
 class ConvBlock(nn.Module):
@@ -32,14 +39,20 @@ class CNNClassifier(LitActModule):
         channels: output channels of each conv stage; every stage but the last halves the resolution.
         activation: activation name, class or factory.
         batch_norm: BatchNorm after each convolution.
+        mlp: ``kanify`` arguments applied to the model at the end of ``__init__`` (``mlp=kan`` etc., see
+            :func:`~lit_act.models.base.mlp_spec`); recorded in the hyperparameters so checkpoints reload alone.
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32),
                  activation: ActivationSpec = "relu", batch_norm: bool = True, lr: float = 2e-3,
-                 weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+                 weight_decay: float = 0.0, cosine_schedule: bool = False,
+                 mlp: MLPSpec = None) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        self.save_hyperparameters(ignore=["activation"])
-        self.activation_factory = activation_factory(activation)
+        act_factory = activation_factory(activation)
+        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
+        activation, mlp = activation_spec(activation), mlp_spec(mlp)
+        self.save_hyperparameters()
+        self.activation_factory = act_factory
         widths = [in_channels, *channels]
         self.features = nn.ModuleList(
             ConvBlock(widths[i], widths[i + 1], self.activation_factory(), pool=i < len(channels) - 1,
@@ -48,6 +61,7 @@ class CNNClassifier(LitActModule):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
+        self.apply_mlp(mlp)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.features:

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.models.base import (
+    ActivationSpec,
+    LitActModule,
+    MLPSpec,
+    activation_factory,
+    activation_spec,
+    mlp_spec,
+)
 
 
 class MLPBlock(nn.Module):
@@ -32,14 +39,20 @@ class MLPClassifier(LitActModule):
         activation: activation name, class or factory (one fresh module per hidden layer).
         dropout: dropout after each activation.
         batch_norm: insert ``BatchNorm1d`` between each hidden ``linear`` and ``act``.
+        mlp: ``kanify`` arguments applied to the model at the end of ``__init__`` (``mlp=kan`` etc., see
+            :func:`~lit_act.models.base.mlp_spec`); recorded in the hyperparameters so checkpoints reload alone.
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (128, 128),
                  activation: ActivationSpec = "relu", dropout: float = 0.0, batch_norm: bool = False,
-                 lr: float = 1e-3, weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+                 lr: float = 1e-3, weight_decay: float = 0.0, cosine_schedule: bool = False,
+                 mlp: MLPSpec = None) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        self.save_hyperparameters(ignore=["activation"])
-        self.activation_factory = activation_factory(activation)
+        act_factory = activation_factory(activation)
+        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
+        activation, mlp = activation_spec(activation), mlp_spec(mlp)
+        self.save_hyperparameters()
+        self.activation_factory = act_factory
         widths = [in_features, *hidden]
         blocks = []
         for i in range(len(hidden)):
@@ -49,6 +62,7 @@ class MLPClassifier(LitActModule):
             blocks.append(MLPBlock(widths[i], widths[i + 1], act, dropout))
         self.hidden = nn.ModuleList(blocks)
         self.head = nn.Linear(widths[-1], num_classes)
+        self.apply_mlp(mlp)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)

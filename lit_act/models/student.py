@@ -7,7 +7,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.models.base import (
+    ActivationSpec,
+    LitActModule,
+    MLPSpec,
+    activation_factory,
+    activation_spec,
+    mlp_spec,
+)
 
 
 class StudentNetwork(LitActModule):
@@ -15,20 +22,26 @@ class StudentNetwork(LitActModule):
 
     ``hidden.weight`` rows are the student's incoming vectors, compared with the teacher's
     (``TeacherStudentDataModule.teacher.w``) to tell copying from averaging (Simsek et al., NeurIPS 2023).
-    ``forward`` returns predictions ``(B, 1)``; logged keys ``{stage}/loss`` (MSE).
+    ``forward`` returns predictions ``(B, 1)``; logged keys ``{stage}/loss`` (MSE). ``activation`` and ``mlp`` as
+    in :class:`~lit_act.models.MLPClassifier`.
     """
 
     log_accuracy = False
 
     def __init__(self, in_features: int, hidden_neurons: int = 2, activation: ActivationSpec = "erf",
-                 lr: float = 1e-2, weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+                 lr: float = 1e-2, weight_decay: float = 0.0, cosine_schedule: bool = False,
+                 mlp: MLPSpec = None) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        self.save_hyperparameters(ignore=["activation"])
-        self.activation_factory = activation_factory(activation)
+        act_factory = activation_factory(activation)
+        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
+        activation, mlp = activation_spec(activation), mlp_spec(mlp)
+        self.save_hyperparameters()
+        self.activation_factory = act_factory
         self.hidden = nn.Linear(in_features, hidden_neurons, bias=False)
         self.act = self.activation_factory()
         self.head = nn.Linear(hidden_neurons, 1, bias=False)
         self.scale = 1.0 / math.sqrt(in_features)
+        self.apply_mlp(mlp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.act(self.hidden(x) * self.scale))

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.models.base import (
+    ActivationSpec,
+    LitActModule,
+    MLPSpec,
+    activation_factory,
+    activation_spec,
+    mlp_spec,
+)
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,16 +86,22 @@ class TransformerLM(LitActModule):
         d_model, n_layer, n_head: width, depth and heads.
         d_ff: MLP hidden width (default ``4 * d_model``).
         activation: MLP activation name, class or factory.
+        mlp: ``kanify`` arguments applied to the model at the end of ``__init__`` (``mlp=kan`` etc., see
+            :func:`~lit_act.models.base.mlp_spec`); recorded in the hyperparameters so checkpoints reload alone.
     """
 
     log_accuracy = False
 
     def __init__(self, vocab_size: int, block_size: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4,
                  d_ff: int | None = None, activation: ActivationSpec = "gelu", dropout: float = 0.0,
-                 lr: float = 3e-3, weight_decay: float = 0.01, cosine_schedule: bool = False) -> None:
+                 lr: float = 3e-3, weight_decay: float = 0.01, cosine_schedule: bool = False,
+                 mlp: MLPSpec = None) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        self.save_hyperparameters(ignore=["activation"])
-        self.activation_factory = activation_factory(activation)
+        act_factory = activation_factory(activation)
+        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
+        activation, mlp = activation_spec(activation), mlp_spec(mlp)
+        self.save_hyperparameters()
+        self.activation_factory = act_factory
         self.block_size = block_size
         d_ff = d_ff or 4 * d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -98,6 +111,7 @@ class TransformerLM(LitActModule):
         )
         self.ln_f = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.apply_mlp(mlp)
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
