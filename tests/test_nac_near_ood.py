@@ -72,7 +72,6 @@ def test_nac_ue_defaults_hold_far_and_near_ood_on_the_mlp(digits_0_7) -> None:
     assert table["nac"]["far"] > 0.9 and table["nac"]["near"] > 0.9
 
 
-@pytest.mark.slow
 def test_nac_ue_defaults_hold_far_and_near_ood_on_the_cnn(digits_0_7) -> None:
     torch.manual_seed(0)
     model = CNNClassifier(1, 10)
