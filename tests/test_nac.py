@@ -9,13 +9,17 @@ import torch
 from torch import nn
 
 from lit_act.stats.nac import (
+    LOGITS,
     NAC_ME_PARAMS,
+    NAC_ME_PROBE_PARAMS,
     LayerParams,
     NACCoverage,
     NACModel,
     as_logits,
     bin_edges,
+    logit_products,
     nac_me,
+    nac_me_params,
     neuron_products,
     neuron_states,
     resolve_alpha,
@@ -184,13 +188,47 @@ def test_nac_me_counts_only_correct_samples() -> None:
     logits = model(x)
     y = logits.argmax(-1).clone()
     y[:15] = (y[:15] + 1) % 3  # 15 wrong
-    got = nac_me(model, [(x[:20], y[:20]), (x[20:], y[20:])], {"act": model.act})
-    products = neuron_products(model, x, {"act": model.act}).products["act"][15:]
-    ref = NACCoverage(4, NAC_ME_PARAMS.saturation, bin_edges(50, "linear"))
-    ref.update(torch.sigmoid(0.1 * products))
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    products = neuron_products(model, x, {"act": model.act}).products["act"]
+    # the paper's setting: sigmoid(0.1 * p) of the 25 correct samples, O = 500, M = 50 linear bins
+    got = nac_me(model, batches, {"act": model.act}, params=NAC_ME_PARAMS)
+    ref = NACCoverage(4, 500, bin_edges(50, "linear"))
+    ref.update(torch.sigmoid(0.1 * products[15:]))
     assert got["act"] == pytest.approx(float(ref.compute()))
     assert ref.counts.sum() == 25 * 4
     assert got["mean"] == got["act"]
+    # the default rule, written out: alpha = 1 / q_0.9(|p| over all 40 probe samples), M = 100 linear bins,
+    # O = max(1, 2 * 40 / 100) = 1 -> coverage = mean over neurons of (#bins hit by a correct sample) / 100
+    alpha = 1.0 / torch.quantile(products.abs().double().flatten(), 0.9).item()
+    states = torch.sigmoid(alpha * products[15:]).tolist()
+    edges = torch.linspace(0, 1, 101, dtype=torch.float64).tolist()
+    hit = [{_bin_of(row[n], edges) for row in states} for n in range(4)]
+    default = nac_me(model, batches, {"act": model.act})
+    assert default["act"] == pytest.approx(sum(len(h) / 100 for h in hit) / 4, rel=1e-6)
+    assert nac_me_params(40).saturation == 1.0 and NAC_ME_PROBE_PARAMS == nac_me_params(1000)
+    assert NAC_ME_PROBE_PARAMS.saturation == 20.0 and NAC_ME_PROBE_PARAMS.bins == 100
+    assert NAC_ME_PROBE_PARAMS.alpha == "auto" and NAC_ME_PROBE_PARAMS.auto_gain == 1.0
+    with pytest.raises(ValueError, match="probe_samples"):
+        nac_me_params(0)
+
+
+def test_logits_layer_equals_hooking_the_head() -> None:
+    torch.manual_seed(9)
+    model = TinyMLP()
+    x = torch.randn(8, 5)
+    hooked = neuron_products(model, x, {"act": model.act, "fc2": model.fc2})
+    nac = NACModel({"act": model.act}, logits_layer=True)
+    out = nac.products(model, x)
+    assert nac.layers == ["act", LOGITS]
+    torch.testing.assert_close(out.products[LOGITS], hooked.products["fc2"])
+    torch.testing.assert_close(logit_products(out.logits), hooked.products["fc2"])
+    # logits only: no hooks needed
+    only = NACModel({}, LayerParams(alpha=1.0, saturation=2, bins=10), logits_layer=True).fit(model, [(x, None)])
+    expected = NACCoverage(3, 2, bin_edges(10))
+    expected.update(torch.sigmoid(hooked.products["fc2"]))
+    assert only.layer_coverage()[LOGITS] == pytest.approx(float(expected.compute()))
+    with pytest.raises(ValueError, match="logits layer"):
+        NACModel({LOGITS: model.act}, logits_layer=True)
 
 
 def test_nac_model_score_is_mean_over_layers() -> None:

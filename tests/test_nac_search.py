@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_act.data import DigitsDataModule
-from lit_act.data.ood import digits_ood_sets, shuffled_proxy
+from lit_act.data.ood import digits_ood_sets, mixture_proxy, shuffled_proxy
 from lit_act.models import CNNClassifier, MLPClassifier
-from lit_act.stats.nac import LayerParams, NACModel
+from lit_act.stats.nac import LOGITS, LayerParams, NACModel
 from lit_act.stats.nac_search import search_parameters
 from lit_act.stats.ood import auroc, ood_auroc
 from lit_act.stats.tap import select_modules
@@ -76,7 +76,8 @@ def test_search_improves_over_a_bad_setting_and_reports_consistently(mlp, digits
     bad = LayerParams(alpha=1.0, saturation=50, bins=50)
     bad_auroc = _proxy_auroc(mlp, digits, modules, bad)
     result = search_parameters(mlp, digits.train_dataloader(), digits.val_dataloader(), modules,
-                               alphas=("auto", 1.0, 100.0), saturations=(5, 50), bins=(20, 50), seed=0)
+                               alphas=("auto", 1.0, 100.0), saturations=(5, 50), bins=(20, 50), seed=0,
+                               proxy="shuffled")
     assert bad_auroc < 0.5  # the failure mode of issue 8: worse than chance
     assert result.val_auroc > 0.95 > bad_auroc
     chosen = {n: modules[n] for n in result.params}
@@ -105,9 +106,28 @@ def test_search_with_a_user_proxy_and_bad_arguments(mlp, digits) -> None:
     result = search_parameters(mlp, digits.train_dataloader(), digits.val_dataloader(), modules, proxy,
                                alphas=(10.0,), saturations=(20,), bins=(50,), search_layers=False)
     assert list(result.params) == ["hidden.1.act"] and result.params["hidden.1.act"].alpha == 10.0
+    with pytest.raises(ValueError, match="shuffled, mixture, both"):
+        search_parameters(mlp, [], [], modules, proxy="noise")
+    with pytest.raises(ValueError, match="labels"):
+        search_parameters(mlp, [(x,) for x, _ in digits.train_dataloader()], [(x,) for x, _ in digits.val_dataloader()],
+                          modules, proxy="mixture", alphas=(10.0,), saturations=(20,), bins=(50,))
     with pytest.raises(ValueError, match="strategy"):
         search_parameters(mlp, [], [], modules, strategy="bayes")
     with pytest.raises(ValueError, match="num_trials"):
         search_parameters(mlp, [], [], modules, strategy="random")
     with pytest.raises(ValueError, match="at least one candidate"):
         search_parameters(mlp, [], [], modules, bins=())
+
+
+def test_default_proxy_adds_class_mixtures_and_the_logits_layer_can_be_chosen(mlp, digits) -> None:
+    modules = select_modules(mlp)
+    kwargs = dict(alphas=("auto",), saturations=(20,), bins=(100,), search_layers=False, logits_layer=True)
+    result = search_parameters(mlp, digits.train_dataloader(), digits.val_dataloader(), modules, **kwargs)
+    assert list(result.params) == [*modules, LOGITS]
+    # the union proxy's AUROC is the mean of the shuffled and the mixture AUROCs, computed here without the search
+    nac = NACModel(modules, result.params[LOGITS], logits_layer=True).fit(mlp, digits.train_dataloader(), 1000)
+    x_val, y_val = digits.val_set.tensors
+    s_val = nac.score(mlp, x_val)
+    shuffled = auroc(s_val, nac.score(mlp, shuffled_proxy(x_val, seed=0)))
+    mixed = auroc(s_val, nac.score(mlp, mixture_proxy(x_val, y_val, seed=0)))
+    assert result.val_auroc == pytest.approx((shuffled + mixed) / 2, abs=1e-4)

@@ -8,7 +8,14 @@ from sklearn.metrics import roc_auc_score
 
 from lit_act.data import DigitsDataModule
 from lit_act.data.digits import load_digits_tensors
-from lit_act.data.ood import digits_ood_sets, shuffled_proxy
+from lit_act.data.ood import (
+    FAR_OOD_SETS,
+    NEAR_OOD_SETS,
+    digits_ood_sets,
+    letters_like_digits,
+    mixture_proxy,
+    shuffled_proxy,
+)
 from lit_act.data.splits import split_indices
 from lit_act.stats.ood import auroc, energy_scores, logits_scorer, msp_scores, ood_auroc
 
@@ -53,7 +60,7 @@ def test_digits_ood_sets_are_transformed_test_digits_normalised_like_the_datamod
     dm = DigitsDataModule(classes=[0, 1, 2, 3, 4])
     dm.setup()
     sets = digits_ood_sets(dm, seed=1)
-    assert list(sets) == ["uniform", "gaussian", "inverted", "flipped", "rotated", "heldout"]
+    assert list(sets) == ["uniform", "gaussian", "inverted", "flipped", "rotated", "letters", "heldout"]
     test_x, test_y = dm.test_set.tensors
     images, labels = load_digits_tensors()
     raw_train = DigitsDataModule(classes=[0, 1, 2, 3, 4], normalize=False)
@@ -90,3 +97,46 @@ def test_shuffled_proxy_keeps_each_sample_histogram_and_is_seeded() -> None:
     torch.testing.assert_close(p.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
     assert not torch.equal(p, x)
     torch.testing.assert_close(p, shuffled_proxy(x, seed=3))
+
+
+def test_letters_are_block_counts_of_a_binary_32x32_bitmap_normalised_like_the_digits() -> None:
+    x, y = letters_like_digits(200, seed=4)
+    counts = x * 16
+    assert x.shape == (200, 1, 8, 8) and y.min() >= 0 and y.max() <= 25 and len(y.unique()) > 20
+    torch.testing.assert_close(counts, counts.round())  # integer on-pixel counts of 4 x 4 blocks
+    assert counts.min() == 0 and counts.max() == 16
+    # the glyph is size-normalised: its bounding box spans at least 26 of the 32 pixels, i.e. >= 7 blocks one way
+    for img in counts[:, 0]:
+        rows, cols = img.sum(1).nonzero(), img.sum(0).nonzero()
+        assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 >= 7
+    torch.testing.assert_close(x, letters_like_digits(200, seed=4)[0])
+    assert not torch.equal(x, letters_like_digits(200, seed=5)[0])
+    # roughly as much ink as the digits (mean block count within 30%)
+    digits, _ = load_digits_tensors()
+    assert abs(x.mean().item() / digits.mean().item() - 1) < 0.3
+    dm = DigitsDataModule()
+    dm.setup()
+    letters = digits_ood_sets(dm, ["letters"], seed=4)["letters"]
+    raw_train = DigitsDataModule(normalize=False)
+    raw_train.setup()
+    mean, std = raw_train.train_set.tensors[0].mean(), raw_train.train_set.tensors[0].std()
+    n = len(dm.test_set)
+    torch.testing.assert_close(letters.tensors[0], (letters_like_digits(n, seed=4)[0] - mean) / std)
+    assert (letters.tensors[1] == -1).all()
+    assert set(FAR_OOD_SETS) | set(NEAR_OOD_SETS) == set(digits_ood_sets(DigitsDataModule(classes=[0, 1]), seed=0))
+
+
+def test_mixture_proxy_mixes_two_different_classes() -> None:
+    torch.manual_seed(0)
+    x = torch.stack([torch.full((1, 2, 2), float(i)) for i in range(8)])  # sample i is constant i
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    p = mixture_proxy(x, y, seed=2, low=0.3, high=0.7)
+    for i in range(8):
+        value = p[i].flatten()[0].item()
+        assert (p[i] == value).all()
+        # value = lam * i + (1 - lam) * j with j of another class and lam in [0.3, 0.7]
+        ok = [j for j in range(8) if y[j] != y[i] and 0.3 - 1e-6 <= ((value - j) / (i - j) if i != j else -1) <= 0.7 + 1e-6]
+        assert ok, (i, value)
+    torch.testing.assert_close(p, mixture_proxy(x, y, seed=2, low=0.3, high=0.7))
+    with pytest.raises(ValueError, match="two classes"):
+        mixture_proxy(x, torch.zeros(8, dtype=torch.long))
