@@ -51,7 +51,8 @@ class SparseAutoencoderTrainer(Callback):
     training also logs the loss parts ``mse``, ``auxk`` (or ``l1``) and ``tokens``; validation logs
     ``loss_recovered``, ``loss_clean``, ``loss_sae``, ``loss_zero`` (the module's output replaced by the
     reconstruction / zeros on the first ``loss_recovered_batches`` validation batches, :func:`loss_recovered`).
-    Training metrics are logged every ``log_every_n_steps`` steps. Figure at train end:
+    Each metric is also logged as ``{stage}/sae/{metric}/mean`` (mean over modules; the summary column of
+    ``lit-act report``). Training metrics are logged every ``log_every_n_steps`` steps. Figure at train end:
     ``figures/sae_density_{module}.png`` (log10 feature-density histogram of the last validation epoch, else of the
     last training window).
 
@@ -69,6 +70,7 @@ class SparseAutoencoderTrainer(Callback):
         sae: SAE name (``topk``, ``batchtopk``, ``relu``, ``topafa``).
         d_latent, k, lr, batch_size, dead_tokens, auxk_coefficient, l1_coefficient, seed: :class:`SAEConfig`.
         every_n_steps: collect the training batch at every n-th global step.
+        start_step: first global step collected (let the model train first: SAEs of a settled model).
         buffer_tokens: per-module buffer capacity in tokens (>= ``batch_size``).
         log_every_n_steps: log the training metrics every n-th global step.
         on_validation: evaluate the SAEs on every validation batch.
@@ -80,7 +82,7 @@ class SparseAutoencoderTrainer(Callback):
     def __init__(self, modules: ModuleSelector = None, sae: str = "topk", d_latent: int = 1024, k: int = 32,
                  every_n_steps: int = 1, buffer_tokens: int = 65536, batch_size: int = 1024, lr: float = 3e-4,
                  dead_tokens: int = 1_000_000, auxk_coefficient: float = 1 / 32, l1_coefficient: float = 1e-3,
-                 seed: int = 0, log_every_n_steps: int = 50, on_validation: bool = True,
+                 seed: int = 0, start_step: int = 0, log_every_n_steps: int = 50, on_validation: bool = True,
                  loss_recovered_batches: int = 4,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, figures: bool = True) -> None:
         validate_every_n("every_n_steps", every_n_steps)
@@ -95,6 +97,9 @@ class SparseAutoencoderTrainer(Callback):
         ActivationBuffer(1, buffer_tokens, batch_size)  # validates buffer_tokens >= batch_size now
         self.modules = modules
         self.every_n_steps = every_n_steps
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+        self.start_step = start_step
         self.buffer_tokens = buffer_tokens
         self.log_every_n_steps = log_every_n_steps
         self.on_validation = on_validation
@@ -143,7 +148,8 @@ class SparseAutoencoderTrainer(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if due(trainer.global_step, self.every_n_steps) and is_real_run(trainer):
+        if (trainer.global_step >= self.start_step and due(trainer.global_step, self.every_n_steps)
+                and is_real_run(trainer)):
             self._open("train", batch)
 
     @override
@@ -155,7 +161,7 @@ class SparseAutoencoderTrainer(Callback):
         for name, sae_trainer in self.trainers.items():
             self._train(name, sae_trainer)
         if due(trainer.global_step, self.log_every_n_steps):
-            self._emit_train(trainer)
+            self._emit(trainer, "train", trainer.global_step)
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -183,6 +189,8 @@ class SparseAutoencoderTrainer(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if any(m.update_called for m in self.metrics["train"].values()):  # the last, partial logging window
+            self._emit(trainer, "train", trainer.global_step)
         if self.figures and self.last_density and is_real_run(trainer):
             self._save_density_figures(trainer)
 
@@ -303,10 +311,6 @@ class SparseAutoencoderTrainer(Callback):
             out[name] = values
         return out
 
-    def _emit_train(self, trainer: Trainer) -> None:
-        if self.trainers:
-            self._emit(trainer, "train", trainer.global_step)
-
     def _emit(self, trainer: Trainer, stage: str, step: int) -> dict[str, float]:
         per_module = self._module_values(stage)
         keys, values = [], []
@@ -316,6 +320,10 @@ class SparseAutoencoderTrainer(Callback):
                 values.append(torch.as_tensor(value, dtype=torch.float32).reshape(()).cpu())
         if not keys:
             return {}
+        for stat in next(iter(per_module.values())):
+            per = [stats[stat] for stats in per_module.values() if stat in stats]
+            keys.append(f"{stage}/sae/{stat}/mean")
+            values.append(torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu() for v in per]).mean())
         logged = dict(zip(keys, torch.stack(values).tolist(), strict=True))
         for key, value in logged.items():
             trainer.callback_metrics[key] = torch.tensor(value)
