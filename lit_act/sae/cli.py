@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 def _hydra_main() -> None:
     import hydra
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR / "sae"), config_name="offline")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sae/offline")
     def main(cfg: DictConfig) -> float | None:
         metrics, _ = train_saes(cfg)
         _sweep_figure_when_last(cfg)
