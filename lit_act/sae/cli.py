@@ -315,8 +315,7 @@ def fvu_vs_l0_figure(sweep_dir: Path) -> Path | None:
     ax.set_title("SAE sweep: FVU vs L0")
     path = Path(sweep_dir) / "figures" / "sae_fvu_vs_l0.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
