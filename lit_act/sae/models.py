@@ -114,6 +114,12 @@ def _keep_topk(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
 
 
+def sparse_decode(indices: Tensor, values: Tensor, w_dec: Tensor) -> Tensor:
+    """``sum_j values[n, j] * w_dec[indices[n, j]]`` per row, without the dense ``(N, d_latent)`` code: one
+    ``embedding_bag`` (forward and backward cost ``N * k * d_in`` instead of ``N * d_latent * d_in``)."""
+    return F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
+
+
 class TopKSAE(SparseAutoencoder):
     """TopK SAE (Gao et al. 2024, Eq. 3): ``z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc))``, ``x_hat = W_dec z + b_pre``.
 
@@ -139,6 +145,14 @@ class TopKSAE(SparseAutoencoder):
     def activate(self, pre: Tensor, x: Tensor) -> Tensor:
         return _keep_topk(pre, self.k)
 
+    def forward(self, x: Tensor) -> SAEOutput:
+        """As :meth:`encode` + :meth:`decode`, decoding only the ``k`` active latents (:func:`sparse_decode`)."""
+        pre = self.pre_activations(x)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        values = F.relu(values)
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_pre
+        return SAEOutput(x_hat, torch.zeros_like(pre).scatter(-1, indices, values), pre)
+
 
 class BatchTopKSAE(TopKSAE):
     """BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", Sec. 3).
@@ -160,6 +174,8 @@ class BatchTopKSAE(TopKSAE):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.momentum = momentum
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    forward = SparseAutoencoder.forward  # a variable number of active latents per row: dense decode
 
     def activate(self, pre: Tensor, x: Tensor) -> Tensor:
         acts = F.relu(pre)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lit_act.sae.models import SparseAutoencoder, available_saes, build_sae, sae_class
+from lit_act.sae.models import SparseAutoencoder, available_saes, build_sae, sae_class, sparse_decode
 
 _B_PRE_INITS = ("geometric_median", "mean", "zeros")
 
@@ -112,8 +112,7 @@ def auxk_loss(sae: SparseAutoencoder, pre: Tensor, residual: Tensor, dead: Tenso
     if n_dead == 0:
         return pre.new_zeros(())
     values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1, sorted=False)
-    z_aux = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-    return normalized_mse(z_aux @ sae.W_dec, residual)
+    return normalized_mse(sparse_decode(indices, values.relu(), sae.W_dec), residual)
 
 
 def geometric_median(x: Tensor, iterations: int = 20) -> Tensor:
