@@ -7,8 +7,11 @@ Losses (per SAE batch of ``N`` rows):
   (:func:`auxk_loss`).
 * **ReLU** (Bricken et al. 2023): ``mean_n ||x - x_hat||^2 + l1_coefficient * mean_n sum_i z_i ||W_dec,i||``.
 
-After ``backward`` the gradients are averaged over DDP ranks (when a process group is initialised, every rank
-holds an identical SAE: same seed, ``b_pre`` initialisation averaged), the component of ``W_dec``'s gradient
+Under DDP (an initialised process group) each rank computes its share of the loss of the all-rank batch
+(normalisers summed over ranks) and the gradients are summed, which equals one process training on the concatenated
+batch (exactly for ``topk``, ``relu`` and ``topafa``; ``batchtopk`` keeps its ``B * k`` budget per rank's batch and
+averages its threshold); ``b_pre`` is initialised from every rank's first batch, so every rank holds an identical
+SAE. After ``backward`` the component of ``W_dec``'s gradient
 parallel to each decoder direction is removed, Adam steps, and the decoder rows are renormalised (Gao et al.
 Sec. 2.4).
 
@@ -99,9 +102,27 @@ class SAEConfig:
         return asdict(self)
 
 
+def _all_sum(t: Tensor) -> Tensor:
+    """``t`` summed over DDP ranks (``t`` itself outside DDP); detached."""
+    t = t.detach()
+    if _world() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """``sum_n ||x_n - mean(x)||^2`` over the rows of ``x`` on every DDP rank together (detached)."""
+    stats = _all_sum(torch.cat([x.sum(dim=0), x.square().sum().reshape(1), x.new_tensor([x.shape[0]])]))
+    sum_x, sum_sq, n = stats[:-2], stats[-2], stats[-1]
+    return (sum_sq - sum_x.square().sum() / n).clamp_min(1e-12)
+
+
 def normalized_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the batch (Gao et al.'s normalised MSE = FVU)."""
-    return (x_hat - x).square().sum() / (x - x.mean(dim=0)).square().sum().clamp_min(1e-12)
+    """``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the batch (Gao et al.'s normalised MSE = FVU). Under DDP
+    the denominator is the whole (all-rank) batch's and the numerator this rank's share, so the rank losses (and
+    gradients) sum to the single-process loss on the concatenated batch."""
+    return (x_hat - x).square().sum() / total_variance(x)
 
 
 def auxk_loss(sae: SparseAutoencoder, pre: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
@@ -156,21 +177,23 @@ class SAETrainer:
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set ``b_pre`` from a first batch (``config.b_pre_init``; averaged over DDP ranks)."""
+        """Set ``b_pre`` from a first batch (``config.b_pre_init``; under DDP from every rank's rows together)."""
+        if _world() > 1:
+            gathered = [torch.empty_like(x) for _ in range(_world())]
+            dist.all_gather(gathered, x.contiguous())
+            x = torch.cat(gathered)
         if self.config.b_pre_init == "geometric_median":
             b_pre = geometric_median(x.float())
         elif self.config.b_pre_init == "mean":
             b_pre = x.float().mean(dim=0)
         else:
             b_pre = torch.zeros_like(self.sae.b_pre)
-        if _world() > 1:
-            dist.all_reduce(b_pre)
-            b_pre /= _world()
         self.sae.b_pre.copy_(b_pre)
         self.initialized = True
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """``(total loss, {part: detached value}, z)`` of one batch."""
+        """``(loss, {part: detached value}, z)`` of one batch; under DDP this rank's share of the all-rank loss (the
+        shares sum to the loss of the concatenated batch)."""
         out = self.sae(x)
         if self.sae.uses_auxk:
             mse = normalized_mse(out.x_hat, x)
@@ -178,8 +201,9 @@ class SAETrainer:
             total = mse + self.config.auxk_coefficient * aux
             parts = {"mse": mse.detach(), "auxk": aux.detach()}
         else:
-            mse = (out.x_hat - x).square().sum(dim=-1).mean()
-            l1 = (out.z * self.sae.W_dec.norm(dim=1)).sum(dim=-1).mean()
+            n = _all_sum(x.new_tensor(float(x.shape[0])))
+            mse = (out.x_hat - x).square().sum() / n
+            l1 = (out.z * self.sae.W_dec.norm(dim=1)).sum() / n
             total = mse + self.sae.l1_coefficient * l1
             parts = {"mse": mse.detach(), "l1": l1.detach()}
         return total, parts, out.z
@@ -195,11 +219,13 @@ class SAETrainer:
             total, parts, z = self.loss(x)
             total.backward()
         world = _world()
-        if world > 1:
+        if world > 1:  # the rank losses are shares of one loss: their gradients add up
             for p in self.sae.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
-                    p.grad /= world
+            for buffer in self.sae.buffers():  # BatchTopK's threshold estimate: the rank average
+                dist.all_reduce(buffer)
+                buffer /= world
         self.sae.project_decoder_grad()
         self.optimizer.step()
         self.sae.normalize_decoder()
