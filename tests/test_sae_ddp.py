@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning import Callback
 
 from lit_act.sae import SAEConfig, SAETrainer
 
@@ -52,3 +53,36 @@ def test_two_ranks_equal_one_process_on_the_same_data(tmp_path, sae):
         torch.testing.assert_close(ranks[0]["sae"][name], ranks[1]["sae"][name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(ranks[0]["sae"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert torch.equal(ranks[0]["since"], single.tokens_since_fired)
+
+
+class _SaveSAEs(Callback):
+    def __init__(self, sae_callback, out: str) -> None:
+        self.sae_callback, self.out = sae_callback, out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({name: sae.state_dict() for name, sae in self.sae_callback.saes.items()},
+                   f"{self.out}.{trainer.global_rank}")
+
+
+@pytest.mark.slow  # Lightning ddp_spawn, two CPU processes
+def test_callback_under_ddp_spawn_keeps_one_sae_on_every_rank(tmp_path):
+    from lightning import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.test_sae_callback import TinyLM, _callback, _loaders
+
+    sae_callback = _callback(loss_recovered_batches=1)
+    out = str(tmp_path / "saes")
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=6, limit_val_batches=2, val_check_interval=3,
+                      callbacks=[sae_callback, _SaveSAEs(sae_callback, out)], logger=CSVLogger(tmp_path),
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", devices=2, strategy="ddp_spawn", num_sanity_val_steps=0)
+    train, val = _loaders()
+    trainer.fit(TinyLM(), train, val)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert set(ranks[0]) == {"act"}
+    for name, value in ranks[0]["act"].items():
+        assert torch.equal(value, ranks[1]["act"][name]), name
+    header = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    for key in ("train/sae/fvu/act", "val/sae/fvu/act", "val/sae/loss_recovered/act", "val/sae/dead_fraction/mean"):
+        assert key in header, key
