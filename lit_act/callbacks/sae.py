@@ -46,7 +46,8 @@ class SparseAutoencoderTrainer(Callback):
 
     **Metrics** (``{stage}/sae/{metric}/{module}``, straight to ``trainer.loggers`` on rank zero and into
     ``trainer.callback_metrics``): ``fvu``, ``l0``, ``afa_error``, ``never_fired_fraction`` (:class:`SAEMetrics`,
-    over the SAE batches since the last training log / over the validation epoch), ``dead_fraction`` (no activation
+    over the SAE batches since the last training log, each measured in its step's forward before the update / over
+    the validation epoch), ``dead_fraction`` (no activation
     in the last ``dead_tokens`` training tokens), ``epsilon_max``/``epsilon_mean`` (decoder quasi-orthogonality);
     training also logs the loss parts ``mse``, ``auxk`` (or ``l1``) and ``tokens``; validation logs
     ``loss_recovered``, ``loss_clean``, ``loss_sae``, ``loss_zero`` (the module's output replaced by the
@@ -250,8 +251,7 @@ class SparseAutoencoderTrainer(Callback):
             for _ in range(steps):
                 x = buffer.sample()
                 parts = sae_trainer.step(x)
-                with torch.no_grad():
-                    out = sae_trainer.sae(x)
+                out = sae_trainer.last_output  # the step's own forward: no second pass
                 metrics.update(x, out.x_hat, out.z, sae_trainer.sae.b_pre)
                 self.loss_parts[name] = parts
         self.pending_tokens[name] = self.pending_tokens.get(name, 0) - steps * self.config.batch_size

@@ -181,8 +181,7 @@ def train_saes(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 while pending[name] >= config.batch_size and buffers[name].ready:
                     x = buffers[name].sample()
                     trainer.step(x)
-                    with torch.no_grad():
-                        o = trainer.sae(x)
+                    o = trainer.last_output
                     train_metrics[name].update(x, o.x_hat, o.z, trainer.sae.b_pre)
                     pending[name] -= config.batch_size
                     progressed = True

@@ -38,7 +38,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lit_act.sae.models import SparseAutoencoder, available_saes, build_sae, sae_class, sparse_decode
+from lit_act.sae.models import (
+    SAEOutput,
+    SparseAutoencoder,
+    available_saes,
+    build_sae,
+    sae_class,
+    sparse_decode,
+)
 
 _B_PRE_INITS = ("geometric_median", "mean", "zeros")
 
@@ -169,6 +176,7 @@ class SAETrainer:
         self.tokens_since_fired = torch.zeros(config.d_latent, dtype=torch.long, device=device)
         self.tokens_trained = 0
         self.initialized = False
+        self.last_output: SAEOutput | None = None  # the last step's (pre-update) output, detached
 
     @property
     def dead(self) -> Tensor:
@@ -191,8 +199,8 @@ class SAETrainer:
         self.sae.b_pre.copy_(b_pre)
         self.initialized = True
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """``(loss, {part: detached value}, z)`` of one batch; under DDP this rank's share of the all-rank loss (the
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], SAEOutput]:
+        """``(loss, {part: detached value}, SAE output)`` of one batch; under DDP this rank's share of the all-rank loss (the
         shares sum to the loss of the concatenated batch)."""
         out = self.sae(x)
         if self.sae.uses_auxk:
@@ -206,7 +214,7 @@ class SAETrainer:
             l1 = (out.z * self.sae.W_dec.norm(dim=1)).sum() / n
             total = mse + self.sae.l1_coefficient * l1
             parts = {"mse": mse.detach(), "l1": l1.detach()}
-        return total, parts, out.z
+        return total, parts, out
 
     def step(self, x: Tensor) -> dict[str, Tensor]:
         """One optimiser step on ``x`` ``(N, d_in)``; returns the detached loss parts (no host sync)."""
@@ -216,8 +224,9 @@ class SAETrainer:
         self.sae.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            total, parts, z = self.loss(x)
+            total, parts, out = self.loss(x)
             total.backward()
+        self.last_output = SAEOutput(out.x_hat.detach(), out.z.detach(), out.pre.detach())
         world = _world()
         if world > 1:  # the rank losses are shares of one loss: their gradients add up
             for p in self.sae.parameters():
@@ -229,7 +238,7 @@ class SAETrainer:
         self.sae.project_decoder_grad()
         self.optimizer.step()
         self.sae.normalize_decoder()
-        self._update_dead(z.detach(), x.shape[0], world)
+        self._update_dead(self.last_output.z, x.shape[0], world)
         return parts | {"loss": total.detach()}
 
     @torch.no_grad()
