@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lit_act.report import write_report
+from lit_act.sae import cli as sae_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", nargs="+", default=None, metavar="PATTERN",
                         help="metric keys for the Markdown table and bar charts, as glob patterns "
                              "(e.g. 'val/*' 'train/*/mean'); default: every key without a per-module part")
+    sae_cli.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "sae":
+        return sae_cli.run(args)
     if args.command == "report":
         try:
             result = write_report(args.dir, args.out, args.metrics)
