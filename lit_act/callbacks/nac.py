@@ -285,8 +285,8 @@ class NeuronActivationCoverage(LitActCallback):
             self.me.update(self.model, batch, self.adapter.targets(batch))
         for name, states in self._pending_me.items():
             cov = self.me.coverage.get(name)
-            if cov is not None:
-                assign_states(cov, states)
+            if cov is not None:  # created by this first update: add the restored counts to it
+                assign_states(cov, {k: v.to(cov.device) + getattr(cov, k) for k, v in states.items()})
         self._pending_me = {k: v for k, v in self._pending_me.items() if k not in self.me.coverage}
 
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
