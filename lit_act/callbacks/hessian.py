@@ -55,28 +55,30 @@ def preserved_training_state(module: nn.Module, eval_mode: bool = True) -> Itera
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def adapted_loss(adapter: BatchAdapter) -> LossFn:
-    """The default Hessian loss through ``adapter``: the model output's ``.loss`` when there is one (HF models given
-    labels), otherwise ``module.loss(logits, targets)``; raises ``TypeError`` with the fix otherwise."""
+class AdaptedLoss:
+    """The default Hessian loss ``(module, batch) -> scalar`` through a :class:`~lit_act.batch.BatchAdapter`: the model
+    output's ``.loss`` when there is one (HF models given labels), otherwise ``module.loss(logits, targets)``; raises
+    ``TypeError`` with the fix otherwise. (A class, not a closure, so DDP-spawn can pickle it.)"""
 
-    def loss_fn(module: nn.Module, batch: Any) -> Tensor:
-        out = adapter.forward(module, batch)
-        loss = adapter.loss(out)
+    def __init__(self, adapter: BatchAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        out = self.adapter.forward(module, batch)
+        loss = self.adapter.loss(out)
         if loss is not None:
             return loss
         if not callable(getattr(module, "loss", None)):
             raise TypeError(f"the output of {type(module).__name__} has no `.loss` and the module has no "
                             "`loss(logits, targets)` method: pass HessianSpectrum(loss_fn=lambda module, batch: "
                             "<scalar loss>), or batches with labels for a Hugging Face model")
-        logits, targets = adapter.logits(out), adapter.targets(batch)
+        logits, targets = self.adapter.logits(out), self.adapter.targets(batch)
         if logits is None or targets is None:
             raise TypeError(f"the default Hessian loss module.loss(logits, targets) found "
                             f"{'no logits in the output' if logits is None else 'no targets in the batch'}: pass "
                             "HessianSpectrum(loss_fn=lambda module, batch: <scalar loss>) or "
                             "adapter=BatchAdapter(logits_fn=..., targets_fn=...)")
         return module.loss(logits, targets)
-
-    return loss_fn
 
 
 class HessianSpectrum(LitActCallback):
@@ -127,8 +129,9 @@ class HessianSpectrum(LitActCallback):
             batches for the duration of one evaluation and is the fastest (2x ``"forward"`` on the benchmark MLP,
             ~10x on tiny models, CPU); ``"forward"`` recomputes per product and holds one batch at a time.
         eval_mode: compute in eval mode (BatchNorm/dropout); ``False`` keeps the current modes.
-        loss_fn: ``loss_fn(module, batch) -> scalar``; default (:func:`adapted_loss`): the output's ``.loss`` when
-            there is one (HF with labels), else ``module.loss(logits, targets)`` through ``adapter``.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default (:class:`AdaptedLoss`): the output's ``.loss`` when
+            there is one (HF with labels), else ``module.loss(logits, targets)`` through ``adapter``
+            .
         adapter: batch / output adapter of the default loss (:class:`lit_act.batch.BatchAdapter`).
         dry_run: run one loss and one Hessian-vector product on the first training batch at train start.
         seed: seed of the private generator for start vectors and probes.
@@ -174,7 +177,7 @@ class HessianSpectrum(LitActCallback):
         self.params = None if params is None else list(params)
         self.backend, self.eval_mode, self.seed = backend, eval_mode, seed
         self.user_loss_fn = loss_fn
-        self.loss_fn = loss_fn or adapted_loss(self.adapter)
+        self.loss_fn = loss_fn or AdaptedLoss(self.adapter)
         self.dry_run = dry_run
         self.warm_start, self.checkpoint_vector = warm_start, checkpoint_vector
         self.save_density_figure, self.progress = save_density_figure, progress
@@ -223,8 +226,13 @@ class HessianSpectrum(LitActCallback):
                     torch.enable_grad():
                 op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend="forward")
                 op.matvec(torch.zeros(op.dim, dtype=op.dtype, device=op.device))
+        except FloatingPointError:
+            return  # a non-finite loss is reported by each evaluation (nan_events), not a setup error
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
-            raise type(err)(f"HessianSpectrum dry run on the first training batch failed: {err}") from err
+            raise type(err)(f"HessianSpectrum dry run on the first training batch failed: {err}. Fix: pass "
+                            "loss_fn=lambda module, batch: <scalar loss>, or adapter=BatchAdapter(forward_fn=...) "
+                            "so module(batch) runs (default: module(**batch) for dicts, module(batch[0]) for "
+                            "tuples)") from err
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
