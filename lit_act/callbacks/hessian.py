@@ -130,8 +130,7 @@ class HessianSpectrum(LitActCallback):
             ~10x on tiny models, CPU); ``"forward"`` recomputes per product and holds one batch at a time.
         eval_mode: compute in eval mode (BatchNorm/dropout); ``False`` keeps the current modes.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default (:class:`AdaptedLoss`): the output's ``.loss`` when
-            there is one (HF with labels), else ``module.loss(logits, targets)`` through ``adapter``
-            .
+            there is one (HF with labels), else ``module.loss(logits, targets)`` through ``adapter``.
         adapter: batch / output adapter of the default loss (:class:`lit_act.batch.BatchAdapter`).
         dry_run: run one loss and one Hessian-vector product on the first training batch at train start.
         seed: seed of the private generator for start vectors and probes.
@@ -229,10 +228,13 @@ class HessianSpectrum(LitActCallback):
         except FloatingPointError:
             return  # a non-finite loss is reported by each evaluation (nan_events), not a setup error
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
-            raise type(err)(f"HessianSpectrum dry run on the first training batch failed: {err}. Fix: pass "
-                            "loss_fn=lambda module, batch: <scalar loss>, or adapter=BatchAdapter(forward_fn=...) "
-                            "so module(batch) runs (default: module(**batch) for dicts, module(batch[0]) for "
-                            "tuples)") from err
+            fix = ("an op of the model has no double backward (e.g. fused/flash attention): compute the loss with "
+                   "the math SDPA backend (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) or eager attention"
+                   if "derivative for" in str(err) else
+                   "pass loss_fn=lambda module, batch: <scalar loss>, or adapter=BatchAdapter(forward_fn=...) so "
+                   "module(batch) runs (default: module(**batch) for dicts, module(batch[0]) for tuples)")
+            raise type(err)(f"HessianSpectrum dry run on the first training batch failed: {err}. Fix: {fix}") \
+                from err
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
