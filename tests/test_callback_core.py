@@ -401,6 +401,31 @@ def _math_attention_nll(module, batch):
         return nn.functional.nll_loss(module(*batch), batch[1].view(-1))
 
 
+def test_nac_pooling_sums_real_tokens_only():
+    class Tok(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.act, self.out = nn.Embedding(10, 8), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask):
+            return self.out(self.act(self.fc(self.emb(input_ids))).mean(1))  # padding reaches the logits
+
+    torch.manual_seed(0)
+    model = Tok()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    batch = {"input_ids": torch.randint(0, 10, (4, 5)), "attention_mask": mask}
+    cb = NeuronActivationCoverage(modules="act", evaluate_on=None)
+    cb.setup(SimpleNamespace(max_steps=-1, max_epochs=None, limit_train_batches=1.0, accumulate_grad_batches=1),
+             model, "fit")
+    got = cb.me.products(cb.model, batch).products["act"]
+    h = model.act(model.fc(model.emb(batch["input_ids"])))  # direct: z and dKL/dz, each summed over real tokens
+    logits = model.out(h.mean(1))
+    kl = (-torch.log(torch.tensor(3.0)) - torch.log_softmax(logits, -1).mean(-1)).sum()
+    (grad,) = torch.autograd.grad(kl, h)
+    keep = mask[..., None].float()
+    torch.testing.assert_close(got, (h.detach() * keep).sum(1) * (grad * keep).sum(1))
+
+
 # -------------------------------------------------------------------------------------------------- never silent
 def test_never_silent_warnings_and_validate_yields_every_statistic(tmp_path):
     with pytest.warns(UserWarning, match="every_n_steps=50.*plans 5 steps"):

@@ -8,7 +8,8 @@ statistic itself:
   - ``every_n_steps``: the training batch of every ``every_n_steps``-th global step (:func:`~lit_act.utils.schedule.due`),
     computed and logged at that step (or accumulated over a window, see :meth:`train_window_done`);
   - ``on_validation`` / ``on_test``: every batch of a validation / test epoch, logged at epoch end. Under
-    ``trainer.validate(...)`` validation is always collected, so every statistics callback yields numbers there;
+    ``trainer.validate(...)`` / ``trainer.test(...)`` that stage is always collected, so every statistics callback
+    yields numbers there (``on_validation`` decides about the validation epochs inside ``fit``);
   - ``probe``: a **probe pass** (``"epoch"``: at every training epoch end; an int ``n``: every ``n`` steps): the
     current model runs in eval mode under ``no_grad`` over a fixed probe set, the first ``probe_samples`` samples of
     the training split (:func:`lit_act.callbacks.core.probe_batches`), with only this callback's taps live; flags and
@@ -16,7 +17,7 @@ statistic itself:
 
   Nothing is collected in the sanity check or under ``fast_dev_run`` (:func:`lit_act.utils.schedule.is_real_run`).
 * **Never silent.** At setup a callback that can collect nothing in the configured run (a schedule past the planned
-  steps, validation-only with validation off, a test run without ``on_test``) warns.
+  steps, validation-only with validation off) warns.
 * **Hooks only while collecting** (:func:`lit_act.stats.tap.tap`): registered at the start of an observed batch /
   epoch / probe pass and removed at its end, on ``on_exception`` and on ``teardown``. lit-act's own passes (NAC,
   Hessian, probe passes of other callbacks) are not observed (:func:`lit_act.stats.tap.paused`).
@@ -200,8 +201,8 @@ class ActivationStatisticCallback(LitActCallback):
             if steps is not None and isinstance(self.probe, int) and self.probe > steps:
                 self.warn(f"probe={self.probe} but the run plans {steps} steps: no probe pass runs; use "
                           f"probe='epoch' or lower it")
-        elif stage == "test" and not self.on_test:
-            self.warn("on_test=False: trainer.test collects nothing; set on_test=True")
+        elif stage == "validate" and not validation_enabled(trainer):
+            self.warn("collects nothing: trainer.validate runs with limit_val_batches=0")
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -255,7 +256,7 @@ class ActivationStatisticCallback(LitActCallback):
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.on_test and is_real_run(trainer):
+        if (self.on_test or trainer.state.fn == "test") and is_real_run(trainer):
             self._start("test")
 
     @override

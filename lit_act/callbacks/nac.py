@@ -27,7 +27,7 @@ from lit_act.callbacks.core import (
 from lit_act.stats.nac import NAC_ME_PARAMS, LayerParams, LogitsFn, NACModel
 from lit_act.stats.nac_search import SearchResult, search_parameters
 from lit_act.stats.ood import auroc, logits_scorer, score_batches
-from lit_act.stats.tap import ModuleSelector, check_mask, require_uncompiled, select_modules
+from lit_act.stats.tap import ModuleSelector, require_uncompiled, select_modules
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
 OODSets = Mapping[str, Dataset | DataLoader] | Callable[[LightningDataModule], Mapping[str, Dataset | DataLoader]]
@@ -38,47 +38,21 @@ _SEARCH_ARGS = set(inspect.signature(search_parameters).parameters) - {
 
 class AdaptedModel(nn.Module):
     """``batch -> logits`` view of a LightningModule through a :class:`~lit_act.batch.BatchAdapter`, so NAC's passes
-    (:mod:`lit_act.stats.nac`, :mod:`lit_act.stats.ood`) run on any model and batch format. With a token mask, the
-    selected modules' outputs (and their gradients) are zeroed at padded positions during the pass, so NAC's pooling
-    sums real tokens only."""
+    (:mod:`lit_act.stats.nac`, :mod:`lit_act.stats.ood`) run on any model and batch format."""
 
-    def __init__(self, module: nn.Module, adapter: BatchAdapter, logits_fn: LogitsFn | None,
-                 selected: dict[str, nn.Module]) -> None:
+    def __init__(self, module: nn.Module, adapter: BatchAdapter, logits_fn: LogitsFn | None) -> None:
         super().__init__()
         self.module = module
         self.adapter = adapter
         self.logits_fn = logits_fn
-        self.selected = selected
 
     def forward(self, batch: Any) -> Tensor:
-        mask = self.adapter.mask(batch)
-        handles = [] if mask is None else [
-            module.register_forward_hook(_mask_output(name, mask), prepend=True)
-            for name, module in self.selected.items()]
-        try:
-            out = self.adapter.forward(self.module, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+        out = self.adapter.forward(self.module, batch)
         logits = self.logits_fn(out) if self.logits_fn is not None else self.adapter.logits(out)
         if logits is None:
             raise TypeError(f"the model output ({type(out).__name__}) has no logits: pass "
                             "adapter=BatchAdapter(logits_fn=...) or logits_fn=")
         return logits
-
-
-def _mask_output(name: str, mask: Tensor):
-    def hook(module: nn.Module, args, output):
-        if not isinstance(output, Tensor):
-            return None
-        check_mask(name, output, mask)
-        keep = mask.to(output.device).reshape(*mask.shape, *([1] * (output.dim() - mask.dim()))).to(output.dtype)
-        masked = output * keep
-        if masked.requires_grad:
-            masked.register_hook(lambda grad: grad * keep)
-        return masked
-
-    return hook
 
 
 class NeuronActivationCoverage(LitActCallback):
@@ -221,9 +195,10 @@ class NeuronActivationCoverage(LitActCallback):
         if unknown:
             raise ValueError(f"layer_params name modules that are not selected: {sorted(unknown)}; selected: "
                              f"{sorted(self.selected)}")
-        self.model = AdaptedModel(pl_module, self.adapter, self.logits_fn, self.selected)
+        self.model = AdaptedModel(pl_module, self.adapter, self.logits_fn)
         if self.me is None:
-            self.me = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True)
+            self.me = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True,
+                               mask_fn=self.adapter.mask)
         self.warn_if_idle(trainer, stage)
 
     def warn_if_idle(self, trainer: Trainer, stage: str) -> None:
@@ -291,7 +266,8 @@ class NeuronActivationCoverage(LitActCallback):
 
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """NAC-ME of the current model on the probe set (fresh histograms), logged as ``probe/nac_me/...``."""
-        probe = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True)
+        probe = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True,
+                               mask_fn=self.adapter.mask)
         for batch in probe_batches(trainer, self.probe_samples, pl_module.device):
             with self.quiet_pass(pl_module):
                 probe.update(self.model, batch, self.adapter.targets(batch))
@@ -367,7 +343,8 @@ class NeuronActivationCoverage(LitActCallback):
             params = self.search_result.params
             logged.update(self.search_result.flat())
             rank_zero_info(self.search_result.describe())
-        nac = NACModel({n: self.selected[n] for n in params}, params, None, self.neuron_dim, sync=False)
+        nac = NACModel({n: self.selected[n] for n in params}, params, None, self.neuron_dim, sync=False,
+                       mask_fn=self.adapter.mask)
         with self.quiet_pass(pl_module):
             nac.fit(model, train, self.fit_samples)
             for name, value in nac.layer_coverage().items():

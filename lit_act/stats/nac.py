@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_act.stats.ood import inputs_of
-from lit_act.stats.tap import neuron_view, tap
+from lit_act.stats.tap import check_mask, neuron_view, tap
 from lit_act.utils.modes import evaluating
 
 LogitsFn = Callable[[Any], Tensor]
@@ -150,8 +150,13 @@ def as_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
     return logits
 
 
-def pooled(x: Tensor, module: nn.Module, batch_size: int, neuron_dim: int | None = None) -> Tensor:
-    """``(batch, neurons)``: ``x`` summed over every non-batch, non-neuron position (conv maps over H x W)."""
+def pooled(x: Tensor, module: nn.Module, batch_size: int, neuron_dim: int | None = None,
+           mask: Tensor | None = None, name: str = "") -> Tensor:
+    """``(batch, neurons)``: ``x`` summed over every non-batch, non-neuron position (conv maps over H x W); with a
+    ``(B, T)`` token ``mask`` over the real tokens only."""
+    if mask is not None:
+        check_mask(name, x, mask)
+        x = x * mask.to(x.device).reshape(*mask.shape, *([1] * (x.dim() - mask.dim()))).to(x.dtype)
     view = neuron_view(x, module, neuron_dim)
     if view.shape[0] % batch_size:
         raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)} per sample of a batch of {batch_size}: "
@@ -181,8 +186,10 @@ def _grad_ready(inputs: Any) -> Any:
 
 
 def neuron_products(model: nn.Module, inputs: Any, modules: Mapping[str, nn.Module],
-                    logits_fn: LogitsFn | None = None, neuron_dim: int | None = None) -> NACBatch:
-    """``pool(z) * pool(d KL(u || softmax) / dz)`` for every module in ``modules`` on one batch.
+                    logits_fn: LogitsFn | None = None, neuron_dim: int | None = None,
+                    mask: Tensor | None = None) -> NACBatch:
+    """``pool(z) * pool(d KL(u || softmax) / dz)`` for every module in ``modules`` on one batch (pooled over the real
+    tokens of a ``(B, T)`` token ``mask`` when given).
 
     Runs its own forward and backward in eval mode under ``torch.inference_mode(False)`` and ``torch.enable_grad()``
     (so it works inside Lightning's validation/test loops), differentiating only with respect to the hooked outputs
@@ -217,8 +224,8 @@ def neuron_products(model: nn.Module, inputs: Any, modules: Mapping[str, nn.Modu
         module = captured[name][0]
         if grad is None:
             grad = torch.zeros_like(out)
-        z = pooled(out.detach().float(), module, batch, neuron_dim)
-        g = pooled(grad.float(), module, batch, neuron_dim)
+        z = pooled(out.detach().float(), module, batch, neuron_dim, mask, name)
+        g = pooled(grad.float(), module, batch, neuron_dim, mask, name)
         products[name] = z * g
     return NACBatch(logits.detach().float(), products)
 
@@ -321,11 +328,12 @@ class NACModel:
         neuron_dim: neuron dimension override (:func:`lit_act.stats.tap.neuron_view`).
         correct_only: count only correctly classified samples (NAC-ME).
         sync: sync the histograms across DDP ranks on compute/score (``False`` when every rank sees the same data).
+        mask_fn: ``inputs -> (B, T) bool token mask | None``: pool over real tokens only (padding excluded).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], params: LayerParams | Mapping[str, LayerParams] = LayerParams(),
                  logits_fn: LogitsFn | None = None, neuron_dim: int | None = None, correct_only: bool = False,
-                 sync: bool = True) -> None:
+                 sync: bool = True, mask_fn: Callable[[Any], Tensor | None] | None = None) -> None:
         if not modules:
             raise ValueError("NACModel needs at least one module")
         self.modules = dict(modules)
@@ -341,6 +349,7 @@ class NACModel:
         self.neuron_dim = neuron_dim
         self.correct_only = correct_only
         self.sync = sync
+        self.mask_fn = mask_fn
         self.alphas: dict[str, float] = {}
         self.coverage: dict[str, NACCoverage] = {}
 
@@ -349,7 +358,8 @@ class NACModel:
         param = next(model.parameters(), None)
         if param is not None:
             inputs = move_data_to_device(inputs, param.device)
-        return neuron_products(model, inputs, self.modules, self.logits_fn, self.neuron_dim)
+        mask = None if self.mask_fn is None else self.mask_fn(inputs)
+        return neuron_products(model, inputs, self.modules, self.logits_fn, self.neuron_dim, mask)
 
     def _ensure(self, name: str, products: Tensor) -> NACCoverage:
         cov = self.coverage.get(name)
@@ -406,7 +416,7 @@ class NACModel:
     def with_params(self, params: Mapping[str, LayerParams]) -> NACModel:
         """An unfitted copy observing ``params``' layers with those parameters."""
         return NACModel({n: self.modules[n] for n in params}, dict(params), self.logits_fn, self.neuron_dim,
-                        self.correct_only, self.sync)
+                        self.correct_only, self.sync, self.mask_fn)
 
 
 def collect_products(nac: NACModel, model: nn.Module, batches: Iterable[Any],

@@ -17,6 +17,13 @@ Conventions (shared by every lit-act statistic):
 * **Neurons** (:func:`neuron_view`): the last dimension for linear / attention / activation outputs of any rank
   ``(..., N)``; the channel dimension 1 for conv layers and for 4-D maps ``(B, C, H, W)`` (3-D ``(B, C, L)`` for
   ``Conv1d``, 5-D for ``Conv3d``). ``neuron_dim=`` overrides.
+* **Sites** (:func:`tap`): ``{name: module}`` observes outputs; ``{name: Site}`` (any object with ``.module`` and
+  ``.port`` in ``"output"``/``"input"``, e.g. :class:`lit_act.selection.Site`) observes the output or the module's
+  input (its first positional Tensor argument: the input of a down-projection, as Sparsing Law's CETT needs).
+* **Isolation** (:func:`paused`): while open, every callback's (owned) tap is a no-op except the one it allows, so
+  lit-act's internal passes (NAC, Hessian-vector products, probe passes, dry runs) are seen by no other callback.
+* **Padding** (:func:`valid_tokens`): a ``(B, T)`` token mask selects the real tokens of a ``(B, T, ...)`` output;
+  a mask that does not fit raises, naming the module and both shapes.
 """
 
 from __future__ import annotations
