@@ -415,7 +415,8 @@ def test_nac_pooling_sums_real_tokens_only():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
     batch = {"input_ids": torch.randint(0, 10, (4, 5)), "attention_mask": mask}
     cb = NeuronActivationCoverage(modules="act", evaluate_on=None)
-    cb.setup(SimpleNamespace(max_steps=-1, max_epochs=None, limit_train_batches=1.0, accumulate_grad_batches=1),
+    cb.setup(SimpleNamespace(max_steps=-1, max_epochs=None, limit_train_batches=1.0, accumulate_grad_batches=1,
+                             fast_dev_run=False),
              model, "fit")
     got = cb.me.products(cb.model, batch).products["act"]
     h = model.act(model.fc(model.emb(batch["input_ids"])))  # direct: z and dKL/dz, each summed over real tokens

@@ -187,6 +187,8 @@ class ActivationStatisticCallback(LitActCallback):
 
     def warn_if_idle(self, trainer: Trainer, stage: str) -> None:
         """Warn when the configured run collects nothing (or almost nothing) with these schedules."""
+        if trainer.fast_dev_run:
+            return  # lit-act callbacks are off under fast_dev_run
         if stage == "fit":
             steps = planned_steps(trainer)
             collects = (self.every_n_steps is not None or self.probe is not None

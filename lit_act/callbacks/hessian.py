@@ -196,8 +196,11 @@ class HessianSpectrum(LitActCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.fast_dev_run:
+            return
         if stage != "fit":
-            self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
+            if self.evaluations == 0:
+                self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
             return
         steps = planned_steps(trainer)
         if steps is not None and self.every_n_steps is not None and self.every_n_steps > steps \

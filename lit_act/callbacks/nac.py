@@ -203,6 +203,8 @@ class NeuronActivationCoverage(LitActCallback):
 
     def warn_if_idle(self, trainer: Trainer, stage: str) -> None:
         """Warn when nothing will be computed in the configured run."""
+        if trainer.fast_dev_run:
+            return
         steps = planned_steps(trainer)
         if stage == "fit" and steps is not None:
             if self.every_n_steps is not None and self.every_n_steps > 1 and self.every_n_steps >= steps:
