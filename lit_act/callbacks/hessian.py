@@ -226,7 +226,7 @@ class HessianSpectrum(LitActCallback):
         try:
             with preserved_training_state(pl_module, self.eval_mode), paused(), torch.inference_mode(False), \
                     torch.enable_grad():
-                op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend="forward")
+                op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend=self.backend)
                 op.matvec(torch.zeros(op.dim, dtype=op.dtype, device=op.device))
         except FloatingPointError:
             return  # a non-finite loss is reported by each evaluation (nan_events), not a setup error
