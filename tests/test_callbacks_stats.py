@@ -306,7 +306,9 @@ def test_bad_input_raises_with_fix(tmp_path):
     with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
         ActivationSparsity(every_n_steps=0)
     with pytest.raises(ValueError, match="would never collect"):
-        DeadNeurons(every_n_steps=None)
+        DeadNeurons(every_n_steps=None, probe=None)
+    with pytest.raises(ValueError, match="probe must be None"):
+        DeadNeurons(probe="never")
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         ActivationSparsity(threshold=-0.5)
     with pytest.raises(ValueError, match="k must be"):

@@ -206,8 +206,10 @@ def dict_loader():
 
 
 def test_loss_fn_override_and_clear_error_without_it(tmp_path):
-    with pytest.raises(TypeError, match="no `loss\\(logits, targets\\)` method; pass `loss_fn="):
-        make_trainer(tmp_path, [HessianSpectrum(**SMALL)]).fit(DictBatchModule(), dict_loader())
+    module = DictBatchModule()
+    with pytest.raises(TypeError, match="dry run on the first training batch failed.*Fix: pass loss_fn="):
+        make_trainer(tmp_path, [HessianSpectrum(**SMALL)]).fit(module, dict_loader())
+    assert module.global_step == 0  # raised before training
     cb = HessianSpectrum(loss_fn=lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"]), **SMALL)
     trainer = make_trainer(tmp_path, [cb])
     trainer.fit(DictBatchModule(), dict_loader())

@@ -105,7 +105,7 @@ def _fit(tmp_path, callbacks, model=None, data=None, **kw):
 def test_nac_me_equals_the_formula_on_the_same_batches(tmp_path):
     torch.manual_seed(0)
     recorder = FormulaRecorder()
-    cb = NeuronActivationCoverage(evaluate_on=None)
+    cb = NeuronActivationCoverage(every_n_steps=1, evaluate_on=None)  # running mode
     trainer, model = _fit(tmp_path, [recorder, cb])
     rows = trainer.logger.rows
     logged = [rows[s]["train/nac_me/act"] for s in sorted(rows) if "train/nac_me/act" in rows[s]]
@@ -116,12 +116,27 @@ def test_nac_me_equals_the_formula_on_the_same_batches(tmp_path):
     assert not model.act._forward_hooks and not model.fc_in._forward_hooks
 
 
+def test_nac_me_probe_pass_equals_the_formula_on_the_fixed_probe_set(tmp_path):
+    torch.manual_seed(0)
+    cb = NeuronActivationCoverage(evaluate_on=None, probe_samples=40)  # default: a probe pass at each epoch end
+    trainer, model = _fit(tmp_path, [cb], max_epochs=2, data=DataLoader(_data().dataset, batch_size=8,
+                                                                        shuffle=True))
+    rows = trainer.logger.rows
+    assert sorted(s for s in rows if "probe/nac_me/act" in rows[s]) == [8, 16]
+    assert not any("train/nac_me/act" in row for row in rows.values())
+    x, y = _data().dataset.tensors
+    counts = torch.zeros(50, 16, dtype=torch.float64)
+    _nac_me_by_formula(model, x[:40], y[:40], counts)  # the first 40 training samples, final weights
+    assert rows[16]["probe/nac_me/act"] == pytest.approx(_coverage(counts), rel=1e-6)
+    assert model.training  # flags restored
+
+
 def test_every_n_steps_and_fast_dev_run(tmp_path, monkeypatch):
     seen = []
     update = NACModel.update
 
     def spy(self, model, inputs, targets=None):
-        seen.append(len(inputs))
+        seen.append(len(inputs[0]))  # the callback passes whole (inputs, targets) batches
         return update(self, model, inputs, targets)
 
     monkeypatch.setattr(NACModel, "update", spy)
@@ -145,14 +160,14 @@ def test_resume_from_state_dict_continues_the_histograms(tmp_path):
     model = TinyNet()
     batches = list(_data(n=48, batch_size=8))
     trainer = Trainer(default_root_dir=tmp_path, logger=MemoryLogger(), enable_progress_bar=False)
-    full = NeuronActivationCoverage(evaluate_on=None)
+    full = NeuronActivationCoverage(every_n_steps=1, evaluate_on=None)
     full.setup(trainer, model, "fit")
     _run_batches(full, trainer, model, batches)
-    first = NeuronActivationCoverage(evaluate_on=None)
+    first = NeuronActivationCoverage(every_n_steps=1, evaluate_on=None)
     first.setup(trainer, model, "fit")
     _run_batches(first, trainer, model, batches[:3])
     torch.save(first.state_dict(), tmp_path / "state.pt")
-    resumed = NeuronActivationCoverage(evaluate_on=None)
+    resumed = NeuronActivationCoverage(every_n_steps=1, evaluate_on=None)
     resumed.setup(trainer, model, "fit")
     resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
     _run_batches(resumed, trainer, model, batches[3:])
@@ -169,7 +184,8 @@ def _ddp_fit(tmp_path, devices):
     data = _data(n=64, batch_size=4 if devices == 2 else 8)
     logger = CSVLogger(tmp_path, name=f"dev{devices}", version=0)
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices == 2 else "auto",
-                      callbacks=[NeuronActivationCoverage(evaluate_on=None)], logger=logger, max_epochs=1,
+                      callbacks=[NeuronActivationCoverage(every_n_steps=1, evaluate_on=None)], logger=logger,
+                      max_epochs=1,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       default_root_dir=tmp_path, use_distributed_sampler=True, limit_val_batches=0)
     trainer.fit(model, data)
@@ -254,7 +270,7 @@ def test_bad_input_raises_with_a_fix(tmp_path):
     with pytest.raises(ValueError, match="every_n_steps"):
         NeuronActivationCoverage(every_n_steps=0, evaluate_on=None)
     with pytest.raises(ValueError, match="do nothing"):
-        NeuronActivationCoverage(every_n_steps=None, evaluate_on=None)
+        NeuronActivationCoverage(every_n_steps=None, probe=None, evaluate_on=None)
     with pytest.raises(ValueError, match="unknown search_kwargs.*strategy"):
         NeuronActivationCoverage(evaluate_on=None, search_kwargs={"trials": 3})
     with pytest.raises(ValueError, match="saturation"):
@@ -267,7 +283,7 @@ def test_bad_input_raises_with_a_fix(tmp_path):
         _fit(tmp_path, [NeuronActivationCoverage(evaluate_on=None)], model=TupleNet())
     cb = NeuronActivationCoverage(evaluate_on=None, logits_fn=lambda out: out["scores"])
     _fit(tmp_path, [cb], model=TupleNet(), max_epochs=1)
-    assert 0 < cb.last_me["train/nac_me/act"] < 1
+    assert 0 < cb.last_me["probe/nac_me/act"] < 1
 
 
 def test_hydra_configs_instantiate(tmp_path):

@@ -1,4 +1,5 @@
-"""DeadNeurons: fraction of neurons that never fire over a window of training data, per layer."""
+"""DeadNeurons: fraction of neurons that never fire on a fixed probe set (or over a window of training data), per
+layer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lit_act.callbacks.base import ActivationStatisticCallback
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.base import PROBE_EPOCH, ActivationStatisticCallback
 from lit_act.stats.dead import DeadNeuronMetric
 from lit_act.stats.tap import ModuleSelector, neuron_view
 from lit_act.utils.schedule import validate_every_n
@@ -19,40 +21,56 @@ class DeadNeurons(ActivationStatisticCallback):
     """Dead neurons (Voita et al. 2023; :mod:`lit_act.stats.dead`) of every selected module (default: every
     activation-function module; neurons = last dim, conv channels = dim 1, see :func:`~lit_act.stats.tap.neuron_view`).
 
-    A neuron is dead when it never exceeds ``threshold`` on any observed training sample of the window: by default one
-    training epoch (decided at epoch end), or ``window_steps`` training steps. Counts are summed over DDP ranks before
-    the decision. With ``every_n_steps > 1`` only every n-th batch of the window is observed (cheaper, but a neuron
-    firing only on skipped batches counts as dead). ``on_validation``/``on_test`` give the same over each epoch of
-    that stage.
+    **Default: probe passes** (Voita et al.'s definition: a neuron is dead when it never fires on a *fixed* model over
+    a large dataset). At every training epoch end (``probe="epoch"``, or every ``n`` steps with ``probe=n``) the
+    current model runs in eval mode over the first ``probe_samples`` training samples, and a neuron is dead when it
+    never exceeds ``threshold`` on any of their real tokens. Logged as ``probe/...``.
 
-    Logged keys (``{stage}`` = ``train``/``val``/``test``; each also as ``{stage}/<statistic>/mean`` over modules):
+    **Running-window mode** (``every_n_steps`` or ``window_steps`` set): counts over the training batches of a window
+    while the weights move, by default one training epoch (decided at epoch end), or ``window_steps`` steps; with
+    ``every_n_steps > 1`` only every n-th batch is observed (a neuron firing only on skipped batches counts as dead).
+    Logged as ``train/...`` at the step the window started. Counts are summed over DDP ranks before the decision.
+    ``on_validation``/``on_test`` give the same over each epoch of that stage (validation is always collected under
+    ``trainer.validate``).
+
+    Logged keys (``{stage}`` = ``probe``/``train``/``val``/``test``; each also as ``{stage}/<statistic>/mean``):
 
     * ``{stage}/dead_fraction/{module}``: dead neurons / neurons;
     * ``{stage}/living_activation_frequency/{module}``: mean over living neurons of the fraction of samples on which
       each fires;
     * ``{stage}/dead/{module}/nonfinite``: NaN/Inf entries (excluded from the counts).
 
-    Training values are logged at the step the window started. Figure at train end:
-    ``figures/dead_fraction_per_layer.png`` (dead fraction per module vs window).
+    Padding (the adapter's token mask, default ``batch["attention_mask"]``) is excluded. Figure at train end:
+    ``figures/dead_fraction_per_layer.png`` (dead fraction per module vs probe / window).
 
     Args:
         modules: module selector (default: every activation module).
         threshold: a neuron fires when its activation is ``> threshold`` (default 0).
-        window_steps: window length in training steps (``None``: one epoch).
-        every_n_steps: observe every n-th training batch of the window (default 1: all).
+        window_steps: running mode: window length in training steps (``None``: one epoch).
+        every_n_steps: running mode: observe every n-th training batch of the window (``None``: off, unless
+            ``window_steps`` is set, then 1).
         on_validation, on_test: also count over whole validation / test epochs.
         neuron_dim: override the neuron dimension.
         figures: save the per-layer heatmap at train end.
+        probe: ``"auto"`` (default: ``"epoch"`` unless the running mode is chosen, then ``None``), ``None``,
+            ``"epoch"`` or every ``n`` steps.
+        probe_samples: probe-set size (default 1024 samples).
+        adapter: batch adapter (:class:`lit_act.batch.BatchAdapter`).
     """
 
     statistic = "dead"
     history_statistic = "dead_fraction"
 
     def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, window_steps: int | None = None,
-                 every_n_steps: int | None = 1, on_validation: bool = False, on_test: bool = False,
-                 neuron_dim: int | None = None, figures: bool = True) -> None:
-        super().__init__(modules, every_n_steps, on_validation, on_test, figures)
+                 every_n_steps: int | None = None, on_validation: bool = False, on_test: bool = False,
+                 neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = "auto",
+                 probe_samples: int = 1024, adapter: BatchAdapter | None = None) -> None:
         validate_every_n("window_steps", window_steps)
+        if window_steps is not None and every_n_steps is None:
+            every_n_steps = 1
+        if probe == "auto":
+            probe = PROBE_EPOCH if every_n_steps is None else None
+        super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         if window_steps is not None and every_n_steps is not None and window_steps < every_n_steps:
             raise ValueError(f"window_steps ({window_steps}) must be >= every_n_steps ({every_n_steps}) so a window "
                              "observes at least one batch")
@@ -71,7 +89,7 @@ class DeadNeurons(ActivationStatisticCallback):
         return {"dead": DeadNeuronMetric(neuron_view(x, module, self.neuron_dim).shape[1], self.threshold)}
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
-        metrics["dead"].update(neuron_view(x, module, self.neuron_dim))
+        metrics["dead"].update(neuron_view(self.tokens(name, x), module, self.neuron_dim))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -96,6 +114,7 @@ class DeadNeurons(ActivationStatisticCallback):
         if self.window_steps is None and self.window_start is not None:
             self.emit(trainer, "train", self.window_start)
             self.window_start = None
+        super().on_train_epoch_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

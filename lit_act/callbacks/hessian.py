@@ -9,19 +9,21 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.core import LitActCallback, probe_batches
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.lanczos import lanczos
 from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn
 from lit_act.hessian.trace import TRACE_METHODS, trace
-from lit_act.utils.figures import save_figure
+from lit_act.stats.tap import paused
 from lit_act.utils.modes import evaluating
-from lit_act.utils.schedule import due, is_real_run, validate_every_n
+from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
 PREFIX = "train/hessian/"
 
@@ -53,7 +55,33 @@ def preserved_training_state(module: nn.Module, eval_mode: bool = True) -> Itera
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-class HessianSpectrum(Callback):
+class AdaptedLoss:
+    """The default Hessian loss ``(module, batch) -> scalar`` through a :class:`~lit_act.batch.BatchAdapter`: the model
+    output's ``.loss`` when there is one (HF models given labels), otherwise ``module.loss(logits, targets)``; raises
+    ``TypeError`` with the fix otherwise. (A class, not a closure, so DDP-spawn can pickle it.)"""
+
+    def __init__(self, adapter: BatchAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        out = self.adapter.forward(module, batch)
+        loss = self.adapter.loss(out)
+        if loss is not None:
+            return loss
+        if not callable(getattr(module, "loss", None)):
+            raise TypeError(f"the output of {type(module).__name__} has no `.loss` and the module has no "
+                            "`loss(logits, targets)` method: pass HessianSpectrum(loss_fn=lambda module, batch: "
+                            "<scalar loss>), or batches with labels for a Hugging Face model")
+        logits, targets = self.adapter.logits(out), self.adapter.targets(batch)
+        if logits is None or targets is None:
+            raise TypeError(f"the default Hessian loss module.loss(logits, targets) found "
+                            f"{'no logits in the output' if logits is None else 'no targets in the batch'}: pass "
+                            "HessianSpectrum(loss_fn=lambda module, batch: <scalar loss>) or "
+                            "adapter=BatchAdapter(logits_fn=..., targets_fn=...)")
+        return module.loss(logits, targets)
+
+
+class HessianSpectrum(LitActCallback):
     """Hessian spectrum of the training loss on a fixed set of cached training batches, every N steps or epochs.
 
     The first ``num_batches`` training batches are cached (detached copies) and reused at every evaluation, so values
@@ -64,7 +92,11 @@ class HessianSpectrum(Callback):
     ranks (weighted by batch size), and every rank does the same products in the same order, so results are
     identical on all ranks.
 
-    Logged keys (``pl_module.log``; on_step for ``every_n_steps``, on_epoch for ``every_n_epochs``):
+    Before training a dry run on the first training batch (one loss, one Hessian-vector product) surfaces a missing
+    loss, missing logits or an autograd limitation. The evaluations run with every other callback's taps paused.
+
+    Logged keys (through the emitter: every evaluation reaches the loggers at its step and
+    ``trainer.callback_metrics``, also with ``every_n_steps``):
 
     * ``train/hessian/eig_1`` .. ``eig_k``: largest eigenvalues (Lanczos, :func:`lit_act.hessian.lanczos`);
     * ``train/hessian/lambda_min``: smallest eigenvalue (Lanczos, ``which="smallest"``);
@@ -97,7 +129,10 @@ class HessianSpectrum(Callback):
             batches for the duration of one evaluation and is the fastest (2x ``"forward"`` on the benchmark MLP,
             ~10x on tiny models, CPU); ``"forward"`` recomputes per product and holds one batch at a time.
         eval_mode: compute in eval mode (BatchNorm/dropout); ``False`` keeps the current modes.
-        loss_fn: ``loss_fn(module, batch) -> scalar``; default ``module.loss(module(inputs), targets)``.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default (:class:`AdaptedLoss`): the output's ``.loss`` when
+            there is one (HF with labels), else ``module.loss(logits, targets)`` through ``adapter``.
+        adapter: batch / output adapter of the default loss (:class:`lit_act.batch.BatchAdapter`).
+        dry_run: run one loss and one Hessian-vector product on the first training batch at train start.
         seed: seed of the private generator for start vectors and probes.
         warm_start: start the top-k Lanczos from the previous top eigenvector.
         checkpoint_vector: also store the warm-start vector in checkpoints (``dim`` floats).
@@ -110,7 +145,9 @@ class HessianSpectrum(Callback):
                  trace_budget: int = 60, trace_method: str = "hutchpp", slq_iter: int = 64, slq_runs: int = 2,
                  kh_power: float = 0.5, params: Sequence[str] | None = None, backend: str = "cached",
                  eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = True,
-                 checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True) -> None:
+                 checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
+                 adapter: BatchAdapter | None = None, dry_run: bool = True) -> None:
+        super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
         if every_n_steps is None and every_n_epochs is None:
@@ -137,7 +174,10 @@ class HessianSpectrum(Callback):
         self.trace_budget, self.trace_method = trace_budget, trace_method
         self.slq_iter, self.slq_runs, self.kh_power = slq_iter, slq_runs, kh_power
         self.params = None if params is None else list(params)
-        self.backend, self.eval_mode, self.loss_fn, self.seed = backend, eval_mode, loss_fn, seed
+        self.backend, self.eval_mode, self.seed = backend, eval_mode, seed
+        self.user_loss_fn = loss_fn
+        self.loss_fn = loss_fn or AdaptedLoss(self.adapter)
+        self.dry_run = dry_run
         self.warm_start, self.checkpoint_vector = warm_start, checkpoint_vector
         self.save_density_figure, self.progress = save_density_figure, progress
         self.cached_batches: list[Any] = []
@@ -154,6 +194,51 @@ class HessianSpectrum(Callback):
                                         params=self.params)
 
     # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.fast_dev_run:
+            return
+        if stage != "fit":
+            if self.evaluations == 0:
+                self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
+            return
+        steps = planned_steps(trainer)
+        if steps is not None and self.every_n_steps is not None and self.every_n_steps > steps \
+                and self.every_n_epochs is None:
+            self.warn(f"every_n_steps={self.every_n_steps} but the run plans {steps} steps: no evaluation runs; "
+                      "lower every_n_steps or set every_n_epochs")
+        epochs = trainer.max_epochs
+        if self.every_n_steps is None and epochs is not None and epochs > 0 and self.every_n_epochs > epochs \
+                and trainer.max_steps < 0:
+            self.warn(f"every_n_epochs={self.every_n_epochs} but the run has {epochs} epochs: no evaluation runs")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.dry_run and is_real_run(trainer):
+            self.check(trainer, pl_module)
+
+    def check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Dry run on the first training samples: the loss and one Hessian-vector product (nothing recorded, no
+        trace on the module); raises with the fix before training starts."""
+        batch = next(iter(probe_batches(trainer, 2, pl_module.device)), None)
+        if batch is None:
+            return
+        try:
+            with preserved_training_state(pl_module, self.eval_mode), paused(), torch.inference_mode(False), \
+                    torch.enable_grad():
+                op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend=self.backend)
+                op.matvec(torch.zeros(op.dim, dtype=op.dtype, device=op.device))
+        except FloatingPointError:
+            return  # a non-finite loss is reported by each evaluation (nan_events), not a setup error
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+            fix = ("an op of the model has no double backward (e.g. fused/flash attention): compute the loss with "
+                   "the math SDPA backend (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) or eager attention"
+                   if "derivative for" in str(err) else
+                   "pass loss_fn=lambda module, batch: <scalar loss>, or adapter=BatchAdapter(forward_fn=...) so "
+                   "module(batch) runs (default: module(**batch) for dicts, module(batch[0]) for tuples)")
+            raise type(err)(f"HessianSpectrum dry run on the first training batch failed: {err}. Fix: {fix}") \
+                from err
+
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -203,12 +288,12 @@ class HessianSpectrum(Callback):
             metrics, density = dict.fromkeys(self.metric_names(), math.nan), None
         self.evaluations += 1
         self.last_metrics = metrics
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False)
+        self.log_metrics(trainer, metrics, trainer.global_step)
         rank_zero_info(f"HessianSpectrum step {trainer.global_step}: "
                        + ", ".join(f"{k.removeprefix(PREFIX)}={v:.4g}" for k, v in metrics.items()))
         if density is not None and self.save_density_figure and trainer.is_global_zero:
-            save_figure(trainer, self._density_figure(*density, trainer.global_step), "hessian_density",
-                        step=trainer.global_step)
+            self.save_figure(trainer, self._density_figure(*density, trainer.global_step), "hessian_density",
+                             step=trainer.global_step)
 
     def metric_names(self) -> list[str]:
         """Every key an evaluation logs, in order."""
@@ -233,6 +318,7 @@ class HessianSpectrum(Callback):
                    + self.slq_iter * self.slq_runs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(preserved_training_state(module, self.eval_mode))
+            stack.enter_context(paused())  # no callback observes the Hessian-vector products
             if broadcast_buffers:
                 for buffer in module.buffers():
                     torch.distributed.broadcast(buffer, src=0)

@@ -11,10 +11,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lit_act.callbacks.base import ActivationStatisticCallback
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCallback
 from lit_act.stats.histogram import ActivationHistogramMetric
 from lit_act.stats.tap import ModuleSelector
-from lit_act.utils.figures import save_figure
 
 
 class ActivationHistograms(ActivationStatisticCallback):
@@ -34,7 +34,8 @@ class ActivationHistograms(ActivationStatisticCallback):
     Args:
         modules: module selector (default: every activation module).
         bins, low, high: the fixed bins.
-        every_n_steps, on_validation, on_test, figures: as in :class:`ActivationStatisticCallback`.
+        every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter: as in
+            :class:`~lit_act.callbacks.base.ActivationStatisticCallback` (padding is never binned).
     """
 
     statistic = "histogram"
@@ -42,8 +43,9 @@ class ActivationHistograms(ActivationStatisticCallback):
 
     def __init__(self, modules: ModuleSelector = None, bins: int = 64, low: float = -5.0, high: float = 5.0,
                  every_n_steps: int | None = 100, on_validation: bool = False, on_test: bool = False,
-                 figures: bool = True) -> None:
-        super().__init__(modules, every_n_steps, on_validation, on_test, figures)
+                 figures: bool = True, probe: str | int | None = None, probe_samples: int = DEFAULT_PROBE_SAMPLES,
+                 adapter: BatchAdapter | None = None) -> None:
+        super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         ActivationHistogramMetric(bins, low, high)  # validates the bins
         self.bins, self.low, self.high = bins, low, high
         self.last_histograms: dict[str, dict[str, np.ndarray]] = {}  # stage -> module -> counts of the last emission
@@ -52,7 +54,7 @@ class ActivationHistograms(ActivationStatisticCallback):
         return {"histogram": ActivationHistogramMetric(self.bins, self.low, self.high)}
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
-        metrics["histogram"].update(x)
+        metrics["histogram"].update(self.tokens(name, x))
 
     def emit(self, trainer: Trainer, stage: str, step: int) -> dict[str, float]:
         histograms = {}
@@ -99,4 +101,4 @@ class ActivationHistograms(ActivationStatisticCallback):
         axes[-1, 0].set_xlabel("activation value")
         fig.suptitle(f"activation histograms, step {self.history_steps[-1] if self.history_steps else 0}")
         fig.tight_layout()
-        save_figure(trainer, fig, "activation_histograms")
+        self.save_figure(trainer, fig, "activation_histograms")

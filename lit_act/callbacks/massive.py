@@ -3,6 +3,7 @@ emergence-curve fit of the ratio over training."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from lightning import LightningModule, Trainer
@@ -11,12 +12,12 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lit_act.callbacks.base import ActivationStatisticCallback, log_to_loggers
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCallback
 from lit_act.selection import residual_stream
 from lit_act.stats.emergence import _MIN_POINTS, EmergenceFit, fit_emergence
 from lit_act.stats.massive import MassiveActivationMetric
-from lit_act.stats.tap import ModuleSelector
-from lit_act.utils.figures import save_figure
+from lit_act.stats.tap import ModuleSelector, check_mask
 
 
 def residual_stream_modules(pl_module: nn.Module) -> list[str]:
@@ -58,6 +59,9 @@ class MassiveActivations(ActivationStatisticCallback):
         on_validation, on_test: observe whole validation / test epochs.
         fit_emergence: fit the emergence curve at train end.
         figures: save the figures at train end.
+        probe, probe_samples, adapter: probe-pass schedule, probe-set size and batch adapter
+            (:class:`~lit_act.callbacks.base.ActivationStatisticCallback`); padding (the adapter's token mask) is
+            excluded from every statistic, medians included.
     """
 
     statistic = "massive"
@@ -65,8 +69,10 @@ class MassiveActivations(ActivationStatisticCallback):
 
     def __init__(self, modules: ModuleSelector = None, k: int = 3, magnitude: float = 100.0,
                  median_ratio: float = 1000.0, every_n_steps: int | None = 50, on_validation: bool = False,
-                 on_test: bool = False, fit_emergence: bool = True, figures: bool = True) -> None:
-        super().__init__(modules, every_n_steps, on_validation, on_test, figures)
+                 on_test: bool = False, fit_emergence: bool = True, figures: bool = True,
+                 probe: str | int | None = None, probe_samples: int = DEFAULT_PROBE_SAMPLES,
+                 adapter: BatchAdapter | None = None) -> None:
+        super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         MassiveActivationMetric(k, magnitude, median_ratio)  # validates the arguments
         self.k, self.magnitude, self.median_ratio = k, magnitude, median_ratio
         self.fit_emergence = fit_emergence
@@ -79,7 +85,21 @@ class MassiveActivations(ActivationStatisticCallback):
         return {"massive": _PrefixedMassiveMetric(self.k, self.magnitude, self.median_ratio)}
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
-        metrics["massive"].update(x)
+        metric = metrics["massive"]
+        mask = self.mask
+        if mask is None:
+            metric.update(x)
+            return
+        check_mask(name, x, mask)
+        mask = mask.to(x.device)
+        if "mask" in inspect.signature(metric.update).parameters:
+            metric.update(x, mask=mask)
+            return
+        # TODO(stats): MassiveActivationMetric.update(h, mask=) -- until then, one update per sequence on its real
+        # tokens (exact for per-sequence statistics; token positions count real tokens only)
+        for h, keep in zip(x, mask):
+            if keep.any():
+                metric.update(h[keep].unsqueeze(0))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -98,8 +118,7 @@ class MassiveActivations(ActivationStatisticCallback):
         logged = {f"train/emergence_{p}/{name}": v for name, fit in self.emergence.items()
                   for p, v in fit.as_dict().items() if not math.isnan(v)}
         if logged:
-            self.last_logged = logged
-            log_to_loggers(trainer, logged, trainer.global_step)
+            self.log_metrics(trainer, logged, trainer.global_step)
         if self.figures and self.emergence:
             self._save_emergence_figure(trainer)
         return self.emergence
@@ -117,7 +136,7 @@ class MassiveActivations(ActivationStatisticCallback):
         ax.set_ylabel("max|h| / median|h|")
         ax.set_title("massive-activation emergence")
         ax.legend(fontsize=7)
-        save_figure(trainer, fig, "massive_emergence")
+        self.save_figure(trainer, fig, "massive_emergence")
 
 
 class _PrefixedMassiveMetric(MassiveActivationMetric):

@@ -8,20 +8,27 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lit_act.callbacks.base import log_to_loggers
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.base import PROBE_EPOCH, probe_due, validate_probe
+from lit_act.callbacks.core import (
+    LitActCallback,
+    assign_states,
+    metric_key,
+    probe_batches,
+    rank,
+    reduced_states,
+)
 from lit_act.stats.nac import NAC_ME_PARAMS, LayerParams, LogitsFn, NACModel
 from lit_act.stats.nac_search import SearchResult, search_parameters
 from lit_act.stats.ood import auroc, logits_scorer, score_batches
 from lit_act.stats.tap import ModuleSelector, require_uncompiled, select_modules
-from lit_act.utils.figures import save_figure
-from lit_act.utils.schedule import due, is_real_run, validate_every_n
+from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
 OODSets = Mapping[str, Dataset | DataLoader] | Callable[[LightningDataModule], Mapping[str, Dataset | DataLoader]]
 EVALUATE_ON = (None, "test", "fit")
@@ -29,15 +36,45 @@ _SEARCH_ARGS = set(inspect.signature(search_parameters).parameters) - {
     "model", "train_loader", "val_loader", "modules", "ood_loader", "logits_fn", "neuron_dim", "base"}
 
 
-class NeuronActivationCoverage(Callback):
+class AdaptedModel(nn.Module):
+    """``batch -> logits`` view of a LightningModule through a :class:`~lit_act.batch.BatchAdapter`, so NAC's passes
+    (:mod:`lit_act.stats.nac`, :mod:`lit_act.stats.ood`) run on any model and batch format."""
+
+    def __init__(self, module: nn.Module, adapter: BatchAdapter, logits_fn: LogitsFn | None) -> None:
+        super().__init__()
+        self.module = module
+        self.adapter = adapter
+        self.logits_fn = logits_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        out = self.adapter.forward(self.module, batch)
+        logits = self.logits_fn(out) if self.logits_fn is not None else self.adapter.logits(out)
+        if logits is None:
+            raise TypeError(f"the model output ({type(out).__name__}) has no logits: pass "
+                            "adapter=BatchAdapter(logits_fn=...) or logits_fn=")
+        return logits
+
+
+class NeuronActivationCoverage(LitActCallback):
     """Neuron Activation Coverage (Liu et al., ICLR 2024; :mod:`lit_act.stats.nac` has the formulas and the deviations
     from BierOne/ood_coverage) of the selected modules (default: every activation-function module).
 
-    **NAC-ME during training.** At every ``every_n_steps``-th training step (``None``: off) the batch goes through a
-    separate forward/backward in eval mode (no ``.grad``, optimizer or BN statistics touched; flags restored) and the
-    states ``sigmoid(0.1 * pool(z) * pool(dKL/dz))`` of its correctly classified samples fill per-module coverage
-    histograms (``O = 500, M = 50``, linear bins; fixed shape, summed over DDP ranks). At each training epoch end the
-    coverage is logged and the histograms reset.
+    **NAC-ME on probe passes** (default; the paper's model evaluation over correctly classified training samples).
+    At every training epoch end (``probe="epoch"``, or every ``n`` steps with ``probe=n``) the current model is
+    evaluated on the first ``probe_samples`` training samples: a separate forward/backward per batch in eval mode (no
+    ``.grad``, optimizer or BN statistics touched; flags and RNG restored; no other callback observes it), and the
+    states ``sigmoid(alpha * pool(z) * pool(dKL/dz))`` of the correctly classified samples fill per-module coverage
+    histograms (:data:`~lit_act.stats.nac.NAC_ME_PARAMS`), logged as ``probe/nac_me/...``.
+
+    **NAC-ME running mode** (``every_n_steps`` set): the same on every ``every_n_steps``-th training batch, while the
+    weights move; the histograms (fixed shape, summed over DDP ranks) are logged as ``train/nac_me/...`` and reset at
+    each training epoch end.
+
+    **Any model.** Batches are run through the :class:`~lit_act.batch.BatchAdapter` (``adapter=``: default
+    ``module(**batch)`` for dicts / ``BatchEncoding``, ``module(batch[0])`` for tuples), logits are read from the
+    output (``.logits``, a Tensor, the first tuple element), targets from ``batch["labels"]`` / ``batch[1]``, and
+    padding (``batch["attention_mask"]``) is excluded from the pooling. A dry run on the first training batch at train
+    start raises with the fix when the logits, the targets (NAC-ME) or the gradient path are missing.
 
     **NAC-UE OOD evaluation** at the end of ``trainer.test`` (``evaluate_on="test"``) or of ``trainer.fit``
     (``"fit"``), on the trainer's datamodule: optionally :func:`~lit_act.stats.nac_search.search_parameters` (fit on
@@ -48,8 +85,9 @@ class NeuronActivationCoverage(Callback):
 
     Logged keys (``{module}`` as in ``named_modules()``):
 
-    * ``train/nac_me/{module}``, ``train/nac_me/mean``: NAC-ME coverage of the epoch's observed correct samples;
-    * ``train/nac_me/{module}/nonfinite``: NaN/Inf states excluded from the histograms;
+    * ``probe/nac_me/{module}``, ``probe/nac_me/mean``: NAC-ME coverage of the probe set's correct samples
+      (``train/nac_me/...`` in running mode);
+    * ``{probe,train}/nac_me/{module}/nonfinite``: NaN/Inf states excluded from the histograms;
     * ``test/{method}/auroc/{ood_set}`` and ``test/{method}/auroc/mean`` for ``method`` in ``nac``, ``msp``,
       ``energy``: in-distribution test split vs each OOD set (in-distribution = positive; 0.5 = chance);
     * ``test/nac/coverage/{module}``: NAC-UE coverage of the fitted (training) histograms;
@@ -61,7 +99,7 @@ class NeuronActivationCoverage(Callback):
         alpha, saturation, bins, spacing: NAC-UE defaults for every layer (:class:`~lit_act.stats.nac.LayerParams`;
             ``alpha="auto"`` scales alpha to each layer's products).
         layer_params: per-module overrides ``{module: {alpha: ..., saturation: ..., bins: ..., spacing: ...}}``.
-        every_n_steps: NAC-ME collection period in training steps (``None``: no NAC-ME).
+        every_n_steps: running-mode NAC-ME period in training steps (``None``: off).
         evaluate_on: ``"test"``, ``"fit"`` or ``None`` (no OOD evaluation).
         ood_sets: ``{name: Dataset | DataLoader}`` or a callable ``datamodule -> {name: ...}`` (e.g.
             :func:`lit_act.data.ood.digits_ood_sets`); required when ``evaluate_on`` is set.
@@ -75,8 +113,13 @@ class NeuronActivationCoverage(Callback):
         logits_fn: maps the model output to logits ``(B, C)`` when it is not already.
         neuron_dim: neuron dimension override.
         figures: save the AUROC table figure.
+        probe: NAC-ME probe schedule: ``"auto"`` (``"epoch"`` unless ``every_n_steps`` is set, then ``None``),
+            ``None``, ``"epoch"`` or every ``n`` steps.
+        probe_samples: probe-set size (training samples; default 512).
+        adapter: batch / output adapter (:class:`lit_act.batch.BatchAdapter`).
 
-    Attributes after a run: ``last_me`` (the last logged NAC-ME keys), ``results`` (every evaluation key above),
+    Attributes after a run: ``last_me`` (the last logged NAC-ME keys; both NAC-ME modes log reduced, DDP-summed
+    histograms and checkpoint them reduced, restored on rank 0), ``results`` (every evaluation key above),
     ``search_result`` (:class:`~lit_act.stats.nac_search.SearchResult` with all trials).
 
     The evaluation calls ``datamodule.setup("fit")`` and builds fresh ``train/val/test_dataloader()``s (the train
@@ -85,11 +128,16 @@ class NeuronActivationCoverage(Callback):
 
     def __init__(self, modules: ModuleSelector = None, alpha: float | str = "auto", saturation: float = 20.0,
                  bins: int = 50, spacing: str = "symlog", layer_params: Mapping[str, Mapping[str, Any]] | None = None,
-                 every_n_steps: int | None = 1, evaluate_on: str | None = "test", ood_sets: OODSets | None = None,
+                 every_n_steps: int | None = None, evaluate_on: str | None = "test", ood_sets: OODSets | None = None,
                  search: bool = False, search_ood: Any = None, search_kwargs: Mapping[str, Any] | None = None,
                  fit_samples: int = 1000, batch_size: int = 256, logits_fn: LogitsFn | None = None,
-                 neuron_dim: int | None = None, figures: bool = True) -> None:
+                 neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = "auto",
+                 probe_samples: int = 512, adapter: BatchAdapter | None = None) -> None:
+        super().__init__(adapter, figures)
         validate_every_n("every_n_steps", every_n_steps)
+        if probe == "auto":
+            probe = PROBE_EPOCH if every_n_steps is None else None
+        validate_probe(probe, probe_samples)
         validate_every_n("fit_samples", fit_samples)
         validate_every_n("batch_size", batch_size)
         if evaluate_on not in EVALUATE_ON:
@@ -98,8 +146,9 @@ class NeuronActivationCoverage(Callback):
             raise ValueError("evaluate_on is set but ood_sets is None: pass ood_sets={name: Dataset} or a callable "
                              "datamodule -> {name: Dataset} (e.g. lit_act.data.ood.digits_ood_sets), or "
                              "evaluate_on=None")
-        if every_n_steps is None and evaluate_on is None:
-            raise ValueError("NeuronActivationCoverage would do nothing: set every_n_steps (NAC-ME) or evaluate_on")
+        if every_n_steps is None and probe is None and evaluate_on is None:
+            raise ValueError("NeuronActivationCoverage would do nothing: set probe or every_n_steps (NAC-ME) or "
+                             "evaluate_on")
         unknown = set(search_kwargs or {}) - _SEARCH_ARGS
         if unknown:
             raise ValueError(f"unknown search_kwargs {sorted(unknown)}; valid: {sorted(_SEARCH_ARGS)}")
@@ -117,9 +166,11 @@ class NeuronActivationCoverage(Callback):
         self.batch_size = batch_size
         self.logits_fn = logits_fn
         self.neuron_dim = neuron_dim
-        self.figures = figures
+        self.probe = probe
+        self.probe_samples = probe_samples
         self.selected: dict[str, nn.Module] = {}
         self.me: NACModel | None = None
+        self.model: AdaptedModel | None = None
         self._pending_me: dict[str, dict[str, Tensor]] = {}
         self.search_result: SearchResult | None = None
         self.results: dict[str, float] = {}
@@ -144,8 +195,50 @@ class NeuronActivationCoverage(Callback):
         if unknown:
             raise ValueError(f"layer_params name modules that are not selected: {sorted(unknown)}; selected: "
                              f"{sorted(self.selected)}")
+        self.model = AdaptedModel(pl_module, self.adapter, self.logits_fn)
         if self.me is None:
-            self.me = NACModel(self.selected, NAC_ME_PARAMS, self.logits_fn, self.neuron_dim, correct_only=True)
+            self.me = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True,
+                               mask_fn=self.adapter.mask)
+        self.warn_if_idle(trainer, stage)
+
+    def warn_if_idle(self, trainer: Trainer, stage: str) -> None:
+        """Warn when nothing will be computed in the configured run."""
+        if trainer.fast_dev_run:
+            return
+        steps = planned_steps(trainer)
+        if stage == "fit" and steps is not None:
+            if self.every_n_steps is not None and self.every_n_steps > 1 and self.every_n_steps >= steps:
+                self.warn(f"every_n_steps={self.every_n_steps} but the run plans {steps} steps: NAC-ME observes "
+                          "step 0 only; lower every_n_steps or use probe='epoch'")
+            if isinstance(self.probe, int) and self.probe > steps:
+                self.warn(f"probe={self.probe} but the run plans {steps} steps: no NAC-ME probe pass runs")
+        if stage == "validate":
+            self.warn("computes nothing under trainer.validate (NAC-ME runs during fit, NAC-UE at test/fit end)")
+        if stage == "test" and self.evaluate_on != "test":
+            self.warn(f"evaluate_on={self.evaluate_on!r}: trainer.test computes nothing; set evaluate_on='test'")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (self.every_n_steps is not None or self.probe is not None) and is_real_run(trainer):
+            self.dry_run(trainer, pl_module)
+
+    def dry_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One NAC forward/backward on the first training samples (nothing recorded): raises before training when
+        the logits, the targets or the gradient path to the selected modules are missing."""
+        batch = next(iter(probe_batches(trainer, 2, pl_module.device)), None)
+        if batch is None:
+            return
+        if self.adapter.targets(batch) is None:
+            raise ValueError("NeuronActivationCoverage: NAC-ME counts correctly classified samples but the batch "
+                             f"({type(batch).__name__}) carries no targets (batch['labels'] or batch[1]); pass "
+                             "adapter=BatchAdapter(targets_fn=lambda batch: ...), or probe=None, every_n_steps=None")
+        try:
+            with self.quiet_pass(pl_module):
+                self.me.products(self.model, batch)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise type(err)(f"NeuronActivationCoverage dry run on the first training batch failed: {err}. Fix: "
+                            "pass adapter=BatchAdapter(forward_fn=..., logits_fn=...) so the model maps a batch "
+                            "to logits (batch, num_classes), or select other modules=") from err
 
     def layer_params_for(self, names: list[str]) -> dict[str, LayerParams]:
         """NAC-UE parameters of ``names`` (defaults and ``layer_params`` overrides)."""
@@ -159,42 +252,54 @@ class NeuronActivationCoverage(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.me is None or not self._due:
-            return
-        inputs, targets = batch[0], batch[1]
-        self.me.update(pl_module, inputs, targets)
+        if self.me is not None and self._due:
+            self._update_me(pl_module, batch)
+        if probe_due(self.probe, trainer.global_step) and is_real_run(trainer):
+            self.run_probe(trainer, pl_module)
+
+    def _update_me(self, pl_module: LightningModule, batch: Any) -> None:
+        with self.quiet_pass(pl_module):
+            self.me.update(self.model, batch, self.adapter.targets(batch))
         for name, states in self._pending_me.items():
             cov = self.me.coverage.get(name)
-            if cov is not None:
-                self._restore(cov, states)
+            if cov is not None:  # created by this first update: add the restored counts to it
+                assign_states(cov, {k: v.to(cov.device) + getattr(cov, k) for k, v in states.items()})
         self._pending_me = {k: v for k, v in self._pending_me.items() if k not in self.me.coverage}
 
-    @staticmethod
-    def _restore(cov, states: dict[str, Tensor]) -> None:
-        for key, value in states.items():
-            getattr(cov, key).add_(value.to(getattr(cov, key)))
-        cov._update_count = max(cov._update_count, 1)
-        cov._computed = None
+    def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """NAC-ME of the current model on the probe set (fresh histograms), logged as ``probe/nac_me/...``."""
+        probe = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True,
+                               mask_fn=self.adapter.mask)
+        for batch in probe_batches(trainer, self.probe_samples, pl_module.device):
+            with self.quiet_pass(pl_module):
+                probe.update(self.model, batch, self.adapter.targets(batch))
+        return self._emit_me(trainer, probe, "probe")
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.me is None or not self.me.coverage or not is_real_run(trainer):
+        if not is_real_run(trainer):
             return
+        if self.me is not None and self.me.coverage:
+            self._emit_me(trainer, self.me, "train")
+        if self.probe == PROBE_EPOCH:
+            self.run_probe(trainer, pl_module)
+
+    def _emit_me(self, trainer: Trainer, nac: NACModel, stage: str) -> dict[str, float]:
         logged = {}
-        for name, cov in self.me.coverage.items():
-            logged[f"train/nac_me/{name}"] = float(cov.compute())
-            nonfinite = cov.nonfinite.clone()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(nonfinite)
-            logged[f"train/nac_me/{name}/nonfinite"] = float(nonfinite)
+        for name, cov in nac.coverage.items():
+            states = reduced_states(cov)  # summed over DDP ranks
+            logged[metric_key(stage, "nac_me", name)] = float(cov.compute())
+            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = float(states["nonfinite"].sum())
             cov.reset()
+        if not logged:
+            return {}
         values = [v for k, v in logged.items() if not k.endswith("/nonfinite")]
-        logged["train/nac_me/mean"] = sum(values) / len(values)
+        logged[metric_key(stage, "nac_me", "mean")] = sum(values) / len(values)
         bad = {k: v for k, v in logged.items() if k.endswith("/nonfinite") and v > 0}
         if bad:
-            rank_zero_warn(f"NeuronActivationCoverage: NaN/Inf neuron states were excluded from NAC-ME ({bad})")
+            self.warn(f"NaN/Inf neuron states were excluded from NAC-ME ({bad})")
         self.last_me = logged
-        log_to_loggers(trainer, logged, trainer.global_step)
+        return self.log_metrics(trainer, logged, trainer.global_step)
 
     # ------------------------------------------------------------------------------------------- evaluation
     @override
@@ -229,32 +334,35 @@ class NeuronActivationCoverage(Callback):
             raise ValueError("ood_sets is empty: give at least one OOD set")
         logged: dict[str, float] = {}
         params = self.layer_params_for(list(self.selected))
+        model = self.model
         if self.search:
             proxy = self.search_ood(datamodule) if callable(self.search_ood) else self.search_ood
-            self.search_result = search_parameters(
-                pl_module, train, val, self.selected, None if proxy is None else self._loader(proxy),
-                **{"fit_samples": self.fit_samples, **self.search_kwargs}, logits_fn=self.logits_fn,
-                neuron_dim=self.neuron_dim, base=self.params)
+            with self.quiet_pass(pl_module):
+                self.search_result = search_parameters(
+                    model, train, val, self.selected, None if proxy is None else self._loader(proxy),
+                    **{"fit_samples": self.fit_samples, **self.search_kwargs}, logits_fn=None,
+                    neuron_dim=self.neuron_dim, base=self.params)
             params = self.search_result.params
             logged.update(self.search_result.flat())
             rank_zero_info(self.search_result.describe())
-        nac = NACModel({n: self.selected[n] for n in params}, params, self.logits_fn, self.neuron_dim, sync=False)
-        nac.fit(pl_module, train, self.fit_samples)
-        for name, value in nac.layer_coverage().items():
-            logged[f"test/nac/coverage/{name}"] = value
-        scorers = {"nac": lambda x: nac.score(pl_module, x),
-                   "msp": logits_scorer(pl_module, "msp", self.logits_fn),
-                   "energy": logits_scorer(pl_module, "energy", self.logits_fn)}
-        for method, scorer in scorers.items():
-            in_scores = score_batches(scorer, test)
-            values = []
-            for set_name, loader in ood_loaders.items():
-                value = auroc(in_scores, score_batches(scorer, loader))
-                logged[f"test/{method}/auroc/{set_name}"] = value
-                values.append(value)
-            logged[f"test/{method}/auroc/mean"] = sum(values) / len(values)
+        nac = NACModel({n: self.selected[n] for n in params}, params, None, self.neuron_dim, sync=False,
+                       mask_fn=self.adapter.mask)
+        with self.quiet_pass(pl_module):
+            nac.fit(model, train, self.fit_samples)
+            for name, value in nac.layer_coverage().items():
+                logged[f"test/nac/coverage/{name}"] = value
+            scorers = {"nac": lambda x: nac.score(model, x), "msp": logits_scorer(model, "msp"),
+                       "energy": logits_scorer(model, "energy")}
+            for method, scorer in scorers.items():
+                in_scores = score_batches(scorer, test)
+                values = []
+                for set_name, loader in ood_loaders.items():
+                    value = auroc(in_scores, score_batches(scorer, loader))
+                    logged[f"test/{method}/auroc/{set_name}"] = value
+                    values.append(value)
+                logged[f"test/{method}/auroc/mean"] = sum(values) / len(values)
         self.results = logged
-        log_to_loggers(trainer, logged, trainer.global_step)
+        self.log_metrics(trainer, logged, trainer.global_step)
         self._report(trainer, list(ood_loaders))
         return logged
 
@@ -275,24 +383,25 @@ class NeuronActivationCoverage(Callback):
             ax.table(cellText=rows, rowLabels=[*set_names, "mean"], colLabels=["NAC-UE", "MSP", "energy"],
                      loc="center")
             ax.set_title("OOD AUROC (test split)")
-            save_figure(trainer, fig, "nac_ood_auroc")
+            self.save_figure(trainer, fig, "nac_ood_auroc")
 
     # ---------------------------------------------------------------------------------------------- resume
     @override
     def state_dict(self) -> dict[str, Any]:
-        me = {} if self.me is None else {
-            name: {k: v.detach().cpu().clone() for k, v in cov.metric_state.items()}
-            for name, cov in self.me.coverage.items()}
+        """Running-mode NAC-ME histograms reduced over DDP ranks (as every lit-act statistic callback)."""
+        me = {} if self.me is None else {name: reduced_states(cov) for name, cov in self.me.coverage.items()}
         me.update({k: v for k, v in self._pending_me.items() if k not in me})
         return {"nac_me": me}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the reduced histograms on rank 0 only, so the next DDP reduction counts them once."""
         self._pending_me = {}
+        if rank() != 0:
+            return
         for name, states in state_dict["nac_me"].items():
             cov = None if self.me is None else self.me.coverage.get(name)
             if cov is None:
                 self._pending_me[name] = states
             else:
-                cov.reset()
-                self._restore(cov, states)
+                assign_states(cov, states)

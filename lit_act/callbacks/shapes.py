@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_act.callbacks.core import LitActCallback
 from lit_act.stats.tap import ModuleSelector, select_modules
-from lit_act.utils.figures import save_figure
-from lit_act.utils.modes import evaluating
 from lit_act.utils.schedule import is_real_run, validate_every_n
 
 _LEARNABLE_PACKAGES = ("lit_act.activations", "lit_act.kan")
@@ -62,10 +61,10 @@ def response_curves(module: nn.Module, x: Tensor, max_curves: int) -> tuple[Tens
     return torch.stack(curves, dim=1), labels
 
 
-class LearnedActivationShapes(Callback):
+class LearnedActivationShapes(LitActCallback):
     """Plot the learned shapes: ``f(x)`` of every elementwise learnable activation (PAU / rational per layer, channel
     or group, PolyReLU, APA, ...) and the edge functions ``phi_{j,i}(x) - phi_{j,i}(0)`` of KAN-family layers, on
-    ``x`` in ``x_range``, in eval mode and without touching gradients.
+    ``x`` in ``x_range``, in eval mode and without touching gradients (a quiet pass: no other callback observes it).
 
     Figures (no logged scalars): ``figures/learned_shapes_epoch<e>.png`` every ``every_n_epochs`` training epochs and
     ``figures/learned_shapes.png`` at train end (PNG + W&B image via :func:`lit_act.utils.figures.save_figure`).
@@ -80,6 +79,7 @@ class LearnedActivationShapes(Callback):
 
     def __init__(self, modules: ModuleSelector = None, every_n_epochs: int | None = None,
                  x_range: tuple[float, float] = (-3.0, 3.0), points: int = 201, max_curves: int = 6) -> None:
+        super().__init__()
         validate_every_n("every_n_epochs", every_n_epochs)
         if not x_range[0] < x_range[1] or points < 2 or max_curves < 1:
             raise ValueError(f"need x_range[0] < x_range[1], points >= 2, max_curves >= 1; got {x_range}, {points}, "
@@ -119,7 +119,7 @@ class LearnedActivationShapes(Callback):
         device = next(pl_module.parameters()).device
         x = torch.linspace(*self.x_range, self.points, device=device)
         fig, axes = plt.subplots(len(self.selected), 1, figsize=(5, 2.2 * len(self.selected) + 0.5), squeeze=False)
-        with evaluating(pl_module), torch.no_grad():
+        with self.quiet_pass(pl_module), torch.no_grad():
             for ax, (module_name, module) in zip(axes[:, 0], self.selected.items()):
                 curves = elementwise_curves(module, x, self.max_curves)
                 labels = [f"channel/group {i}" for i in range(curves.shape[1])] if curves is not None else []
@@ -133,4 +133,4 @@ class LearnedActivationShapes(Callback):
                 if len(labels) > 1:
                     ax.legend(fontsize=6)
         fig.tight_layout()
-        save_figure(trainer, fig, name)
+        self.save_figure(trainer, fig, name)

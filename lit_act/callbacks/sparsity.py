@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lit_act.callbacks.base import ActivationStatisticCallback
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCallback
 from lit_act.stats.sparsing_law import CETTSparsityMetric, find_down_projection
 from lit_act.stats.sparsity import ActivationSparsityMetric
 from lit_act.stats.tap import ModuleSelector, neuron_view
@@ -49,6 +50,10 @@ class ActivationSparsity(ActivationStatisticCallback):
             registered right after the activation in its parent (``fc_in -> act -> fc_out``).
         neuron_dim: override the neuron dimension of :func:`~lit_act.stats.tap.neuron_view`.
         figures: save the per-layer heatmap at train end.
+        probe, probe_samples: probe-pass schedule (``None``, ``"epoch"`` or every n steps; keys ``probe/...``)
+            and probe-set size (:class:`~lit_act.callbacks.base.ActivationStatisticCallback`).
+        adapter: batch adapter (:class:`lit_act.batch.BatchAdapter`); its token mask (default
+            ``batch["attention_mask"]``) excludes padding from every statistic.
     """
 
     statistic = "sparsity"
@@ -57,8 +62,9 @@ class ActivationSparsity(ActivationStatisticCallback):
     def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, every_n_steps: int | None = 50,
                  on_validation: bool = True, on_test: bool = False, cett_target: float | None = 0.2,
                  cett_max_tokens: int | None = 512, down_projections: Mapping[str, str] | None = None,
-                 neuron_dim: int | None = None, figures: bool = True) -> None:
-        super().__init__(modules, every_n_steps, on_validation, on_test, figures)
+                 neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = None,
+                 probe_samples: int = DEFAULT_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
+        super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         ActivationSparsityMetric(threshold)  # validates threshold
         if cett_target is not None:
             CETTSparsityMetric(cett_target, cett_max_tokens)  # validates the arguments
@@ -98,7 +104,7 @@ class ActivationSparsity(ActivationStatisticCallback):
 
     def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
         metrics: dict[str, Metric] = {"sparsity": ActivationSparsityMetric(self.threshold)}
-        if stage != "train" and name in self.down_projections:
+        if stage not in ("train", "probe") and name in self.down_projections:
             down = self.down_projections[name]
             neurons = neuron_view(x, module, self.neuron_dim).shape[1]
             if neurons != down.in_features:
@@ -108,7 +114,7 @@ class ActivationSparsity(ActivationStatisticCallback):
         return metrics
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
-        a = neuron_view(x, module, self.neuron_dim)
+        a = neuron_view(self.tokens(name, x), module, self.neuron_dim)
         metrics["sparsity"].update(a)
         if "cett" in metrics:
             down = self.down_projections[name]

@@ -5,19 +5,19 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from lit_act.analysis.teacher_student import CopyAverageResult, NeuronMatch, check_rule, classify_students
-from lit_act.utils.figures import save_figure
+from lit_act.callbacks.core import LitActCallback
 from lit_act.utils.schedule import is_real_run
 
 PREFIX = "teacher_student/"
 
 
-class TeacherStudentMatch(Callback):
+class TeacherStudentMatch(LitActCallback):
     """Classify every student neuron's incoming vector as a copy of one teacher neuron, an average of several, or
     other, by cosine similarity (:func:`lit_act.analysis.teacher_student.classify_students`; Şimşek et al.,
     NeurIPS 2023, "Should Under-parameterized Student Networks Copy or Average Teacher Weights?").
@@ -28,7 +28,8 @@ class TeacherStudentMatch(Callback):
     :class:`lit_act.data.TeacherStudentDataModule`). The analysis reads weights only, so it is the same on every DDP
     rank and needs no reduction; it keeps no state between epochs (nothing to checkpoint).
 
-    Logged keys (``pl_module.log`` at the end of every validation epoch, not in the sanity check or ``fast_dev_run``):
+    Logged keys (to the loggers and ``trainer.callback_metrics`` at the end of every validation epoch, not in the
+    sanity check or ``fast_dev_run``):
 
     * ``teacher_student/copy_fraction``, ``teacher_student/average_fraction``, ``teacher_student/other_fraction``:
       fractions of student neurons of each kind;
@@ -55,12 +56,12 @@ class TeacherStudentMatch(Callback):
     def __init__(self, student_weight: str = "hidden.weight", teacher_weights: Tensor | None = None,
                  copy_threshold: float = 0.9, copy_margin: float = 0.2, average_threshold: float = 0.9,
                  sign_symmetric: bool = False, figures: bool = True) -> None:
+        super().__init__(figures=figures)
         self.student_weight = student_weight
         self.teacher_weights = teacher_weights
         check_rule(copy_threshold, copy_margin, average_threshold)
         self.rule = {"copy_threshold": copy_threshold, "copy_margin": copy_margin,
                      "average_threshold": average_threshold, "sign_symmetric": sign_symmetric}
-        self.figures = figures
         self.result: CopyAverageResult | None = None
 
     def _teacher(self, trainer: Trainer) -> Tensor:
@@ -106,7 +107,7 @@ class TeacherStudentMatch(Callback):
             metrics.update({f"{PREFIX}{statistic}/neuron_{i}": value for i, value in enumerate(values)})
             finite = [v for v in values if not math.isnan(v)]
             metrics[f"{PREFIX}{statistic}/mean"] = sum(finite) / len(finite) if finite else math.nan
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=False)
+        self.log_metrics(trainer, metrics, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -116,8 +117,8 @@ class TeacherStudentMatch(Callback):
         lines = [f"student neuron {i}: {describe(n)}" for i, n in enumerate(self.result.neurons)]
         rank_zero_info("TeacherStudentMatch:\n  " + "\n  ".join(lines))
         if self.figures and is_real_run(trainer):
-            save_figure(trainer, cosine_heatmap(self.result, self.rule["sign_symmetric"], trainer.current_epoch),
-                        "teacher_student_cosine")
+            self.save_figure(trainer, cosine_heatmap(self.result, self.rule["sign_symmetric"],
+                                                     trainer.current_epoch), "teacher_student_cosine")
 
 
 def describe(neuron: NeuronMatch) -> str:

@@ -40,10 +40,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import Callback, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_act.callbacks.core import LitActCallback
 from lit_act.kan.kan_linear import bspline_bases, check_in_features, uniform_grid
 
 __all__ = ["SPACES", "SKANLinear", "SKANStageCallback", "space_bases"]
@@ -236,7 +237,7 @@ def skan_layers(module: nn.Module) -> list[SKANLinear]:
     return [m for m in module.modules() if isinstance(m, SKANLinear)]
 
 
-class SKANStageCallback(Callback):
+class SKANStageCallback(LitActCallback):
     """Drives S-KAN's three stages over epochs for every :class:`SKANLinear` in the LightningModule.
 
     Epochs ``[0, full_epochs)``: stage 1 (full). ``[full_epochs, full_epochs + selective_epochs)``: stage 2, with
@@ -247,7 +248,8 @@ class SKANStageCallback(Callback):
     At the start of epoch ``full_epochs + selective_epochs``: stage 3, :meth:`SKANLinear.select` on every layer
     and the optimizers are rebuilt so they no longer hold the dropped parameters.
 
-    Logged keys: ``skan/temperature`` and ``skan/selection_entropy`` (mean over layers) each epoch;
+    Logged keys (loggers and ``trainer.callback_metrics``, through :meth:`LitActCallback.log_metrics`):
+    ``skan/temperature`` and ``skan/selection_entropy`` (mean over layers) each epoch;
     ``skan/nodes_<space>`` (nodes choosing each space, summed over layers) once, when pruning.
     """
 
@@ -295,7 +297,7 @@ class SKANStageCallback(Callback):
                         counts[s] = counts.get(s, 0) + c
                 trainer.strategy.setup_optimizers(trainer)
                 _forget_checkpoints_before_pruning(trainer)
-                pl_module.log_dict({f"skan/nodes_{s}": float(c) for s, c in counts.items()})
+                self.log_metrics(trainer, {f"skan/nodes_{s}": float(c) for s, c in counts.items()}, trainer.global_step)
             return
         for m in layers:
             if epoch < self.full_epochs:
@@ -304,7 +306,8 @@ class SKANStageCallback(Callback):
                 m.set_stage("selective", self.temperature(epoch))
         with torch.no_grad():
             entropy = torch.stack([m.selection_entropy() for m in layers]).mean()
-        pl_module.log_dict({"skan/temperature": layers[0].temperature, "skan/selection_entropy": entropy})
+        self.log_metrics(trainer, {"skan/temperature": layers[0].temperature, "skan/selection_entropy": entropy},
+                 trainer.global_step)
 
 
 def _forget_checkpoints_before_pruning(trainer: Trainer) -> None:

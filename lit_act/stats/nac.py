@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_act.stats.ood import inputs_of
-from lit_act.stats.tap import neuron_view, tap
+from lit_act.stats.tap import check_mask, neuron_view, tap
 from lit_act.utils.modes import evaluating
 
 LogitsFn = Callable[[Any], Tensor]
@@ -199,8 +199,13 @@ def as_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
     return logits
 
 
-def pooled(x: Tensor, module: nn.Module, batch_size: int, neuron_dim: int | None = None) -> Tensor:
-    """``(batch, neurons)``: ``x`` summed over every non-batch, non-neuron position (conv maps over H x W)."""
+def pooled(x: Tensor, module: nn.Module, batch_size: int, neuron_dim: int | None = None,
+           mask: Tensor | None = None, name: str = "") -> Tensor:
+    """``(batch, neurons)``: ``x`` summed over every non-batch, non-neuron position (conv maps over H x W); with a
+    ``(B, T)`` token ``mask`` over the real tokens only."""
+    if mask is not None:
+        check_mask(name, x, mask)
+        x = x * mask.to(x.device).reshape(*mask.shape, *([1] * (x.dim() - mask.dim()))).to(x.dtype)
     view = neuron_view(x, module, neuron_dim)
     if view.shape[0] % batch_size:
         raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)} per sample of a batch of {batch_size}: "
@@ -230,8 +235,10 @@ def _grad_ready(inputs: Any) -> Any:
 
 
 def neuron_products(model: nn.Module, inputs: Any, modules: Mapping[str, nn.Module],
-                    logits_fn: LogitsFn | None = None, neuron_dim: int | None = None) -> NACBatch:
-    """``pool(z) * pool(d KL(u || softmax) / dz)`` for every module in ``modules`` on one batch.
+                    logits_fn: LogitsFn | None = None, neuron_dim: int | None = None,
+                    mask: Tensor | None = None) -> NACBatch:
+    """``pool(z) * pool(d KL(u || softmax) / dz)`` for every module in ``modules`` on one batch (pooled over the real
+    tokens of a ``(B, T)`` token ``mask`` when given).
 
     Runs its own forward and backward in eval mode under ``torch.inference_mode(False)`` and ``torch.enable_grad()``
     (so it works inside Lightning's validation/test loops), differentiating only with respect to the hooked outputs
@@ -266,8 +273,8 @@ def neuron_products(model: nn.Module, inputs: Any, modules: Mapping[str, nn.Modu
         module = captured[name][0]
         if grad is None:
             grad = torch.zeros_like(out)
-        z = pooled(out.detach().float(), module, batch, neuron_dim)
-        g = pooled(grad.float(), module, batch, neuron_dim)
+        z = pooled(out.detach().float(), module, batch, neuron_dim, mask, name)
+        g = pooled(grad.float(), module, batch, neuron_dim, mask, name)
         products[name] = z * g
     return NACBatch(logits.detach().float(), products)
 
@@ -381,11 +388,13 @@ class NACModel:
         logits_layer: also observe the logits as a layer named :data:`LOGITS` (:func:`logit_products`; its
             parameters are ``params[LOGITS]`` when ``params`` is a mapping). NAC-UE's default layer set is every
             activation module plus the logits (see :data:`NAC_UE_PARAMS`).
+        mask_fn: ``inputs -> (B, T) bool token mask | None``: pool over real tokens only (padding excluded).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], params: LayerParams | Mapping[str, LayerParams] = LayerParams(),
                  logits_fn: LogitsFn | None = None, neuron_dim: int | None = None, correct_only: bool = False,
-                 sync: bool = True, logits_layer: bool = False) -> None:
+                 sync: bool = True, logits_layer: bool = False,
+                 mask_fn: Callable[[Any], Tensor | None] | None = None) -> None:
         if not modules and not logits_layer:
             raise ValueError("NACModel needs at least one module (or logits_layer=True)")
         if logits_layer and LOGITS in modules:
@@ -406,6 +415,7 @@ class NACModel:
         self.neuron_dim = neuron_dim
         self.correct_only = correct_only
         self.sync = sync
+        self.mask_fn = mask_fn
         self.alphas: dict[str, float] = {}
         self.coverage: dict[str, NACCoverage] = {}
 
@@ -415,7 +425,8 @@ class NACModel:
         if param is not None:
             inputs = move_data_to_device(inputs, param.device)
         if self.modules:
-            batch = neuron_products(model, inputs, self.modules, self.logits_fn, self.neuron_dim)
+            mask = None if self.mask_fn is None else self.mask_fn(inputs)
+            batch = neuron_products(model, inputs, self.modules, self.logits_fn, self.neuron_dim, mask)
         else:  # logits layer only: no hooks, no backward
             with evaluating(model), torch.no_grad():
                 batch = NACBatch(as_logits(model(inputs), self.logits_fn).float(), {})
@@ -479,7 +490,7 @@ class NACModel:
         """An unfitted copy observing ``params``' layers with those parameters."""
         return NACModel({n: self.modules[n] for n in params if n != LOGITS or not self.logits_layer}, dict(params),
                         self.logits_fn, self.neuron_dim, self.correct_only, self.sync,
-                        logits_layer=self.logits_layer and LOGITS in params)
+                        logits_layer=self.logits_layer and LOGITS in params, mask_fn=self.mask_fn)
 
 
 def collect_products(nac: NACModel, model: nn.Module, batches: Iterable[Any],

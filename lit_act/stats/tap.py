@@ -17,6 +17,13 @@ Conventions (shared by every lit-act statistic):
 * **Neurons** (:func:`neuron_view`): the last dimension for linear / attention / activation outputs of any rank
   ``(..., N)``; the channel dimension 1 for conv layers and for 4-D maps ``(B, C, H, W)`` (3-D ``(B, C, L)`` for
   ``Conv1d``, 5-D for ``Conv3d``). ``neuron_dim=`` overrides.
+* **Sites** (:func:`tap`): ``{name: module}`` observes outputs; ``{name: Site}`` (any object with ``.module`` and
+  ``.port`` in ``"output"``/``"input"``, e.g. :class:`lit_act.selection.Site`) observes the output or the module's
+  input (its first positional Tensor argument: the input of a down-projection, as Sparsing Law's CETT needs).
+* **Isolation** (:func:`paused`): while open, every callback's (owned) tap is a no-op except the one it allows, so
+  lit-act's internal passes (NAC, Hessian-vector products, probe passes, dry runs) are seen by no other callback.
+* **Padding** (:func:`valid_tokens`): a ``(B, T)`` token mask selects the real tokens of a ``(B, T, ...)`` output;
+  a mask that does not fit raises, naming the module and both shapes.
 """
 
 from __future__ import annotations
@@ -88,25 +95,123 @@ def neuron_view(x: Tensor, module: nn.Module, neuron_dim: int | None = None) -> 
     return x.movedim(neuron_dim, -1).reshape(-1, x.shape[neuron_dim])
 
 
+class _TapGate:
+    """Global switch of every lit-act tap hook (see :func:`paused`)."""
+
+    depth = 0
+    allowed: tuple[object, ...] = ()
+
+
 @contextmanager
-def tap(modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, Tensor], None]) -> Iterator[None]:
-    """Call ``fn(name, module, extract_tensor(name, output))`` after every forward of each module in ``modules``
-    while the context is open; every hook handle is removed on exit, including when the body raises."""
+def paused(allow: object | None = None) -> Iterator[None]:
+    """While open, every owned tap hook (the taps of lit-act callbacks, ``tap(..., owner=callback)``) is a no-op,
+    except those whose ``owner`` is ``allow``. Anonymous taps (``owner=None``: a library pass's own, local taps, as in
+    :func:`lit_act.stats.nac.neuron_products`) keep working.
+
+    lit-act's own passes (NAC's forward/backward, Hessian-vector products, shape probes, dry runs, probe passes) run
+    inside it, so no callback records another callback's passes::
+
+        with paused():            # nobody observes this pass
+            model(batch)
+        with paused(allow=self):  # only this callback's taps observe it (a probe pass)
+            model(batch)
+    """
+    previous = _TapGate.allowed
+    _TapGate.depth += 1
+    _TapGate.allowed = () if allow is None else (allow,)
+    try:
+        yield
+    finally:
+        _TapGate.depth -= 1
+        _TapGate.allowed = previous
+
+
+def taps_live(owner: object | None = None) -> bool:
+    """Whether a tap of ``owner`` fires now: anonymous taps always; owned ones when no :func:`paused` block is open
+    or it allows ``owner``."""
+    return owner is None or _TapGate.depth == 0 or owner in _TapGate.allowed
+
+
+PORTS = ("output", "input")
+
+
+def site_of(value) -> tuple[nn.Module, str]:
+    """``(module, port)`` of a tap target: an ``nn.Module`` (its output) or a site object with ``.module`` and
+    ``.port`` (``"output"`` or ``"input"``, e.g. :class:`lit_act.selection.Site`)."""
+    if isinstance(value, nn.Module):
+        return value, "output"
+    module, port = getattr(value, "module", None), getattr(value, "port", None)
+    if not isinstance(module, nn.Module) or port not in PORTS:
+        raise TypeError(f"a tap target must be an nn.Module or a Site(name, module, port) with port in {PORTS}; "
+                        f"got {value!r}")
+    return module, port
+
+
+@contextmanager
+def tap(modules: Mapping[str, object], fn: Callable[[str, nn.Module, Tensor], None],
+        owner: object | None = None) -> Iterator[None]:
+    """Call ``fn(name, module, x)`` after every forward of each target in ``modules`` while the context is open;
+    every hook handle is removed on exit, including when the body raises.
+
+    ``modules`` maps names to ``nn.Module``s (``x`` = :func:`extract_tensor` of the output) or to sites with a
+    ``port`` (``"output"``, or ``"input"``: ``x`` = the first positional argument of the module's forward, or its
+    first Tensor keyword argument). Owned hooks (``owner`` set, e.g. a callback) do nothing inside :func:`paused`
+    unless it allows ``owner``."""
     handles = []
     try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(_hook(name, fn)))
+        for name, target in modules.items():
+            module, port = site_of(target)
+            if port == "output":
+                handles.append(module.register_forward_hook(_hook(name, fn, owner)))
+            else:
+                handles.append(module.register_forward_hook(_input_hook(name, fn, owner), with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _hook(name: str, fn: Callable[[str, nn.Module, Tensor], None]):
+def _hook(name: str, fn: Callable[[str, nn.Module, Tensor], None], owner: object | None):
     def hook(module: nn.Module, args, output) -> None:
-        fn(name, module, extract_tensor(name, output))
+        if taps_live(owner):
+            fn(name, module, extract_tensor(name, output))
 
     return hook
+
+
+def _input_hook(name: str, fn: Callable[[str, nn.Module, Tensor], None], owner: object | None):
+    def hook(module: nn.Module, args, kwargs, output) -> None:
+        if not taps_live(owner):
+            return
+        values = [*args, *kwargs.values()]
+        x = next((v for v in values if isinstance(v, Tensor)), None)
+        if x is None:
+            raise TypeError(f"the input of module {name!r} holds no Tensor to observe; select its output instead")
+        fn(name, module, x)
+
+    return hook
+
+
+def valid_tokens(name: str, x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` restricted to the real tokens of a ``(B, T)`` boolean token ``mask``: ``(n_valid, ...)`` for an output
+    ``(B, T, ...)``; ``x`` itself when ``mask`` is ``None``.
+
+    Raises:
+        ValueError: naming the module and both shapes, when ``x`` does not start with the mask's ``(B, T)``.
+    """
+    if mask is None:
+        return x
+    check_mask(name, x, mask)
+    return x[mask.to(x.device)]
+
+
+def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
+    """Raise a ``ValueError`` naming module ``name`` and both shapes unless ``x`` starts with ``mask.shape``."""
+    if x.dim() < mask.dim() or tuple(x.shape[:mask.dim()]) != tuple(mask.shape):
+        raise ValueError(f"token mask of shape {tuple(mask.shape)} does not fit the output of module {name!r} of "
+                         f"shape {tuple(x.shape)}: its leading dimensions must be (batch, tokens). Select modules "
+                         "with (batch, tokens, ...) outputs, or pass adapter=BatchAdapter(mask_fn=...) "
+                         "(mask_fn=lambda batch: None turns masking off)")
 
 
 def finite_fp32(x: Tensor) -> tuple[Tensor, Tensor]:
