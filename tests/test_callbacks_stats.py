@@ -440,3 +440,38 @@ def test_bad_mode_lists_the_valid_modes(cls):
         cls(mode="magnitude")
     with pytest.raises(ValueError, match="threshold must be >= 0 in mode='abs'"):
         cls(mode="abs", threshold=-0.1)
+
+
+def _digits_fit(tmp_path, total, ckpt=None, ckpt_path=None):
+    from lit_act.data import DigitsDataModule
+    from lit_act.models import MLPClassifier
+
+    torch.manual_seed(0 if ckpt_path is None else 1)  # a resumed run gets everything from the checkpoint
+    logger = MemoryLogger()
+    callbacks = [ActivationSparsity(every_n_steps=3, threshold=0.1, on_validation=False, figures=False),
+                 DeadNeurons(window_steps=8, threshold=0.2, figures=False),  # running window
+                 DeadNeurons(threshold=0.2, probe_samples=300, figures=False),  # probe pass at each epoch end
+                 *([ckpt] if ckpt else [])]
+    trainer = _trainer(tmp_path, callbacks, logger, max_steps=total, limit_val_batches=0,
+                       enable_checkpointing=ckpt is not None)
+    trainer.fit(MLPClassifier(64, 10, hidden=(16,)), datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    return logger.rows, trainer
+
+
+def test_statistics_after_a_mid_epoch_resume_equal_an_uninterrupted_run(tmp_path):
+    """lit-act's datamodules resume mid-epoch on the same batches (ResumableDataLoader), and the callbacks' states
+    (DeadNeurons' half-full window, the history) come back with the checkpoint: every statistic the resumed run logs
+    equals the uninterrupted run's, across an epoch boundary (20 batches per epoch) and a window boundary."""
+    at, total = 13, 30  # mid-epoch, mid-window (8..16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=at, save_top_k=-1)
+    straight, trainer = _digits_fit(tmp_path / "a", total, ckpt=ckpt)
+    assert trainer.num_training_batches == 20 and at % 20
+    resumed, _ = _digits_fit(tmp_path / "b", total, ckpt_path=tmp_path / "ckpt" / f"step={at}.ckpt")
+    keys = {(step, key) for step, row in resumed.items() for key in row if "hidden.0.act" in key or key.endswith("/mean")}
+    assert {key for _, key in keys} >= {"train/sparsity/hidden.0.act", "train/dead_fraction/hidden.0.act",
+                                        "probe/dead_fraction/hidden.0.act"}
+    assert {s for s, k in keys if k == "train/dead_fraction/hidden.0.act"} == {8, 16}  # windows 8..16, 16..24
+    assert {s for s, k in keys if k == "probe/dead_fraction/hidden.0.act"} == {20, 30}  # at each epoch end
+    for step, key in sorted(keys):
+        assert resumed[step][key] == straight[step][key], (step, key)
+    assert 0 < straight[15]["train/sparsity/hidden.0.act"] < 1
