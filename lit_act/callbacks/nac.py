@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -330,8 +331,12 @@ class NeuronActivationCoverage(LitActCallback):
             return {}
         cut = slice(0, self.probe_samples)
         logits_, targets_ = torch.cat(logits)[cut], torch.cat(targets)[cut]
-        probe = probe.with_params({name: nac_me_params(logits_.shape[0]) for name in probe.layers})
-        probe.fit_products({name: torch.cat(v)[cut] for name, v in products.items()}, logits_, targets_)
+        products_ = {name: torch.cat(v)[cut] for name, v in products.items()}
+        rule = nac_me_params(logits_.shape[0])
+        # a layer without one finite product has nothing to calibrate "auto" on: its states are all NaN (counted)
+        probe = probe.with_params({name: rule if products_[name].isfinite().any() else
+                                   dataclasses.replace(rule, alpha=1.0) for name in probe.layers})
+        probe.fit_products(products_, logits_, targets_)
         return self._emit_me(trainer, probe, "probe")
 
     @override
@@ -346,14 +351,19 @@ class NeuronActivationCoverage(LitActCallback):
     def _emit_me(self, trainer: Trainer, nac: NACModel, stage: str) -> dict[str, float]:
         logged = {}
         for name, cov in nac.coverage.items():
-            nonfinite = reduced_states(cov)["nonfinite"] if nac.sync else cov.nonfinite  # DDP sum / same on all ranks
-            logged[metric_key(stage, "nac_me", name)] = float(cov.compute())
-            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = float(nonfinite.sum())
+            # DDP-summed states in running mode; a probe's are the same on every rank
+            states = reduced_states(cov) if nac.sync else {"counts": cov.counts, "nonfinite": cov.nonfinite}
+            nonfinite = float(states["nonfinite"].sum())
+            value = float(cov.compute())
+            if nonfinite > 0 and float(states["counts"].sum()) == 0:
+                value = math.nan  # every state non-finite: NaN, left out of the mean
+            logged[metric_key(stage, "nac_me", name)] = value
+            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = nonfinite
             cov.reset()
         if not logged:
             return {}
-        values = [v for k, v in logged.items() if not k.endswith("/nonfinite")]
-        logged[metric_key(stage, "nac_me", "mean")] = sum(values) / len(values)
+        values = [v for k, v in logged.items() if not k.endswith("/nonfinite") and not math.isnan(v)]
+        logged[metric_key(stage, "nac_me", "mean")] = sum(values) / len(values) if values else math.nan
         bad = {k: v for k, v in logged.items() if k.endswith("/nonfinite") and v > 0}
         if bad:
             self.warn(f"NaN/Inf neuron states were excluded from NAC-ME ({bad})")
