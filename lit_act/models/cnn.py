@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.utils import validate as v
 
 
 class ConvBlock(nn.Module):
@@ -37,6 +38,8 @@ class CNNClassifier(LitActModule):
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32),
                  activation: ActivationSpec = "relu", batch_norm: bool = True, lr: float = 2e-3,
                  weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+        v.positive_int("in_channels", in_channels), v.positive_int("num_classes", num_classes)
+        v.positive_int_sequence("channels", channels), v.boolean("batch_norm", batch_norm)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         self.save_hyperparameters(ignore=["activation"])
         self.activation_factory = activation_factory(activation)

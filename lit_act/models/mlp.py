@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.utils import validate as v
 
 
 class MLPBlock(nn.Module):
@@ -37,6 +38,9 @@ class MLPClassifier(LitActModule):
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (128, 128),
                  activation: ActivationSpec = "relu", dropout: float = 0.0, batch_norm: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+        v.positive_int("in_features", in_features), v.positive_int("num_classes", num_classes)
+        v.positive_int_sequence("hidden", hidden, allow_empty=True)
+        v.finite_float("dropout", dropout, low=0.0, high=1.0, high_open=True), v.boolean("batch_norm", batch_norm)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         self.save_hyperparameters(ignore=["activation"])
         self.activation_factory = activation_factory(activation)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.utils import validate as v
 
 
 class StudentNetwork(LitActModule):
@@ -22,6 +23,7 @@ class StudentNetwork(LitActModule):
 
     def __init__(self, in_features: int, hidden_neurons: int = 2, activation: ActivationSpec = "erf",
                  lr: float = 1e-2, weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
+        v.positive_int("in_features", in_features), v.positive_int("hidden_neurons", hidden_neurons)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         self.save_hyperparameters(ignore=["activation"])
         self.activation_factory = activation_factory(activation)

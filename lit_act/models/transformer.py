@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.models.base import ActivationSpec, LitActModule, activation_factory
+from lit_act.utils import validate as v
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,6 +87,10 @@ class TransformerLM(LitActModule):
     def __init__(self, vocab_size: int, block_size: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4,
                  d_ff: int | None = None, activation: ActivationSpec = "gelu", dropout: float = 0.0,
                  lr: float = 3e-3, weight_decay: float = 0.01, cosine_schedule: bool = False) -> None:
+        for name, value in {"vocab_size": vocab_size, "block_size": block_size, "d_model": d_model,
+                            "n_layer": n_layer, "n_head": n_head}.items():
+            v.positive_int(name, value)
+        v.optional(v.positive_int, "d_ff", d_ff), v.finite_float("dropout", dropout, low=0.0, high=1.0, high_open=True)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         self.save_hyperparameters(ignore=["activation"])
         self.activation_factory = activation_factory(activation)
