@@ -47,7 +47,7 @@ def _smoke_value(current: Any, smoke: Any) -> Any:
 
 def apply_smoke(cfg: DictConfig) -> None:
     """``debug=smoke``: merge ``cfg.smoke.callbacks.<name>`` into each callback of the run's set and
-    ``cfg.smoke.data`` into the data config, key by key, only where the key already exists (so one smoke config
+    ``cfg.smoke.data`` / ``cfg.smoke.model`` into the data / model config, key by key, only where the key already exists (so one smoke config
     shortens every callback set's schedules without adding callbacks or unknown arguments). Numbers are caps (the
     smaller of the run's and the smoke value is kept); other values replace."""
     smoke = cfg.get("smoke")
@@ -55,7 +55,7 @@ def apply_smoke(cfg: DictConfig) -> None:
         return
     callbacks = cfg.get("callbacks") or {}
     pairs = [(callbacks.get(name), values) for name, values in (smoke.get("callbacks") or {}).items()]
-    pairs.append((cfg.get("data"), smoke.get("data") or {}))
+    pairs += [(cfg.get(group), smoke.get(group) or {}) for group in ("data", "model")]
     with open_dict(cfg):
         for target, values in pairs:
             if target is None:

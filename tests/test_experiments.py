@@ -57,7 +57,7 @@ def test_experiment_runs_in_smoke_mode(tmp_path, experiment):
 @pytest.mark.parametrize("mlp", ["standard", "kan", "fourier_kan", "skan", "grkan"])
 def test_mlp_group_swaps_blocks(tmp_path, mlp):
     cfg = compose_train(tmp_path, ["data=pysource", "model=transformer", "model.d_model=32", "data.max_chars=50000",
-                                   f"mlp={mlp}", "callbacks=none", "debug=smoke"])
+                                   f"mlp={mlp}", "callbacks=none", "debug=fdr"])
     metrics, objects = train(cfg)
     kan_layers = [type(m).__name__ for m in objects["model"].blocks[0].mlp.modules() if "KAN" in type(m).__name__]
     assert bool(kan_layers) == (mlp != "standard"), kan_layers

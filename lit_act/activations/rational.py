@@ -57,8 +57,9 @@ def cache_dir() -> Path:
 
 
 def expected_fit_seconds(degrees: tuple[int, int]) -> float:
-    """Rough CPU time of :func:`fit_rational` for ``degrees`` (measured: (5, 4) ~ 20 s, (10, 10) ~ 35 s)."""
-    return 6.0 + 1.45 * sum(degrees)
+    """Upper estimate of the CPU time of :func:`fit_rational` for ``degrees`` (measured on one core: (2, 1) 0.05 s,
+    (3, 3) 3 s, (6, 5) 20-40 s, (10, 10) 35 s; it depends on how fast the least-squares converges)."""
+    return 5.0 + 2.0 * sum(degrees)
 
 
 def _fit_and_cache(target: str, degrees: tuple[int, int], version: str) -> dict:
@@ -69,7 +70,7 @@ def _fit_and_cache(target: str, degrees: tuple[int, int], version: str) -> dict:
         except (OSError, ValueError):
             log.warning("ignoring unreadable cached rational init %s", path)
     message = (f"rational init for degrees={degrees}, version={version!r}, init={target!r} is not shipped: fitting it "
-               f"now (about {expected_fit_seconds(degrees):.0f} s on one CPU core; cached in {path.parent})")
+               f"now (up to about {expected_fit_seconds(degrees):.0f} s on one CPU core; once: cached in {path.parent})")
     log.warning(message)
     warnings.warn(message, UserWarning, stacklevel=4)
     start = time.perf_counter()
@@ -126,7 +127,7 @@ class Rational(nn.Module):
     Args:
         degrees: ``(m, n)`` numerator / denominator degrees (PAU default ``(5, 4)``), integers in ``[0, 12]``
             (:data:`MAX_DEGREE`). (3, 2), (4, 3) and (5, 4) have shipped inits; other degrees are fitted once on first
-            use (a warning gives the expected seconds, ~35 s at (10, 10)) and cached under ``$LIT_ACT_CACHE``
+            use (a warning gives the expected seconds, up to ~45 s at (10, 10)) and cached under ``$LIT_ACT_CACHE``
             (default ``~/.cache/lit_act``).
         version: ``"A"`` (default, safe PAU), ``"B"``, ``"C"``, ``"D"`` or ``"N"`` (unsafe, needs ``allow_unsafe``).
         init: target activation fitted on [-3, 3] (``leaky_relu`` (0.01, PAU's default), ``relu``, ``gelu``,
