@@ -161,5 +161,5 @@ def test_validators_name_the_argument(call, name):
 
 
 def test_choice_lists_valid_options():
-    with pytest.raises(ConfigError, match="one of 'cached', 'forward'"):
+    with pytest.raises(ConfigError, match=r"valid: \['cached', 'forward'\]"):
         v.choice("backend", "fast", ["cached", "forward"])

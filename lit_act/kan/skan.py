@@ -53,8 +53,8 @@ def _check_spaces(spaces: Sequence[str]) -> tuple[str, ...]:
     spaces = v.str_sequence("spaces", spaces)
     unknown = [s for s in spaces if s not in SPACES]
     if unknown or not spaces or len(set(spaces)) != len(spaces):
-        raise v.ConfigError(f"spaces={list(spaces)!r}: expected distinct names from {list(SPACES)} (unknown, empty or "
-                            "repeated)")
+        raise v.ConfigError(f"spaces={list(spaces)!r}: expected distinct, known activation spaces (unknown, empty or "
+                            f"repeated); valid: {list(SPACES)}")
     return spaces
 
 

@@ -138,7 +138,7 @@ def choice(name: str, value: Any, valid: Iterable[Any]) -> Any:
     """``value`` if it is one of ``valid``; the error lists the valid choices."""
     valid = list(valid)
     if value not in valid:
-        raise _fail(name, value, "one of " + ", ".join(repr(v) for v in valid))
+        raise _fail(name, value, f"one of the valid choices; valid: {valid!r}")
     return value
 
 
