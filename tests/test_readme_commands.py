@@ -20,12 +20,19 @@ from pathlib import Path
 import pytest
 
 from lit_act.training import train
+from lit_act.utils.validate import ConfigError
 from tests.helpers import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND = re.compile(r"(?:\.venv/bin/)?python train\.py((?:[^`\n#\\]|\\\n)*)")
 NEEDS_HARDWARE = {"hydra/launcher=slurm": "needs a SLURM cluster", "trainer=gpu": "needs a GPU"}
+# the README's examples of refused input: the one-line error each must give
+EXPECTED_ERRORS = {
+    "trainer.max_epochs=abc": "trainer.max_epochs='abc': expected a non-negative integer (or -1 for no limit)",
+    "model=transformer data=digits": "model=transformer does not fit data=digits (task classification: model=mlp|cnn); "
+                                     "valid pairs: ",
+}
 
 
 def commands() -> list[str]:
@@ -43,6 +50,8 @@ def _kind(args: str) -> str:
     tokens = shlex.split(args)
     if any("<" in t for t in tokens):
         return "placeholder"
+    if args in EXPECTED_ERRORS:
+        return "error"
     if any(t.startswith(key) for t in tokens for key in NEEDS_HARDWARE):
         return "hardware"
     if "-m" in tokens or any(t.startswith("hparams_search=") for t in tokens):
@@ -59,14 +68,23 @@ def test_every_command_is_classified():
     assert SINGLE and MULTI
     assert {"", "model=cnn activation=gelu", "data=pysource model=transformer", "debug=fdr"} <= set(SINGLE)
     for args in ALL:
-        assert _kind(args) in ("single", "multirun", "hardware", "placeholder"), args
+        assert _kind(args) in ("single", "multirun", "hardware", "placeholder", "error"), args
+    assert set(EXPECTED_ERRORS) <= set(ALL)
+
+
+@pytest.mark.parametrize("args", sorted(EXPECTED_ERRORS))
+def test_documented_error_example(tmp_path, args):
+    cfg = compose_train(tmp_path, shlex.split(args))
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    assert str(info.value).startswith(EXPECTED_ERRORS[args]) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("args", SINGLE, ids=[a or "<defaults>" for a in SINGLE])
 def test_single_run_command_in_smoke_mode(tmp_path, args):
     tokens = shlex.split(args)
-    # debug=fdr is the docs' own fast_dev_run mode: run it as written (smoke would replace it)
-    extra = [] if "debug=fdr" in tokens else ["debug=smoke"]
+    # a command with its own debug mode (debug=fdr, debug=smoke) runs as written
+    extra = [] if any(t.startswith("debug=") for t in tokens) else ["debug=smoke"]
     cfg = compose_train(tmp_path, [*tokens, *extra])
     metrics, objects = train(cfg)
     assert objects["trainer"].state.finished and objects["trainer"].global_step > 0
