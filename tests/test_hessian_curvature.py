@@ -87,7 +87,7 @@ def dense_ggn(model, batches, loss):
         outputs = functional_call(model, params, (x,))
         jac = torch.autograd.functional.jacobian(
             lambda flat, x=x: functional_call(model, unflatten(params, flat), (x,)).reshape(-1), flat0)
-        h_out = torch.autograd.functional.hessian(lambda f, y=y: LOSSES[loss](f.reshape(outputs.shape), y),
+        h_out = torch.autograd.functional.hessian(lambda f, y=y, s=outputs.shape: LOSSES[loss](f.reshape(s), y),
                                                   outputs.detach().reshape(-1))
         ggn += x.shape[0] * jac.T @ h_out @ jac
     return ggn / total

@@ -7,7 +7,13 @@ from lit_act.hessian.diagonal import UncoveredModuleError, exact_diagonal
 from lit_act.hessian.lanczos import lanczos
 from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import HessianOperator, default_loss_fn
-from lit_act.hessian.results import DiagonalResult, EigenResult, LLACriteria, SpectralDensityResult, TraceResult
+from lit_act.hessian.results import (
+    DiagonalResult,
+    EigenResult,
+    LLACriteria,
+    SpectralDensityResult,
+    TraceResult,
+)
 from lit_act.hessian.trace import hutchinson, hutchpp, trace, xtrace
 
 __all__ = [

@@ -249,7 +249,7 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
         raise FloatingPointError("NaN/Inf in the exact diagonal: the loss or its curvature is not finite at the "
                                  "current parameters")
     blocks: dict[str, float] = {}
-    for (pname, p), part in zip(chosen.items(), flat.split([p.numel() for p in chosen.values()])):
+    for pname, part in zip(chosen, flat.split([p.numel() for p in chosen.values()])):
         if pname in chain.covered:
             owner = pname.rpartition(".")[0] or "<root>"
             blocks[owner] = blocks.get(owner, 0.0) + float(part.double().sum())

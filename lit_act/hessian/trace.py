@@ -185,8 +185,12 @@ def exact_or_control_variate(op: HessianOperator, budget: int, seed: int = 0, on
     if curvature == "fisher":
         curvature = "ggn"
     if curvature not in ("hessian", "ggn"):
-        raise ValueError(f"no exact diagonal rule for curvature {curvature!r}; use a stochastic method "
-                         f"{list(ESTIMATORS)}")
+        if on_uncovered == "error":
+            raise ValueError(f"no exact diagonal rule for curvature {curvature!r}; use a stochastic method "
+                             f"{list(ESTIMATORS)}")
+        res = ESTIMATOR_FUNCTIONS[estimator](op, budget, seed)
+        return TraceResult(res.estimate, res.std_error, res.matvecs, time.perf_counter() - start, res.method,
+                           res.blocks)
     kwargs = {"loss": getattr(op, "loss", None), **diagonal_kwargs}
     try:
         diag = exact_diagonal(op.model, op.batches, op.loss_fn, curvature=curvature, params=op.names,
