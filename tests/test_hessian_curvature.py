@@ -124,6 +124,17 @@ def test_exact_diagonals_match_dense(activation, loss):
         assert float((hess - ggn).abs().max()) > 1e-3 * float(hess.abs().max())
 
 
+def test_exact_diagonal_of_deeper_chain_with_other_activations():
+    """Four Linear layers (residual factors expanded after two layers), GELU through nested jvp, sigmoid, MSE."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 7), nn.GELU(), nn.Linear(7, 6), nn.Sigmoid(), nn.Linear(6, 5), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(5, 3)).double()
+    batches = make_batches("mse")
+    reference = dense_hessian(model, batches, "mse").diagonal()
+    res = exact_diagonal(model, batches, loss="mse")
+    assert float((res.diagonal - reference).abs().max()) <= 1e-6 * float(reference.abs().max())
+
+
 def test_exact_diagonal_detects_lit_act_mlp_and_names_uncovered_module():
     torch.manual_seed(0)
     model = MLPClassifier(in_features=6, num_classes=3, hidden=(5, 4), activation="tanh").double().eval()

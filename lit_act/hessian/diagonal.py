@@ -141,7 +141,17 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
     return Chain(tail, covered, stop), outputs
 
 
-def _elementwise_derivatives(module: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``(phi'(h), phi''(h))``: closed forms for ReLU/tanh/sigmoid from the recorded output ``a``, nested ``jvp``
+    (exact forward-mode derivatives of the module itself) for every other elementwise module."""
+    if isinstance(module, nn.ReLU):
+        return (h > 0).to(h.dtype), torch.zeros_like(h)
+    if isinstance(module, nn.Tanh):
+        d1 = 1 - a.square()
+        return d1, -2 * a * d1
+    if isinstance(module, nn.Sigmoid):
+        d1 = a * (1 - a)
+        return d1, d1 * (1 - 2 * a)
     ones = torch.ones_like(h)
 
     def first(x: Tensor) -> Tensor:
@@ -150,13 +160,57 @@ def _elementwise_derivatives(module: nn.Module, h: Tensor) -> tuple[Tensor, Tens
     return jvp(first, (h,), (ones,))
 
 
+@dataclass
+class _Factor:
+    """A signed factor ``sign * S S^T`` of the per-row Hessian w.r.t. the current layer's output, with
+    ``S[r, k, i]`` stored in one of three forms: ``dense`` ``(R, K, d)``; ``diag`` ``(R, d)`` for ``diag(D)`` (a
+    residual term); or ``D[r, k] M[k, i] E[r, i]`` (``diag``, ``scale`` ``(K, d)`` = a weight, ``gain`` ``(R, d)``):
+    a residual term after one Linear layer, kept unexpanded until another Linear layer needs it."""
+
+    sign: float
+    dense: Tensor | None = None
+    diag: Tensor | None = None
+    scale: Tensor | None = None
+    gain: Tensor | None = None
+
+    def squares(self) -> Tensor:
+        """``sum_k S[r, k, i]^2``, ``(R, d)``."""
+        if self.dense is not None:
+            return self.dense.square().sum(1)
+        if self.scale is None:
+            return self.diag.square()
+        out = self.diag.square() @ self.scale.square()
+        return out if self.gain is None else out.mul_(self.gain.square())
+
+    def expanded(self) -> Tensor:
+        if self.dense is not None:
+            return self.dense
+        out = self.diag[:, :, None] * self.scale
+        return out if self.gain is None else out.mul_(self.gain[:, None, :])
+
+    def through_linear(self, weight: Tensor) -> _Factor:
+        if self.dense is None and self.scale is None:
+            return _Factor(self.sign, diag=self.diag, scale=weight)
+        f = self.expanded()
+        return _Factor(self.sign, dense=(f.reshape(-1, f.shape[-1]) @ weight).reshape(f.shape[0], f.shape[1], -1))
+
+    def through_elementwise(self, d1: Tensor) -> _Factor:
+        if self.dense is not None:
+            return _Factor(self.sign, dense=self.dense * d1[:, None, :])
+        if self.scale is None:
+            return _Factor(self.sign, diag=self.diag * d1)
+        return _Factor(self.sign, diag=self.diag, scale=self.scale, gain=d1 if self.gain is None else self.gain * d1)
+
+
 def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
                     curvature: str) -> dict[str, Tensor]:
-    """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters."""
+    """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters.
+
+    Dense factors are stored as ``(R, K, d)`` (columns first) so that propagating through a Linear layer is one GEMM
+    ``(R K, d_out) @ W``; residual factors stay diagonal or unexpanded (:class:`_Factor`) while they can."""
     width = outputs.shape[-1] if outputs.ndim > 1 else 1
     grad = output_gradient(loss, outputs, targets).reshape(-1, width)
-    dense: list[tuple[float, Tensor]] = [(1.0, output_hessian_factor(loss, outputs))]  # (sign, (R, d, K))
-    diag: list[tuple[float, Tensor]] = []  # (sign, (R, d)): the factor diag(D)
+    factors = [_Factor(1.0, dense=output_hessian_factor(loss, outputs).transpose(1, 2))]
     needs_factor = [any(_kind(c.module) == "linear" for c in chain.calls[:i]) for i in range(len(chain.calls))]
     result: dict[str, Tensor] = {}
     for index in range(len(chain.calls) - 1, -1, -1):
@@ -164,25 +218,25 @@ def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
         kind = _kind(call.module)
         if kind == "linear":
             a = call.input.reshape(-1, call.input.shape[-1])
-            sq = sum(s * f.square().sum(-1) for s, f in dense) + sum(s * d.square() for s, d in diag)
+            sq = factors[0].squares().mul_(factors[0].sign)
+            for factor in factors[1:]:
+                sq.add_(factor.squares(), alpha=factor.sign)
             prefix = f"{call.name}." if call.name else ""
             result[prefix + "weight"] = sq.T @ a.square()
             if call.module.bias is not None:
                 result[prefix + "bias"] = sq.sum(0)
-            weight = call.module.weight
             if needs_factor[index]:
-                dense = [(s, weight.T @ f) for s, f in dense] + [(s, weight.T * d[:, None, :]) for s, d in diag]
-                diag = []
-            grad = grad @ weight
-        elif kind == "elementwise":
-            h = call.input.reshape(-1, call.input.shape[-1])
-            d1, d2 = _elementwise_derivatives(call.module, h)
-            if needs_factor[index]:
-                dense = [(s, f * d1[:, :, None]) for s, f in dense]
-                diag = [(s, d * d1) for s, d in diag]
+                factors = [f.through_linear(call.module.weight) for f in factors]
+                grad = grad @ call.module.weight
+        elif kind == "elementwise" and needs_factor[index]:
+            h, out = call.input.reshape(-1, call.input.shape[-1]), call.output.reshape(-1, call.input.shape[-1])
+            d1, d2 = _elementwise_derivatives(call.module, h, out)
+            factors = [f.through_elementwise(d1) for f in factors]
+            if curvature == "hessian" and not isinstance(call.module, nn.ReLU):
                 residual = d2 * grad
-                if curvature == "hessian" and bool(residual.ne(0).any()):
-                    diag += [(1.0, residual.clamp_min(0).sqrt()), (-1.0, (-residual).clamp_min(0).sqrt())]
+                if bool(residual.ne(0).any()):
+                    factors += [_Factor(1.0, diag=residual.clamp_min(0).sqrt()),
+                                _Factor(-1.0, diag=(-residual).clamp_min(0).sqrt())]
             grad = grad * d1
     return result
 
@@ -237,24 +291,23 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
             for pname, value in _batch_diagonal(chain, outputs, targets, name, curvature).items():
                 if pname in sums:
                     sums[pname].add_(value.reshape(sums[pname].shape), alpha=weight)
-    flat = torch.cat([t.reshape(-1) for t in sums.values()]).to(first.dtype)
     total = torch.tensor(sum(weights), dtype=torch.float64, device=first.device)
-    if all_reduce is not None:
-        flat, total = all_reduce(flat), all_reduce(total)
-    flat = flat / float(total)
+    parts = [t.div_(float(all_reduce(total)) if all_reduce is not None else float(total)) for t in
+             (all_reduce(t) if all_reduce is not None else t for t in sums.values())]
     covered = [n for n in chosen if n in chain.covered]
-    mask = torch.cat([torch.full((p.numel(),), n in chain.covered, dtype=torch.bool) for n, p in chosen.items()])
-    flat[~mask.to(flat.device)] = float("nan")
-    if not torch.isfinite(flat[mask]).all():
-        raise FloatingPointError("NaN/Inf in the exact diagonal: the loss or its curvature is not finite at the "
-                                 "current parameters")
     blocks: dict[str, float] = {}
-    for pname, part in zip(chosen, flat.split([p.numel() for p in chosen.values()])):
+    for pname, part in zip(chosen, parts):
         if pname in chain.covered:
+            if not torch.isfinite(part.sum()):
+                raise FloatingPointError(f"NaN/Inf in the exact diagonal of {pname}: the loss or its curvature is "
+                                         "not finite at the current parameters")
             owner = pname.rpartition(".")[0] or "<root>"
             blocks[owner] = blocks.get(owner, 0.0) + float(part.double().sum())
+        else:
+            part.fill_(float("nan"))
+    flat = torch.cat([t.reshape(-1) for t in parts])
     return DiagonalResult(diagonal=flat, names=list(chosen), covered=covered,
-                          trace=float(flat[mask].double().sum()), blocks=blocks, curvature=curvature,
+                          trace=sum(blocks.values()), blocks=blocks, curvature=curvature,
                           passes=len(batches), seconds=time.perf_counter() - start,
                           uncovered_reason=None if len(covered) == len(chosen) else chain.stop)
 
