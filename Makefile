@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,launchers,optuna
 BENCH_DEPS ?= pandas
-BENCH_NODEPS ?= pyhessian pykan rational-activations==0.2.0
+BENCH_NODEPS ?= pyhessian pykan rational-activations==0.2.0 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einops unfoldNd einconv linear_operator
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lit-act-installed
 

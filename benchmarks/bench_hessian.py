@@ -157,7 +157,7 @@ def top1_section(name, model, x, y, seeds, cl, ph) -> None:
             continue
         times, errs = [], []
         for seed in seeds:
-            dt, value = timed(lambda seed=seed, tol=tol: run(seed, tol))
+            dt, value = timed(lambda seed=seed, tol=tol, run=run: run(seed, tol))
             times.append(dt)
             errs.append(abs(value - lam) / lam)
         rows[f"{label} (tol={tol:g})"] = (median(times), max(errs), None)
@@ -216,10 +216,10 @@ def exact_trace_section(name, model, x, y, bp) -> float:
 
 def hutchpp_section(name, model, x, y, exact, seeds, cl) -> None:
     op = HessianOperator(model, ce_loss, [(x, y)])
-    for budget in (30, 100):
+    for budget in (30, 99):
         ours_t, ours_e = [], []
         for seed in seeds:
-            dt, res = timed(lambda seed=seed: hutchpp(op, budget, seed=seed))
+            dt, res = timed(lambda seed=seed, budget=budget: hutchpp(op, budget, seed=seed))
             ours_t.append(dt)
             ours_e.append(abs(res.estimate - exact) / exact)
         line = (f"[{name}] Hutch++ at {budget} HVPs: ours median {median(ours_t) * 1e3:.0f} ms, median rel err "
@@ -229,7 +229,7 @@ def hutchpp_section(name, model, x, y, exact, seeds, cl) -> None:
             cl_t, cl_e = [], []
             for seed in seeds:
                 torch.manual_seed(seed)
-                dt, value = timed(lambda: float(cl.hutchpp_trace(cl_op, budget)))
+                dt, value = timed(lambda cl_op=cl_op, budget=budget: float(cl.hutchpp_trace(cl_op, budget)))
                 cl_t.append(dt)
                 cl_e.append(abs(value - exact) / exact)
             line += (f"; curvlinops median {median(cl_t) * 1e3:.0f} ms, median rel err {median(cl_e):.1%}; "

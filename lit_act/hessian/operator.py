@@ -231,12 +231,15 @@ class HessianOperator:
 
     def _products(self, rows: Tensor) -> Tensor:
         """``(m, dim)`` rows -> their products, as rows."""
-        acc = torch.zeros_like(rows)
-        for index, (batch, weight) in enumerate(zip(self.batches, self._weights)):
-            acc.add_(self._batch_products(index, batch, rows), alpha=weight)
-        if self.all_reduce is not None:
-            acc = self.all_reduce(acc)
-        acc.div_(self._total_weight)
+        if len(self.batches) == 1 and self.all_reduce is None:  # one batch: its own mean, no weighting pass
+            acc = self._batch_products(0, self.batches[0], rows)
+        else:
+            acc = torch.zeros_like(rows)
+            for index, (batch, weight) in enumerate(zip(self.batches, self._weights)):
+                acc.add_(self._batch_products(index, batch, rows), alpha=weight)
+            if self.all_reduce is not None:
+                acc = self.all_reduce(acc)
+            acc.div_(self._total_weight)
         count = rows.shape[0]
         if not torch.isfinite(acc.sum()) and not torch.isfinite(acc).all():  # the cheap sum test first
             raise FloatingPointError(
@@ -257,6 +260,8 @@ class HessianOperator:
                 warnings.warn(f"forward-over-reverse HVP failed ({err}); falling back to double backward",
                               stacklevel=5)
                 self.backend = "reverse"
+        if rows.shape[0] == 1:
+            return self._reverse_product(index, batch, rows[0])[None]
         return torch.stack([self._reverse_product(index, batch, v) for v in rows])
 
     def _forward_products(self, batch: Any, rows: Tensor) -> Tensor:

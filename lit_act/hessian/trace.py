@@ -55,18 +55,20 @@ def _mean_and_se(samples: Tensor) -> tuple[float, float]:
 
 
 class _Blocks:
-    """Sums over the flat index range of each owning module."""
+    """Sums over the flat index range of each owning module (float64 accumulation, no float64 copy of the input)."""
 
     def __init__(self, op: HessianOperator) -> None:
         owners = [n.rpartition(".")[0] or "<root>" for n in op.names]
         self.names = list(dict.fromkeys(owners))
-        ids = torch.cat([torch.full((k,), self.names.index(o), dtype=torch.long) for o, k in zip(owners, op._numels)])
-        self.ids = ids.to(op.device)
+        self.index = [self.names.index(o) for o in owners]
+        self.numels = op._numels
 
     def sums(self, values: Tensor) -> Tensor:
         """``(dim, m)`` -> ``(blocks, m)`` (float64)."""
         out = torch.zeros(len(self.names), values.shape[1], dtype=torch.float64, device=values.device)
-        return out.index_add_(0, self.ids, values.double())
+        for i, part in zip(self.index, values.split(self.numels)):
+            out[i] += part.sum(0).double()  # torch's cascade summation keeps float32 sums accurate
+        return out
 
     def as_dict(self, totals: Tensor) -> dict[str, float]:
         return {n: float(t) for n, t in zip(self.names, totals)}
@@ -103,16 +105,16 @@ def hutchpp(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | None
         sketch = dim
     blocks = _Blocks(op)
     images = _masked(op.matmat(_masked(probe_block(op, sketch, generator), mask)), mask)
-    basis, _ = torch.linalg.qr(images.double())
+    basis, _ = torch.linalg.qr(images)  # column-major in and out (a transposed row-major block): no copies
     basis = basis[:, : min(sketch, dim)]
-    low_rank = blocks.sums(basis * op.matmat(basis.T.to(op.dtype).contiguous().T).double()).sum(1)
+    low_rank = blocks.sums(basis * op.matmat(basis)).sum(1)
     probes_left = 0 if sketch == dim else budget - 2 * sketch
     if probes_left == 0:
         return TraceResult(float(low_rank.sum()), 0.0, op.matvecs - matvecs0, time.perf_counter() - start,
                            "hutchpp", blocks.as_dict(low_rank))
-    z = _masked(probe_block(op, probes_left, generator), mask).double()
-    z = (z - basis @ (basis.T @ z)).to(op.dtype)
-    residual = blocks.sums(z * op.matmat(z.T.contiguous().T))
+    z = _masked(probe_block(op, probes_left, generator), mask)
+    z = torch.addmm(z, basis, basis.T @ z, alpha=-1)
+    residual = blocks.sums(z * op.matmat(z))
     mean, se = _mean_and_se(residual.sum(0))
     return TraceResult(float(low_rank.sum()) + mean, se, op.matvecs - matvecs0, time.perf_counter() - start,
                        "hutchpp", blocks.as_dict(low_rank + residual.mean(1)))
