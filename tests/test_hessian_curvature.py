@@ -294,3 +294,27 @@ def test_transformer_ggn_and_control_variate_trace():
     head = model.lm_head.weight.numel()
     assert math.isclose(res.exact_part, float(dense.diagonal()[-head:].sum()), rel_tol=1e-8)
     assert math.isclose(res.estimate, float(dense.trace()), rel_tol=1e-8)
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(dim=1))
+
+
+def test_transformer_encoder_layer_hessian_and_ggn_match_dense():
+    model = EncoderClassifier().double().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen))]
+    dense, ggn = dense_hessian(model, batches, "cross_entropy"), dense_ggn(model, batches, "cross_entropy")
+    v = torch.randn(dense.shape[0], 2, dtype=torch.float64, generator=gen)
+    for backend in ("cached", "forward"):
+        op = HessianOperator(model, loss_fn_of("cross_entropy"), batches, backend=backend)
+        torch.testing.assert_close(op.matmat(v), dense @ v, rtol=1e-8, atol=1e-10)
+    op = GGNOperator(model, loss_fn_of("cross_entropy"), batches, loss="cross_entropy")
+    torch.testing.assert_close(op.matmat(v), ggn @ v, rtol=1e-8, atol=1e-10)
