@@ -326,3 +326,5 @@ def test_ddp_matches_single_process(tmp_path):
         assert math.isclose(rank0[key], single[key], rel_tol=1e-4)
     exact = torch.linalg.eigvalsh(dense_hessian(model, batches))
     assert math.isclose(rank0["train/hessian/eig_1"], float(exact[-1]), rel_tol=1e-4)
+    # the trace's exact head block (all-reduced diagonal) and its Hutch++ remainder match the single process
+    assert math.isclose(rank0["train/hessian/trace"], single["train/hessian/trace"], rel_tol=1e-4)

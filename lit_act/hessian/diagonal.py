@@ -292,8 +292,10 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
                 if pname in sums:
                     sums[pname].add_(value.reshape(sums[pname].shape), alpha=weight)
     total = torch.tensor(sum(weights), dtype=torch.float64, device=first.device)
-    parts = [t.div_(float(all_reduce(total)) if all_reduce is not None else float(total)) for t in
-             (all_reduce(t) if all_reduce is not None else t for t in sums.values())]
+    parts = list(sums.values())
+    if all_reduce is not None:  # DDP: every rank sums its examples; one reduction per tensor
+        total, parts = all_reduce(total), [all_reduce(t) for t in parts]
+    parts = [t / float(total) for t in parts]
     covered = [n for n in chosen if n in chain.covered]
     blocks: dict[str, float] = {}
     for pname, part in zip(chosen, parts):
