@@ -182,12 +182,12 @@ def test_exact_trace_errors_or_falls_back_to_control_variate():
     exact_head = float(dense.diagonal()[-covered:].sum())
     with pytest.warns(UserWarning, match="control variate"):
         res = trace(op, 30, method="exact", on_uncovered="control_variate", loss="cross_entropy", seed=3)
-    assert res.method == "control_variate+hutchpp" and res.matvecs == 30
+    assert res.method == "control_variate+hutchinson" and res.matvecs == 30
     assert math.isclose(res.exact_part, exact_head, rel_tol=1e-9)
     assert abs(res.estimate - float(dense.trace())) <= 4 * res.std_error
     assert math.isclose(res.blocks["head.2"], float(dense.diagonal()[-18:].sum()), rel_tol=1e-9)
     # the stochastic part runs on the uncovered block only: with a full budget it is exact
-    full = trace(op, 2 * op.dim, method="auto", loss="cross_entropy")
+    full = trace(op, 2 * op.dim, method="auto", estimator="hutchpp", loss="cross_entropy")
     assert math.isclose(full.estimate, float(dense.trace()), rel_tol=1e-9)
     # Hutchinson restricted to the uncovered block: plain formula with the same probes
     mask = torch.isnan(exact_diagonal(model, batches, op.loss_fn, loss="cross_entropy",
@@ -289,7 +289,7 @@ def test_transformer_ggn_and_control_variate_trace():
     torch.testing.assert_close(op.matvec(v), ggn @ v, rtol=1e-8, atol=1e-10)
     dense = dense_hessian(model, batches, "cross_entropy")
     hessian = HessianOperator(model, loss_fn_of("cross_entropy"), batches)
-    res = trace(hessian, 2 * op.dim, method="auto", loss="cross_entropy")  # lm_head exact, the rest estimated
+    res = trace(hessian, 2 * op.dim, method="auto", estimator="hutchpp", loss="cross_entropy")  # lm_head exact
     assert res.method == "control_variate+hutchpp"
     head = model.lm_head.weight.numel()
     assert math.isclose(res.exact_part, float(dense.diagonal()[-head:].sum()), rel_tol=1e-8)

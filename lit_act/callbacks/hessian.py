@@ -90,8 +90,8 @@ class HessianSpectrum(Callback):
         lambda_min: also compute the smallest eigenvalue.
         trace_budget: matvecs for the stochastic trace (0 disables the trace).
         trace_method: ``"auto"`` (default: exact by backpropagation when the modules allow it, see
-            :mod:`lit_act.hessian.diagonal`; else the exactly computable blocks as a control variate plus Hutch++ on
-            the rest), ``"exact"`` (``on_uncovered`` decides for uncovered networks), ``"hutchpp"``, ``"hutchinson"``
+            :mod:`lit_act.hessian.diagonal`; else the exactly computable blocks as a control variate plus Hutchinson
+            on the rest), ``"exact"`` (``on_uncovered`` decides for uncovered networks), ``"hutchpp"``, ``"hutchinson"``
             or ``"xtrace"``.
         on_uncovered: for ``trace_method="exact"`` on a network outside the exact rules: ``"error"`` (raise, naming
             the module) or ``"control_variate"`` (warn and fall back).
