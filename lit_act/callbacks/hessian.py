@@ -15,7 +15,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_act.batch import BatchAdapter
+from lit_act.batch import DEFAULT_ADAPTER, BatchAdapter
 from lit_act.callbacks.core import LitActCallback, probe_batches
 from lit_act.hessian.curvature import CURVATURES, curvature_operator
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
@@ -315,6 +315,16 @@ class HessianSpectrum(LitActCallback):
             self.save_figure(trainer, self._density_figure(*density, trainer.global_step), "hessian_density",
                              step=trainer.global_step)
 
+    def operator_loss_fn(self, module: nn.Module) -> LossFn | None:
+        """The loss handed to the curvature operator: ``None`` (the operator's own default,
+        ``module.loss(module(inputs), targets)``, whose output Hessian is known, so exact diagonals apply) when neither
+        ``loss_fn`` nor a custom adapter was given and ``module`` is a lit-act model; otherwise :attr:`loss_fn`."""
+        from lit_act.models.base import LitActModule
+
+        if self.user_loss_fn is None and self.adapter == DEFAULT_ADAPTER and isinstance(module, LitActModule):
+            return None
+        return self.loss_fn
+
     def metric_names(self) -> list[str]:
         """Every key an evaluation logs, in order."""
         names = [f"{PREFIX}eig_{i + 1}" for i in range(self.top_k)]
@@ -345,7 +355,7 @@ class HessianSpectrum(LitActCallback):
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             bar = stack.enter_context(_progress_bar(planned, show_progress))
-            op = curvature_operator(module, self.loss_fn, batches, curvature=self.curvature, loss=self.loss,
+            op = curvature_operator(module, self.operator_loss_fn(module), batches, curvature=self.curvature, loss=self.loss,
                                     params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar)
             metrics, density = self._spectrum(op)
         metrics[f"{PREFIX}matvecs"] = float(op.matvecs)
