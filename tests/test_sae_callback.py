@@ -139,7 +139,7 @@ def test_bad_arguments_name_the_argument():
         _callback(buffer_tokens=16)
     with pytest.raises(ValueError, match=r"k \(64\) must be <= d_latent \(32\)"):
         _callback(k=64)
-    with pytest.raises(ValueError, match="d_latent must be a positive integer"):
+    with pytest.raises(ValueError, match="d_latent=0: expected a positive integer"):
         _callback(d_latent=0)
     with pytest.raises(ValueError, match="unknown SAE 'gated'; valid names"):
         _callback(sae="gated")

@@ -5,16 +5,29 @@ whose message names the argument. Hydra-style strings with an unambiguous meanin
 """
 
 import math
+import re
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from lit_act.activations import GroupRational, Rational, TopK, build
+from lit_act.callbacks import (
+    ActivationHistograms,
+    ActivationSparsity,
+    DeadNeurons,
+    HessianSpectrum,
+    LearnedActivationShapes,
+    MassiveActivations,
+    NeuronActivationCoverage,
+    TeacherStudentMatch,
+)
+from lit_act.callbacks.sae import SparseAutoencoderTrainer
 from lit_act.kan.fourier import FourierKANLinear
 from lit_act.kan.grkan import GRKANLinear
 from lit_act.kan.kan_linear import KANLinear
-from lit_act.kan.skan import SKANLinear
+from lit_act.kan.skan import SKANLinear, SKANStageCallback
 from lit_act.models import CNNClassifier, MLPClassifier, StudentNetwork, TransformerLM
 from lit_act.utils import validate as v
 from lit_act.utils.schema import check_config
@@ -163,3 +176,182 @@ def test_validators_name_the_argument(call, name):
 def test_choice_lists_valid_options():
     with pytest.raises(ConfigError, match=r"valid: \['cached', 'forward'\]"):
         v.choice("backend", "fast", ["cached", "forward"])
+
+
+# ------------------------------------------------------------------------------------------------------- callbacks
+NAN, INF = float("nan"), math.inf
+NOEVAL = {"evaluate_on": None}  # NAC without the OOD evaluation (needs no ood_sets)
+
+BAD_CALLBACK = [
+    # schedules and common arguments (every callback): integers, booleans rejected, never split strings
+    (ActivationSparsity, {"every_n_steps": True}, "every_n_steps"),
+    (ActivationSparsity, {"every_n_steps": 2.5}, "every_n_steps"),
+    (ActivationSparsity, {"every_n_steps": "often"}, "every_n_steps"),
+    (ActivationSparsity, {"every_n_steps": 0}, "every_n_steps"),
+    (ActivationSparsity, {"probe": True}, "probe"),
+    (ActivationSparsity, {"probe": "never"}, "probe"),
+    (ActivationSparsity, {"probe": 0}, "probe"),
+    (ActivationSparsity, {"probe_samples": 0}, "probe_samples"),
+    (ActivationSparsity, {"probe_samples": 2.5}, "probe_samples"),
+    (ActivationSparsity, {"on_validation": "maybe"}, "on_validation"),
+    (ActivationSparsity, {"on_test": 1}, "on_test"),
+    (ActivationSparsity, {"figures": "yes"}, "figures"),
+    (ActivationSparsity, {"modules": 3}, "modules"),
+    (ActivationSparsity, {"modules": [1, 2]}, "modules"),
+    (ActivationSparsity, {"modules": []}, "modules"),
+    (DeadNeurons, {"window_steps": True}, "window_steps"),
+    (DeadNeurons, {"window_steps": 0}, "window_steps"),
+    (DeadNeurons, {"every_n_steps": True}, "every_n_steps"),
+    (DeadNeurons, {"probe": "never"}, "probe"),
+    (HessianSpectrum, {"every_n_epochs": True}, "every_n_epochs"),
+    (HessianSpectrum, {"every_n_steps": "x"}, "every_n_steps"),
+    (LearnedActivationShapes, {"every_n_epochs": 0}, "every_n_epochs"),
+    (NeuronActivationCoverage, {"every_n_steps": True, **NOEVAL}, "every_n_steps"),
+    (SparseAutoencoderTrainer, {"every_n_steps": True}, "every_n_steps"),
+    (SparseAutoencoderTrainer, {"every_n_steps": None}, "every_n_steps"),
+    (SparseAutoencoderTrainer, {"log_every_n_steps": 0}, "log_every_n_steps"),
+    # ActivationSparsity
+    (ActivationSparsity, {"threshold": "x"}, "threshold"),
+    (ActivationSparsity, {"threshold": -0.5}, "threshold"),
+    (ActivationSparsity, {"threshold": NAN}, "threshold"),
+    (ActivationSparsity, {"threshold": INF}, "threshold"),
+    (ActivationSparsity, {"cett_target": 1.5}, "cett_target"),
+    (ActivationSparsity, {"cett_target": 0}, "cett_target"),
+    (ActivationSparsity, {"cett_target": "a"}, "cett_target"),
+    (ActivationSparsity, {"cett_max_tokens": 0}, "cett_max_tokens"),
+    (ActivationSparsity, {"cett_max_tokens": 2.5}, "cett_max_tokens"),
+    (ActivationSparsity, {"down_projections": ["fc_out"]}, "down_projections"),
+    (ActivationSparsity, {"neuron_dim": "a"}, "neuron_dim"),
+    # DeadNeurons
+    (DeadNeurons, {"threshold": "x"}, "threshold"),
+    (DeadNeurons, {"threshold": NAN}, "threshold"),
+    (DeadNeurons, {"threshold": -INF}, "threshold"),
+    # MassiveActivations
+    (MassiveActivations, {"k": 0}, "k"),
+    (MassiveActivations, {"k": 2.5}, "k"),
+    (MassiveActivations, {"k": True}, "k"),
+    (MassiveActivations, {"magnitude": -1}, "magnitude"),
+    (MassiveActivations, {"magnitude": NAN}, "magnitude"),
+    (MassiveActivations, {"median_ratio": "x"}, "median_ratio"),
+    (MassiveActivations, {"fit_emergence": "maybe"}, "fit_emergence"),
+    # ActivationHistograms (bins bounded before any allocation)
+    (ActivationHistograms, {"bins": 10**9}, "bins"),
+    (ActivationHistograms, {"bins": 0}, "bins"),
+    (ActivationHistograms, {"bins": "a"}, "bins"),
+    (ActivationHistograms, {"high": INF}, "high"),
+    (ActivationHistograms, {"low": NAN}, "low"),
+    (ActivationHistograms, {"low": "x"}, "low"),
+    (ActivationHistograms, {"low": 1.0, "high": 1.0}, "high"),
+    # HessianSpectrum
+    (HessianSpectrum, {"tol": "a"}, "tol"),
+    (HessianSpectrum, {"tol": 0}, "tol"),
+    (HessianSpectrum, {"kh_power": NAN}, "kh_power"),
+    (HessianSpectrum, {"kh_power": -1}, "kh_power"),
+    (HessianSpectrum, {"max_iter": 2.5}, "max_iter"),
+    (HessianSpectrum, {"max_iter": 0}, "max_iter"),
+    (HessianSpectrum, {"max_iter": 2}, "max_iter"),  # < top_k
+    (HessianSpectrum, {"num_batches": 0}, "num_batches"),
+    (HessianSpectrum, {"num_batches": True}, "num_batches"),
+    (HessianSpectrum, {"top_k": 0}, "top_k"),
+    (HessianSpectrum, {"slq_runs": 0}, "slq_runs"),
+    (HessianSpectrum, {"trace_budget": -1}, "trace_budget"),
+    (HessianSpectrum, {"trace_budget": 2}, "trace_budget"),
+    (HessianSpectrum, {"slq_iter": -1}, "slq_iter"),
+    (HessianSpectrum, {"slq_iter": 2.5}, "slq_iter"),
+    (HessianSpectrum, {"params": 3}, "params"),
+    (HessianSpectrum, {"params": [1]}, "params"),
+    (HessianSpectrum, {"backend": "jax"}, "backend"),
+    (HessianSpectrum, {"trace_method": "magic"}, "trace_method"),
+    (HessianSpectrum, {"curvature": "kfac"}, "curvature"),
+    (HessianSpectrum, {"lambda_min": "maybe"}, "lambda_min"),
+    (HessianSpectrum, {"seed": "x"}, "seed"),
+    # NeuronActivationCoverage
+    (NeuronActivationCoverage, {"ood_sets": [1, 2]}, "ood_sets"),
+    (NeuronActivationCoverage, {"bins": 10**9, **NOEVAL}, "bins"),
+    (NeuronActivationCoverage, {"bins": 1, **NOEVAL}, "bins"),
+    (NeuronActivationCoverage, {"saturation": 0, **NOEVAL}, "saturation"),
+    (NeuronActivationCoverage, {"saturation": "x", **NOEVAL}, "saturation"),
+    (NeuronActivationCoverage, {"alpha": -1, **NOEVAL}, "alpha"),
+    (NeuronActivationCoverage, {"alpha": "big", **NOEVAL}, "alpha"),
+    (NeuronActivationCoverage, {"spacing": "log", **NOEVAL}, "spacing"),
+    (NeuronActivationCoverage, {"evaluate_on": "val", "ood_sets": {}}, "evaluate_on"),
+    (NeuronActivationCoverage, {"fit_samples": 0, **NOEVAL}, "fit_samples"),
+    (NeuronActivationCoverage, {"batch_size": True, **NOEVAL}, "batch_size"),
+    (NeuronActivationCoverage, {"probe": "never", **NOEVAL}, "probe"),
+    (NeuronActivationCoverage, {"layer_params": [1], **NOEVAL}, "layer_params"),
+    (NeuronActivationCoverage, {"search_kwargs": 3, **NOEVAL}, "search_kwargs"),
+    # LearnedActivationShapes
+    (LearnedActivationShapes, {"x_range": 3.0}, "x_range"),
+    (LearnedActivationShapes, {"x_range": (3, -3)}, "x_range"),
+    (LearnedActivationShapes, {"x_range": (0, INF)}, "x_range"),
+    (LearnedActivationShapes, {"points": 1}, "points"),
+    (LearnedActivationShapes, {"points": 10**9}, "points"),
+    (LearnedActivationShapes, {"max_curves": 0}, "max_curves"),
+    (LearnedActivationShapes, {"max_curves": 10**9}, "max_curves"),
+    # TeacherStudentMatch
+    (TeacherStudentMatch, {"copy_threshold": 1.5}, "copy_threshold"),
+    (TeacherStudentMatch, {"copy_threshold": NAN}, "copy_threshold"),
+    (TeacherStudentMatch, {"average_threshold": "x"}, "average_threshold"),
+    (TeacherStudentMatch, {"copy_margin": -0.1}, "copy_margin"),
+    (TeacherStudentMatch, {"sign_symmetric": "maybe"}, "sign_symmetric"),
+    (TeacherStudentMatch, {"student_weight": 3}, "student_weight"),
+    # SKANStageCallback
+    (SKANStageCallback, {"full_epochs": -1}, "full_epochs"),
+    (SKANStageCallback, {"full_epochs": 1.5}, "full_epochs"),
+    (SKANStageCallback, {"selective_epochs": "x"}, "selective_epochs"),
+    (SKANStageCallback, {"tau_min": 0}, "tau_min"),
+    (SKANStageCallback, {"tau_min": 1.5}, "tau_min"),
+    (SKANStageCallback, {"tau_min": NAN}, "tau_min"),
+    (SKANStageCallback, {"entropy_weight": -1}, "entropy_weight"),
+    # SparseAutoencoderTrainer
+    (SparseAutoencoderTrainer, {"k": 0}, "k"),
+    (SparseAutoencoderTrainer, {"k": 64, "d_latent": 32}, "k"),
+    (SparseAutoencoderTrainer, {"d_latent": 0}, "d_latent"),
+    (SparseAutoencoderTrainer, {"d_latent": "a"}, "d_latent"),
+    (SparseAutoencoderTrainer, {"buffer_tokens": 0}, "buffer_tokens"),
+    (SparseAutoencoderTrainer, {"batch_size": -1}, "batch_size"),
+    (SparseAutoencoderTrainer, {"lr": 0}, "lr"),
+    (SparseAutoencoderTrainer, {"lr": "x"}, "lr"),
+    (SparseAutoencoderTrainer, {"start_step": -1}, "start_step"),
+    (SparseAutoencoderTrainer, {"loss_fn": 3}, "loss_fn"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, name", BAD_CALLBACK,
+                         ids=[f"{cls.__name__}-{kw}" for cls, kw, _ in BAD_CALLBACK])
+def test_bad_callback_argument_names_itself(cls, kwargs, name):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    message = str(info.value)
+    assert re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message), message
+    assert "\n" not in message
+
+
+def test_hydra_strings_are_converted_in_callbacks():
+    assert ActivationSparsity(threshold="0.1").threshold == 0.1
+    assert ActivationSparsity(every_n_steps="8", probe="4", probe_samples="64").every_n_steps == 8
+    sparsity = ActivationSparsity(probe="4", probe_samples="64", cett_target="0.3", cett_max_tokens="128")
+    assert (sparsity.probe, sparsity.probe_samples, sparsity.cett_target, sparsity.cett_max_tokens) == (4, 64, 0.3, 128)
+    assert ActivationSparsity(on_validation="false", on_test="true").on_test is True
+    assert DeadNeurons(threshold="0.5", window_steps="10").window_steps == 10
+    hist = ActivationHistograms(bins="32", low="-2", high="2")
+    assert (hist.bins, hist.low, hist.high) == (32, -2.0, 2.0)
+    hessian = HessianSpectrum(tol="1e-3", max_iter="80", kh_power="0.25", params="hidden.*")
+    assert (hessian.tol, hessian.max_iter, hessian.kh_power) == (1e-3, 80, 0.25)
+    assert hessian.params == ["hidden.*"]  # one pattern, not its characters
+    assert HessianSpectrum(params=OmegaConf.create(["a.*", "b"])).params == ["a.*", "b"]
+    assert LearnedActivationShapes(x_range=OmegaConf.create(["-2", 2])).x_range == (-2.0, 2.0)
+    nac = NeuronActivationCoverage(alpha="0.5", saturation="10", bins="20", evaluate_on=None)
+    assert (nac.params.alpha, nac.params.saturation, nac.params.bins) == (0.5, 10.0, 20)
+    assert NeuronActivationCoverage(ood_sets=OmegaConf.create({"noise": 1})).ood_sets["noise"] == 1
+    assert MassiveActivations(k="5", magnitude="50").k == 5
+    assert SKANStageCallback(full_epochs="2", tau_min="0.1").tau_min == 0.1
+    assert TeacherStudentMatch(copy_threshold="0.8").rule["copy_threshold"] == 0.8
+    assert SparseAutoencoderTrainer(d_latent="64", k="8", lr="1e-3").config.d_latent == 64
+
+
+def test_module_selectors_are_kept_whole():
+    assert ActivationSparsity(modules="blocks.*.mlp.act").modules == "blocks.*.mlp.act"
+    assert ActivationSparsity(modules=OmegaConf.create(["fc*", "act"])).modules == ["fc*", "act"]
+    assert ActivationSparsity(modules=(nn.ReLU, nn.GELU)).modules == (nn.ReLU, nn.GELU)
+    assert ActivationSparsity(modules=OmegaConf.create({"a": 1})).modules == {"a": 1}

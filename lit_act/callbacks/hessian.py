@@ -24,6 +24,7 @@ from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn
 from lit_act.hessian.trace import ON_UNCOVERED, TRACE_METHODS, trace
 from lit_act.stats.tap import paused
+from lit_act.utils import validate as v
 from lit_act.utils.modes import evaluating
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
@@ -115,7 +116,9 @@ class HessianSpectrum(LitActCallback):
     Args:
         every_n_steps: evaluate after every ``every_n_steps`` optimizer steps.
         every_n_epochs: evaluate at the end of every ``every_n_epochs`` training epochs (default 1).
-        num_batches: training batches to cache and average over (weighted by batch size).
+        num_batches: training batches to cache and average over (weighted by batch size); the cache takes one
+            training batch per step, so ``every_n_steps`` evaluations before it is full use the batches cached so
+            far (a warning at setup says so).
         top_k: number of top eigenvalues.
         max_iter: Lanczos steps at most per eigen-solve (default ``max(2 top_k + 20, 60)``).
         tol: Lanczos relative tolerance.
@@ -160,6 +163,18 @@ class HessianSpectrum(LitActCallback):
                  checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
                  curvature: str = "hessian", loss: str | None = None, on_uncovered: str = "error",
                  adapter: BatchAdapter | None = None, dry_run: bool = True) -> None:
+        every_n_steps = validate_every_n("every_n_steps", every_n_steps)
+        every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
+        num_batches, top_k = v.positive_int("num_batches", num_batches), v.positive_int("top_k", top_k)
+        slq_runs, max_iter = v.positive_int("slq_runs", slq_runs), v.optional(v.positive_int, "max_iter", max_iter)
+        trace_budget = v.non_negative_int("trace_budget", trace_budget)
+        slq_iter, seed = v.non_negative_int("slq_iter", slq_iter), v.integer("seed", seed)
+        tol, kh_power = v.positive_float("tol", tol), v.positive_float("kh_power", kh_power)
+        params = v.optional(v.str_sequence, "params", params)  # "hidden.*" is one pattern
+        lambda_min, eval_mode = v.boolean("lambda_min", lambda_min), v.boolean("eval_mode", eval_mode)
+        warm_start, progress = v.boolean("warm_start", warm_start), v.boolean("progress", progress)
+        checkpoint_vector, dry_run = v.boolean("checkpoint_vector", checkpoint_vector), v.boolean("dry_run", dry_run)
+        save_density_figure = v.boolean("save_density_figure", save_density_figure)
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
@@ -222,6 +237,10 @@ class HessianSpectrum(LitActCallback):
             if self.evaluations == 0:
                 self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
             return
+        if self.every_n_steps is not None and self.every_n_steps < self.num_batches:
+            self.warn(f"every_n_steps={self.every_n_steps} < num_batches={self.num_batches}: the cache holds one "
+                      f"training batch per step, so evaluations before step {self.num_batches} use the batches "
+                      "cached so far")
         steps = planned_steps(trainer)
         if steps is not None and self.every_n_steps is not None and self.every_n_steps > steps \
                 and self.every_n_epochs is None:
@@ -265,8 +284,7 @@ class HessianSpectrum(LitActCallback):
         if len(self.cached_batches) < self.num_batches:
             self.cached_batches.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
         step = trainer.global_step
-        if (due(step, self.every_n_steps) and step != self._last_step and step > 0 and is_real_run(trainer)
-                and len(self.cached_batches) == self.num_batches):
+        if due(step, self.every_n_steps) and step != self._last_step and step > 0 and is_real_run(trainer):
             self._last_step = step
             self._evaluate(trainer, pl_module, on_step=True)
 

@@ -22,6 +22,7 @@ from lit_act.sae.buffer import ActivationBuffer
 from lit_act.sae.metrics import DENSITY_RANGE, SAEMetrics, decoder_epsilon, default_loss, loss_recovered
 from lit_act.sae.training import SAEConfig, SAETrainer
 from lit_act.stats.tap import ModuleSelector, neuron_view, require_uncompiled, select_modules, tap
+from lit_act.utils import validate as v
 from lit_act.utils.schedule import due, is_real_run, validate_every_n
 
 _SCALARS = ("fvu", "l0", "afa_error", "never_fired_fraction")
@@ -86,6 +87,18 @@ class SparseAutoencoderTrainer(Callback):
                  seed: int = 0, start_step: int = 0, log_every_n_steps: int = 50, on_validation: bool = True,
                  loss_recovered_batches: int = 4,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, figures: bool = True) -> None:
+        modules, every_n_steps = v.module_selector("modules", modules), v.positive_int("every_n_steps", every_n_steps)
+        d_latent, k = v.positive_int("d_latent", d_latent), v.positive_int("k", k)
+        buffer_tokens = v.positive_int("buffer_tokens", buffer_tokens)
+        batch_size, lr = v.positive_int("batch_size", batch_size), v.positive_float("lr", lr)
+        dead_tokens, seed = v.positive_int("dead_tokens", dead_tokens), v.integer("seed", seed)
+        auxk_coefficient = v.finite_float("auxk_coefficient", auxk_coefficient, low=0.0)
+        l1_coefficient = v.finite_float("l1_coefficient", l1_coefficient, low=0.0)
+        start_step = v.non_negative_int("start_step", start_step)
+        log_every_n_steps = v.positive_int("log_every_n_steps", log_every_n_steps)
+        loss_recovered_batches = v.non_negative_int("loss_recovered_batches", loss_recovered_batches)
+        on_validation, figures = v.boolean("on_validation", on_validation), v.boolean("figures", figures)
+        loss_fn = v.callable_or_none("loss_fn", loss_fn)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("log_every_n_steps", log_every_n_steps)
         if every_n_steps is None:

@@ -15,6 +15,7 @@ from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCal
 from lit_act.stats.sparsing_law import CETTSparsityMetric, find_down_projection
 from lit_act.stats.sparsity import ActivationSparsityMetric
 from lit_act.stats.tap import ModuleSelector, neuron_view
+from lit_act.utils import validate as v
 
 
 class ActivationSparsity(ActivationStatisticCallback):
@@ -64,6 +65,12 @@ class ActivationSparsity(ActivationStatisticCallback):
                  cett_max_tokens: int | None = 512, down_projections: Mapping[str, str] | None = None,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = None,
                  probe_samples: int = DEFAULT_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
+        threshold = v.finite_float("threshold", threshold, low=0.0)
+        cett_target = v.optional(v.finite_float, "cett_target", cett_target, low=0.0, high=1.0, low_open=True,
+                                 high_open=True)
+        cett_max_tokens = v.optional(v.positive_int, "cett_max_tokens", cett_max_tokens)
+        down_projections = v.optional(v.mapping, "down_projections", down_projections)
+        neuron_dim = v.optional(v.integer, "neuron_dim", neuron_dim)
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         ActivationSparsityMetric(threshold)  # validates threshold
         if cett_target is not None:

@@ -260,6 +260,10 @@ class SKANStageCallback(LitActCallback):
 
     def __init__(self, full_epochs: int = 1, selective_epochs: int = 1, tau_min: float = 0.05,
                  entropy_weight: float = 0.0) -> None:
+        full_epochs = v.non_negative_int("full_epochs", full_epochs)
+        selective_epochs = v.non_negative_int("selective_epochs", selective_epochs)
+        tau_min = v.finite_float("tau_min", tau_min, low=0.0, high=1.0, low_open=True)
+        entropy_weight = v.finite_float("entropy_weight", entropy_weight, low=0.0)
         super().__init__()
         if full_epochs < 0 or selective_epochs < 0:
             raise ValueError(f"epochs must be >= 0, got full={full_epochs}, selective={selective_epochs}")

@@ -206,3 +206,51 @@ def mapping(name: str, value: Any) -> Mapping:
     if isinstance(value, Mapping) or type(value).__name__ == "DictConfig":
         return value
     raise _fail(name, value, "a mapping")
+
+
+__all__ += ["MAX_BINS", "callable_or_none", "integer", "module_selector", "probe_schedule"]
+
+MAX_BINS = 100_000  # upper bound on histogram bins: counts are allocated per module before any data is seen
+
+
+def integer(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """An integer in ``[low, high]`` (either bound optional), e.g. a seed, a dimension or ``points >= 2``."""
+    expected = "an integer" + _range_text(low, high, False, False)
+    out = _to_int(name, value, expected)
+    if (low is not None and out < low) or (high is not None and out > high):
+        raise _fail(name, value, expected)
+    return out
+
+
+def callable_or_none(name: str, value: Any) -> Any:
+    """``None`` or a callable (a user function such as ``loss_fn`` / ``logits_fn``)."""
+    if value is None or callable(value):
+        return value
+    raise _fail(name, value, "a callable or None")
+
+
+def module_selector(name: str, value: Any) -> Any:
+    """A module selector (:mod:`lit_act.selection`): ``None``, one preset or glob string (never split into
+    characters), a list of strings, a module type or tuple of types, a ``{name: module}`` mapping or a predicate
+    ``(name, module) -> bool``; Hydra's ListConfig / DictConfig become a list / dict."""
+    if value is None or isinstance(value, str | type | Mapping) or callable(value):
+        return value
+    if type(value).__name__ == "DictConfig":
+        return dict(value)
+    if _sequence(value) and value and (all(isinstance(s, str) and s for s in value)
+                                       or all(isinstance(t, type) for t in value)):
+        return list(value) if _is_listconfig(value) else value
+    raise _fail(name, value, "a preset or glob string, a list of strings, a module type or tuple of types, a "
+                             "{name: module} mapping, or a predicate (name, module) -> bool")
+
+
+def probe_schedule(name: str, value: Any, keywords: Sequence[str] = ("epoch",)) -> str | int | None:
+    """``None``, one of ``keywords`` (e.g. ``"epoch"``, ``"auto"``) or a positive number of steps (digit strings
+    converted, booleans rejected)."""
+    if value is None or (isinstance(value, str) and value in keywords):
+        return value
+    expected = f"None, {', '.join(repr(k) for k in keywords)} or a positive number of steps"
+    try:
+        return positive_int(name, value)
+    except ConfigError:
+        raise _fail(name, value, expected) from None
