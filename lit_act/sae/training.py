@@ -65,6 +65,8 @@ class SAEConfig:
         dead_tokens: the dead-latent window in training tokens (see module docstring).
         l1_coefficient: L1 weight of the ``relu`` SAE.
         b_pre_init: ``geometric_median`` (Gao et al. Sec. 2.4), ``mean`` or ``zeros`` of the first batch.
+        normalize_inputs: scale the inputs by one scalar so that ``E||x||^2 = d_in`` on the first batch (the SAE's
+            ``input_scale`` buffer, :mod:`lit_act.sae.models`); ``False``: scale 1.
         seed: seed of the SAE initialisation (private generator; the global RNG is never used).
         sae_kwargs: extra constructor arguments (e.g. ``{"momentum": 0.01}`` for ``batchtopk``).
     """
@@ -79,6 +81,7 @@ class SAEConfig:
     dead_tokens: int = 1_000_000
     l1_coefficient: float = 1e-3
     b_pre_init: str = "geometric_median"
+    normalize_inputs: bool = True
     seed: int = 0
     sae_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -185,11 +188,17 @@ class SAETrainer:
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set ``b_pre`` from a first batch (``config.b_pre_init``; under DDP from every rank's rows together)."""
+        """Set ``input_scale`` (``config.normalize_inputs``: ``sqrt(d_in / mean ||x||^2)``) and ``b_pre``
+        (``config.b_pre_init``, of the normalised rows) from a first batch (under DDP every rank's rows together)."""
         if _world() > 1:
             gathered = [torch.empty_like(x) for _ in range(_world())]
             dist.all_gather(gathered, x.contiguous())
             x = torch.cat(gathered)
+        x = x.float()
+        if self.config.normalize_inputs:
+            mean_sq = x.square().sum(dim=1).mean()
+            self.sae.input_scale.copy_((self.d_in / mean_sq).sqrt() if mean_sq > 0 else torch.ones(()))
+        x = x * self.sae.input_scale
         if self.config.b_pre_init == "geometric_median":
             b_pre = geometric_median(x.float())
         elif self.config.b_pre_init == "mean":
@@ -203,14 +212,15 @@ class SAETrainer:
         """``(loss, {part: detached value}, SAE output)`` of one batch; under DDP this rank's share of the all-rank loss (the
         shares sum to the loss of the concatenated batch)."""
         out = self.sae(x)
+        scale = self.sae.input_scale
         if self.sae.uses_auxk:
             mse = normalized_mse(out.x_hat, x)
-            aux = auxk_loss(self.sae, out.pre, (x - out.x_hat).detach(), self.dead, self.k_aux)
+            aux = auxk_loss(self.sae, out.pre, ((x - out.x_hat) * scale).detach(), self.dead, self.k_aux)
             total = mse + self.config.auxk_coefficient * aux
             parts = {"mse": mse.detach(), "auxk": aux.detach()}
-        else:
+        else:  # in the normalised space, where l1_coefficient is comparable across models
             n = _all_sum(x.new_tensor(float(x.shape[0])))
-            mse = (out.x_hat - x).square().sum() / n
+            mse = ((out.x_hat - x) * scale).square().sum() / n
             l1 = (out.z * self.sae.W_dec.norm(dim=1)).sum() / n
             total = mse + self.sae.l1_coefficient * l1
             parts = {"mse": mse.detach(), "l1": l1.detach()}
