@@ -25,7 +25,7 @@ from typing_extensions import override
 from lit_act.batch import BatchAdapter
 from lit_act.callbacks.base import ActivationStatisticCallback
 from lit_act.sae.buffer import ActivationBuffer
-from lit_act.sae.metrics import SAEMetrics, adapter_loss, decoder_epsilon, density_bin_edges, loss_recovered
+from lit_act.sae.metrics import AdapterLoss, SAEMetrics, decoder_epsilon, density_bin_edges, loss_recovered
 from lit_act.sae.training import SAEConfig, SAETrainer
 from lit_act.selection import default_preset, select_sites
 from lit_act.stats.tap import ModuleSelector, neuron_view, require_uncompiled, site_of
@@ -94,7 +94,7 @@ class SparseAutoencoderTrainer(ActivationStatisticCallback):
         on_validation: evaluate the SAEs on every validation batch (always under ``trainer.validate``).
         on_test: evaluate the SAEs on every test batch.
         loss_recovered_batches: validation batches on which the downstream loss is spliced (0: off).
-        loss_fn: ``(model, batch) -> loss`` for the loss recovered (default: :func:`lit_act.sae.metrics.adapter_loss`
+        loss_fn: ``(model, batch) -> loss`` for the loss recovered (default: :class:`lit_act.sae.metrics.AdapterLoss`
             of ``adapter``: the output's loss, else ``model.loss(logits, targets)``, else cross-entropy).
         figures: save the figures at train end.
         adapter: batch adapter (:class:`lit_act.batch.BatchAdapter`: forward, token mask, logits, loss).
@@ -126,7 +126,7 @@ class SparseAutoencoderTrainer(ActivationStatisticCallback):
         self.buffer_tokens = buffer_tokens
         self.log_every_n_steps = log_every_n_steps
         self.loss_recovered_batches = loss_recovered_batches
-        self.loss_fn = loss_fn or adapter_loss(self.adapter)
+        self.loss_fn = loss_fn or AdapterLoss(self.adapter)
         self.trainers: dict[str, SAETrainer] = {}
         self.buffers: dict[str, ActivationBuffer] = {}
         self.pending_tokens: dict[str, int] = {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -161,21 +162,25 @@ def reconstruct_with(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def adapter_loss(adapter: BatchAdapter = DEFAULT_ADAPTER) -> Callable[[nn.Module, Any], Tensor]:
+@dataclass(frozen=True)
+class AdapterLoss:
     """``(model, batch) -> loss`` read through ``adapter`` (:class:`lit_act.batch.BatchAdapter`): the output's own
     loss (Hugging Face models given ``labels``), else ``model.loss(logits, targets)`` when the model defines ``loss``
-    (lit-act's models), else the cross-entropy of the logits against integer targets.
+    (lit-act's models), else the cross-entropy of the logits against integer targets. Picklable (``ddp_spawn``).
 
     Raises:
         TypeError: the batch carries no targets / the output no logits, so no loss can be formed (pass
             ``loss_fn=``).
     """
-    def loss(model: nn.Module, batch: Any) -> Tensor:
-        output = adapter.forward(model, batch)
-        value = adapter.loss(output)
+
+    adapter: BatchAdapter = DEFAULT_ADAPTER
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        output = self.adapter.forward(model, batch)
+        value = self.adapter.loss(output)
         if value is not None:
             return value
-        logits, targets = adapter.logits(output), adapter.targets(batch)
+        logits, targets = self.adapter.logits(output), self.adapter.targets(batch)
         if logits is None or targets is None:
             raise TypeError("the model output has no loss and the batch/output no (logits, targets) to form one")
         if callable(getattr(model, "loss", None)):
@@ -184,11 +189,9 @@ def adapter_loss(adapter: BatchAdapter = DEFAULT_ADAPTER) -> Callable[[nn.Module
             raise TypeError("the batch has floating-point targets and the model no loss(logits, targets) method")
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    return loss
 
-
-default_loss = adapter_loss()
-default_loss.__doc__ = "The model's loss on ``batch`` read with the default adapter (:func:`adapter_loss`)."
+#: the model's loss on a batch read with the default adapter (:class:`AdapterLoss`)
+default_loss = AdapterLoss()
 
 
 @torch.no_grad()
