@@ -121,7 +121,8 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
 
-def _keep_topk(pre: Tensor, k: int) -> Tensor:
+def keep_topk(pre: Tensor, k: int) -> Tensor:
+    """``ReLU`` of the ``k`` largest entries of each row of ``pre``, zeros elsewhere (dense codes)."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
 
@@ -155,7 +156,7 @@ class TopKSAE(SparseAutoencoder):
         return f"{super().extra_repr()}, k={self.k}"
 
     def activate(self, pre: Tensor, u: Tensor) -> Tensor:
-        return _keep_topk(pre, self.k)
+        return keep_topk(pre, self.k)
 
     def forward(self, x: Tensor) -> SAEOutput:
         """As :meth:`encode` + :meth:`decode`, decoding only the ``k`` active latents (:func:`sparse_decode`)."""
