@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import Metric
 
-from lit_act.callbacks import ActivationStatisticCallback, SparseAutoencoderTrainer
+from lit_act.callbacks import ActivationStatisticCallback, DeadNeurons, SparseAutoencoderTrainer
 from lit_act.callbacks.sae import log_density_histograms
 from lit_act.sae.metrics import DENSITY_BINS, density_bin_edges
 
@@ -183,16 +183,21 @@ class RowCounter(ActivationStatisticCallback):
         metrics["rows"].update(self.tokens(name, x))
 
 
-def test_loss_recovered_passes_are_invisible_to_other_callbacks(tmp_path):
+def test_internal_passes_are_isolated_both_ways(tmp_path):
     """The SAE callback's spliced forwards (3 per loss-recovered batch) run in a quiet pass: a statistics callback
-    observing the module downstream of the splice counts exactly the validation batches' tokens."""
+    observing the module downstream of the splice counts exactly the validation batches' tokens; and another
+    callback's probe passes do not feed the SAE buffers."""
     counter = RowCounter(modules="down", every_n_steps=None, on_validation=True, figures=False)
+    dead = DeadNeurons(modules="act", probe=3, probe_samples=32, figures=False)  # probe passes of its own
     sae = _callback(loss_recovered_batches=2)
-    trainer, _ = _fit(tmp_path, [sae, counter], max_steps=6)
+    trainer, _ = _fit(tmp_path, [sae, counter, dead], max_steps=6)
     # one validation epoch (val_check_interval=6) of limit_val_batches=2 batches of 16 x 8 tokens
     assert trainer.callback_metrics["val/rows/down"].item() == 2 * 16 * 8
     assert "val/sae/loss_recovered/act" in trainer.callback_metrics  # the spliced passes did run
     assert sae.recovered["act"]["batches"] == 2
+    # and the SAE saw the 6 training batches of 8 x 8 tokens only, not DeadNeurons' two probe passes
+    assert "probe/dead_fraction/act" in trainer.callback_metrics
+    assert sae.buffers["act"].tokens_seen == 6 * 8 * 8
 
 
 def test_density_histogram_goes_to_wandb_loggers(monkeypatch):
