@@ -75,7 +75,7 @@ def _callback(**kw):
 
 def test_callback_logs_keys_and_leaves_training_unchanged(tmp_path):
     _, reference = _fit(tmp_path / "ref", [])
-    callback = _callback()
+    callback = _callback(figures=True)
     trainer, model = _fit(tmp_path / "sae", [callback])
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), name  # same data, same dropout masks: the callback used no global RNG
@@ -91,6 +91,8 @@ def test_callback_logs_keys_and_leaves_training_unchanged(tmp_path):
     assert 0 <= metrics["val/sae/fvu/act"].item() < 1.5
     assert not model.act._forward_hooks and not model.act._forward_pre_hooks
     assert not any(p.requires_grad is False for p in model.parameters())
+    for figure in ("sae_density_act.png", "sae_fvu_per_layer.png"):
+        assert (tmp_path / "sae" / "figures" / figure).is_file(), figure
 
 
 def test_callback_resumes_sae_state(tmp_path):

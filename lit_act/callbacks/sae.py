@@ -133,7 +133,7 @@ class SparseAutoencoderTrainer(ActivationStatisticCallback):
         self.loss_parts: dict[str, dict[str, Tensor]] = {}
         self.recovered: dict[str, dict[str, Tensor]] = {}
         self.nonfinite: dict[str, dict[str, int]] = {}  # stage -> site -> NaN/Inf rows since the last emission
-        self.last_density: dict[str, Tensor] = {}
+        self.last_density: dict[str, dict[str, Tensor]] = {}  # stage -> site -> density histogram
         self._emitted_density: dict[str, Tensor] = {}
         self._loaded: dict[str, Any] = {}
         self._loss_fn_failed = False
@@ -312,7 +312,11 @@ class SparseAutoencoderTrainer(ActivationStatisticCallback):
             out[name] = {f"sae/{key}": torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu()
                          for key, v in values.items()}
             out[name]["nonfinite"] = torch.tensor(float(nonfinite.get(name, 0)))
-        self.last_density |= densities
+        keys = dict.fromkeys(key for stats in out.values() for key in stats)
+        for stats in out.values():  # a site without data in this window (e.g. its buffer not full yet): NaN
+            for key in keys:
+                stats.setdefault(key, torch.tensor(float("nan")))
+        self.last_density.setdefault(stage, {}).update(densities)
         self._emitted_density = densities
         return out
 
@@ -328,7 +332,7 @@ class SparseAutoencoderTrainer(ActivationStatisticCallback):
         import matplotlib.pyplot as plt
 
         edges = density_bin_edges()
-        for name, hist in self.last_density.items():
+        for name, hist in (self.last_density.get("val") or self.last_density.get("train", {})).items():
             fig, ax = plt.subplots(figsize=(5, 3))
             ax.stairs(hist.numpy(), edges.numpy(), fill=True)
             ax.set_xlabel("log10 feature density")
