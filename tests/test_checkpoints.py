@@ -184,7 +184,7 @@ def test_checkpoints_load_without_pickled_code(tmp_path):
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
     assert hparams["activation"] == {"name": "rational", "degrees": [5, 4], "version": "A", "init": "leaky_relu",
                                      "sharing": "layer", "backend": "auto"}
-    assert hparams["mlp"] == {"layer": "kan", "match": ["*mlp", "hidden.*"], "hidden": None, "grid_size": 5,
+    assert hparams["mlp"] == {"layer": "kan", "match": ["**.mlp", "hidden.*"], "hidden": None, "grid_size": 5,
                               "spline_order": 3, "grid_range": [-1.0, 1.0]}
 
 
