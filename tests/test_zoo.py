@@ -1,0 +1,498 @@
+"""Zoo tests: every lit-act callback on the architectures researchers study, each number checked against a direct
+computation from the test's own forward hooks (issue 13, item 6).
+
+Architectures (tiny configs, random weights, offline): Hugging Face GPT-2, LLaMA (gated MLP), BERT with padded dict
+batches, ViT and ResNet; ``nn.Transformer`` (encoder + decoder), Lightning's ``demos.Transformer`` and ``BoringModel``.
+Each is wrapped in a small LightningModule and trained for a few real steps (never ``fast_dev_run``).
+
+The reference numbers come from :class:`Recorder`: plain ``register_forward_hook`` / ``register_forward_pre_hook``
+hooks on the same modules, recording only during the LightningModule's own training / validation forwards, and the
+statistics are written out below with plain torch (no lit-act code).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.demos import Transformer as DemoTransformer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lit_act.batch import BatchAdapter
+from lit_act.callbacks.dead import DeadNeurons
+from lit_act.callbacks.histograms import ActivationHistograms
+from lit_act.callbacks.massive import MassiveActivations
+from lit_act.callbacks.sparsity import ActivationSparsity
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, T, B, N_TRAIN, N_VAL, STEPS = 61, 10, 4, 12, 8, 3
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
+                                        "ignore::DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+class ListDataset(Dataset):
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+def _lengths(n: int, g: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(T // 2, T + 1, (n,), generator=g)
+    lengths[0] = T  # at least one full sequence
+    return lengths
+
+
+def lm_items(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded causal-LM samples: input_ids, attention_mask (30-50% padding), labels (-100 at padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, T), generator=g)
+    mask = (torch.arange(T) < _lengths(n, g)[:, None]).long()
+    ids = ids * mask
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i].masked_fill(mask[i] == 0, -100)}
+            for i in range(n)]
+
+
+def cls_items(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded sequence-classification samples (3 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    items = lm_items(n, seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": it["input_ids"], "attention_mask": it["attention_mask"], "labels": labels[i]}
+            for i, it in enumerate(items)]
+
+
+def image_items(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, 16, 16, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"pixel_values": pixels[i], "labels": labels[i]} for i in range(n)]
+
+
+def seq2seq_items(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(source, target)`` token pairs (unpadded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, 2, T), generator=g)
+    return [(ids[i, 0], ids[i, 1]) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------------ models
+class Seq2Seq(nn.Module):
+    """``nn.Transformer`` (2 encoder + 2 decoder layers) with token embeddings and a vocabulary head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.transformer = nn.Transformer(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                                          dim_feedforward=48, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.head(self.transformer(self.embed(src), self.embed(tgt), tgt_mask=causal))
+
+
+class Wrapped(L.LightningModule):
+    """A LightningModule around a model: ``self.model(**batch).loss`` for HF dict batches, token cross-entropy of
+    ``self.model(src, tgt)`` for ``(src, tgt)`` tuples."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def loss_of(self, batch) -> torch.Tensor:
+        if isinstance(batch, dict):
+            return self.model(**batch).loss
+        src, tgt = batch
+        logits = self.model(src, tgt)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_of(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.loss_of(batch), batch_size=B)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class DemoModule(Wrapped):
+    """Lightning's ``demos.Transformer`` (its ``forward(inputs, target)`` returns ``(B*T, vocab)`` log-probs)."""
+
+    def loss_of(self, batch) -> torch.Tensor:
+        src, tgt = batch
+        return F.nll_loss(self.model(src, tgt), tgt.reshape(-1))
+
+
+class Boring(BoringModel):
+    """``BoringModel`` with its own train/val loaders shrunk to a few steps."""
+
+    def train_dataloader(self):
+        return DataLoader(ListDataset(list(torch.randn(N_TRAIN, 32, generator=torch.Generator().manual_seed(0)))),
+                          batch_size=B)
+
+    def val_dataloader(self):
+        return DataLoader(ListDataset(list(torch.randn(N_VAL, 32, generator=torch.Generator().manual_seed(1)))),
+                          batch_size=B)
+
+
+@dataclass
+class Arch:
+    """One zoo entry: how to build it, its data, and the sites lit-act's defaults should observe (names in the
+    LightningModule; port ``"input"`` = the module's first input)."""
+
+    name: str
+    build: Any
+    items: Any = None
+    sparsity_sites: dict[str, str] = field(default_factory=dict)
+    residual: list[str] = field(default_factory=list)
+    adapter: BatchAdapter | None = None  # needed for internal passes on tuple batches (probe, NAC, Hessian)
+
+
+def _hf(cls_name: str, config_name: str, **config) -> Any:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config_name)(**config)
+        return Wrapped(getattr(transformers, cls_name)(cfg))
+
+    return build
+
+
+_TXT = {"vocab_size": VOCAB}
+_SEQ2SEQ_ADAPTER = BatchAdapter(forward_fn=lambda m, b: m(b[0], b[1]))
+
+ARCHS = {
+    "gpt2": Arch("gpt2", _hf("GPT2LMHeadModel", "GPT2Config", n_layer=2, n_embd=32, n_head=2, n_positions=32,
+                             bos_token_id=0, eos_token_id=0, **_TXT), lm_items,
+                 {f"model.transformer.h.{i}.mlp.act": "output" for i in range(2)},
+                 [f"model.transformer.h.{i}" for i in range(2)]),
+    "llama": Arch("llama", _hf("LlamaForCausalLM", "LlamaConfig", hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                               max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0, **_TXT),
+                  lm_items, {f"model.model.layers.{i}.mlp.down_proj": "input" for i in range(2)},
+                  [f"model.model.layers.{i}" for i in range(2)]),
+    "bert": Arch("bert", _hf("BertForSequenceClassification", "BertConfig", hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=48, max_position_embeddings=32, num_labels=3,
+                             **_TXT), cls_items,
+                 {f"model.bert.encoder.layer.{i}.intermediate.intermediate_act_fn": "output" for i in range(2)},
+                 [f"model.bert.encoder.layer.{i}" for i in range(2)]),
+    "vit": Arch("vit", _hf("ViTForImageClassification", "ViTConfig", image_size=16, patch_size=4, hidden_size=32,
+                           num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, num_labels=3),
+                image_items, {}, []),  # names filled in below (ViT's module names differ between versions)
+    "resnet": Arch("resnet", _hf("ResNetForImageClassification", "ResNetConfig", embedding_size=8,
+                                 hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), image_items,
+                   {}, [f"model.resnet.encoder.stages.{i}" for i in range(2)]),
+    "nn_transformer": Arch("nn_transformer", lambda: (torch.manual_seed(0), Wrapped(Seq2Seq()))[1], seq2seq_items,
+                           {f"model.transformer.{part}.layers.{i}.linear2": "input"
+                            for part in ("encoder", "decoder") for i in range(2)},
+                           [f"model.transformer.{part}.layers.{i}" for part in ("encoder", "decoder")
+                            for i in range(2)], _SEQ2SEQ_ADAPTER),
+    "demo_transformer": Arch("demo_transformer",
+                             lambda: (torch.manual_seed(0),
+                                      DemoModule(DemoTransformer(vocab_size=VOCAB, ninp=32, nhead=2, nhid=48,
+                                                                 nlayers=2)))[1],
+                             seq2seq_items,
+                             {f"model.transformer.{part}.layers.{i}.linear2": "input"
+                              for part in ("encoder", "decoder") for i in range(2)},
+                             [f"model.transformer.{part}.layers.{i}" for part in ("encoder", "decoder")
+                              for i in range(2)], _SEQ2SEQ_ADAPTER),
+    "boring": Arch("boring", lambda: (torch.manual_seed(0), Boring())[1], None, {"layer": "output"}, []),
+}
+
+
+import os  # noqa: E402
+
+from lit_act.selection import Site  # noqa: E402
+
+
+def _explicit(module, arch):
+    if not os.environ.get("ZOO_EXPLICIT"):
+        return None
+    return {n: Site(n, module.get_submodule(n), p) for n, p in arch.sparsity_sites.items()}
+
+
+def _vit_and_resnet_sites(module: nn.Module, arch: Arch) -> None:
+    """ViT's and ResNet's MLP activations / blocks, found by class (module names changed across transformers
+    versions): every activation module of ``transformers.activations`` / torch.nn inside the model."""
+    if arch.name == "vit":
+        arch.sparsity_sites = {n: "output" for n, m in module.named_modules()
+                               if type(m).__module__ == "transformers.activations"}
+        arch.residual = [n for n, m in module.named_modules() if type(m).__name__ == "ViTLayer"]
+    elif arch.name == "resnet":
+        arch.sparsity_sites = {n: "output" for n, m in module.named_modules() if isinstance(m, nn.ReLU)
+                               or type(m).__module__ == "transformers.activations"}
+
+
+# ------------------------------------------------------------------------------------------------------ recording
+class Recorder(Callback):
+    """Own forward hooks on ``sites``, recording the observed tensor (detached copies) during the LightningModule's
+    own training and validation forwards only: ``train[step][name]`` (with the batch's mask) and ``val[name]``."""
+
+    def __init__(self, sites: dict[str, str]) -> None:
+        self.sites = sites
+        self.train: dict[int, dict[str, torch.Tensor]] = {}
+        self.train_masks: dict[int, torch.Tensor | None] = {}
+        self.val: dict[str, list[torch.Tensor]] = {n: [] for n in sites}
+        self.val_masks: list[torch.Tensor | None] = []
+        self.stage: str | None = None
+        self.step = 0
+        self.handles: list[Any] = []
+
+    def _store(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().clone()
+        if self.stage == "train":
+            self.train.setdefault(self.step, {})[name] = x
+        elif self.stage == "val":
+            self.val[name].append(x)
+
+    def setup(self, trainer, pl_module, stage):
+        if self.handles:
+            return
+        for name, port in self.sites.items():
+            module = pl_module.get_submodule(name)
+            if port == "input":
+                self.handles.append(module.register_forward_pre_hook(
+                    lambda m, args, name=name: self._store(name, args[0])))
+            else:
+                self.handles.append(module.register_forward_hook(
+                    lambda m, args, out, name=name: self._store(name, out[0] if isinstance(out, tuple) else out)))
+
+    def teardown(self, trainer, pl_module, stage):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @staticmethod
+    def _mask(batch) -> torch.Tensor | None:
+        return batch["attention_mask"].bool() if isinstance(batch, dict) and "attention_mask" in batch else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.stage, self.step = "train", trainer.global_step
+        self.train_masks[self.step] = self._mask(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.stage = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.stage = "val"
+            self.val_masks.append(self._mask(batch))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.stage = None
+
+
+class MemoryLogger(Logger):
+    """Every ``log_metrics`` call, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def at(self, key: str, step: int) -> float:
+        values = [m[key] for s, m in self.rows if s == step and key in m]
+        assert values, f"{key} not logged at step {step}"
+        return values[-1]
+
+
+# ------------------------------------------------------------------------------------------------------ references
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(tokens, features)``: real tokens of a (B, T, ...) output; every position for unmasked outputs (conv maps:
+    positions x channels)."""
+    if mask is not None:
+        return x[mask]
+    if x.dim() == 4:  # (B, C, H, W): channels are the neurons
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def ref_sparsity(x: torch.Tensor, mask: torch.Tensor | None, threshold: float) -> dict[str, float]:
+    a = real_tokens(x, mask)
+    active = a.abs() > threshold
+    per_token = active.float().mean(1)
+    return {"sparsity": 1 - active.float().mean().item(), "token_activation_ratio": per_token.mean().item(),
+            "token_activation_ratio_min": per_token.min().item(),
+            "token_activation_ratio_max": per_token.max().item()}
+
+
+def ref_massive(xs: list[torch.Tensor], masks: list[torch.Tensor | None], k: int = 3) -> dict[str, float]:
+    """Sun et al.: per sequence the top-k and the (lower) median of |h| over its real (token, dim) entries, averaged
+    over sequences."""
+    tops, medians = [], []
+    for x, mask in zip(xs, masks, strict=True):
+        for b in range(x.shape[0]):
+            h = x[b] if mask is None else x[b][mask[b]]
+            values = h.abs().flatten()
+            tops.append(values.sort(descending=True).values[:k])
+            medians.append(values.sort().values[(values.numel() - 1) // 2])
+    top = torch.stack(tops).double().mean(0)
+    median = torch.stack(medians).double().mean()
+    out = {f"massive_top{i + 1}": top[i].item() for i in range(k)}
+    return out | {"massive_median": median.item(), "massive_ratio": (top[0] / median).item()}
+
+
+def ref_histogram(x: torch.Tensor, mask: torch.Tensor | None, bins: int = 64, low: float = -5.0,
+                  high: float = 5.0) -> tuple[torch.Tensor, float, int]:
+    """``(counts per bin [e_k, e_{k+1}) of the float64 edges, fraction outside [low, high), entries within 1e-5 of a
+    bin edge)`` -- the last: entries an fp32 bin computation may legitimately put in the neighbouring bin."""
+    values = (x[mask] if mask is not None else x).flatten().double()
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+    inside = (values >= low) & (values < high)
+    index = torch.bucketize(values[inside], edges, right=True) - 1
+    counts = torch.zeros(bins, dtype=torch.long).index_add_(0, index, torch.ones_like(index))
+    position = (values - low) / (high - low) * bins
+    on_edge = int(((position - position.round()).abs() < 1e-5).sum())
+    return counts, 1 - inside.double().mean().item(), on_edge
+
+
+def ref_dead(xs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> dict[str, float]:
+    a = torch.cat([real_tokens(x, m) for x, m in zip(xs, masks, strict=True)])
+    fires = a > 0
+    ever = fires.any(0)
+    return {"dead_fraction": 1 - ever.float().mean().item(),
+            "living_activation_frequency": fires.float().mean(0)[ever].mean().item()}
+
+
+# ------------------------------------------------------------------------------------------------------ running
+def loaders(arch: Arch):
+    if arch.items is None:
+        return None, None
+    train = DataLoader(ListDataset(arch.items(N_TRAIN, 0)), batch_size=B)
+    val = DataLoader(ListDataset(arch.items(N_VAL, 1)), batch_size=B)
+    return train, val
+
+
+def fit(module: L.LightningModule, arch: Arch, callbacks: list[Callback], tmp_path, steps: int = STEPS,
+        val_batches: int = 2) -> MemoryLogger:
+    logger = MemoryLogger()
+    trainer = L.Trainer(max_steps=steps, limit_train_batches=steps, limit_val_batches=val_batches,
+                        num_sanity_val_steps=0, callbacks=callbacks, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        default_root_dir=str(tmp_path))
+    train, val = loaders(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train, val)
+    return logger
+
+
+def close(actual: float, expected: float, rel: float = 1e-4, abs_: float = 1e-6) -> bool:
+    return actual == pytest.approx(expected, rel=rel, abs=abs_)
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+STAT_ARCHS = ["gpt2", "llama", "bert", "vit", "resnet", "nn_transformer", "demo_transformer", "boring"]
+
+
+@pytest.mark.parametrize("arch_name", STAT_ARCHS)
+def test_statistics_callbacks(arch_name: str, tmp_path) -> None:
+    """ActivationSparsity, DeadNeurons, MassiveActivations and ActivationHistograms together in one fit: default
+    selection (``modules=`` only on ``BoringModel``, which has no activation and no blocks), every train step and the
+    validation epoch checked against the test's own hooks."""
+    arch = ARCHS[arch_name]
+    module = arch.build()
+    _vit_and_resnet_sites(module, arch)
+    boring = arch_name == "boring"
+    modules = "layer" if boring else _explicit(module, arch)
+    sparsity = ActivationSparsity(modules=modules, every_n_steps=1, threshold=0.05, cett_target=None, figures=False)
+    dead = DeadNeurons(modules=modules, figures=False, adapter=arch.adapter)
+    histograms = ActivationHistograms(modules=modules, every_n_steps=1, figures=False)
+    callbacks: list[Callback] = [sparsity, dead, histograms]
+    massive = None
+    if arch.residual:
+        massive = MassiveActivations(every_n_steps=1, fit_emergence=False, figures=False)
+        callbacks.append(massive)
+    sites = dict(arch.sparsity_sites) | {name: "output" for name in arch.residual}
+    recorder = Recorder(sites)
+    logger = fit(module, arch, [recorder, *callbacks], tmp_path)
+
+    assert list(sparsity.selected) == list(arch.sparsity_sites), "default selection"
+    assert list(dead.selected) == list(arch.sparsity_sites)
+    assert list(histograms.selected) == list(arch.sparsity_sites)
+    if massive is not None:
+        assert list(massive.selected) == arch.residual
+
+    steps = sorted(recorder.train)
+    assert steps == list(range(STEPS))
+    for step in steps:
+        mask = recorder.train_masks[step]
+        for name in arch.sparsity_sites:
+            x = recorder.train[step][name]
+            for stat, value in ref_sparsity(x, mask, 0.05).items():
+                assert close(logger.at(f"train/{stat}/{name}", step), value), (step, name, stat)
+            _, outside, _ = ref_histogram(x, mask)
+            assert close(logger.at(f"train/hist_outside/{name}", step), outside), (step, name)
+        if massive is not None:
+            for name in arch.residual:
+                for stat, value in ref_massive([recorder.train[step][name]], [mask]).items():
+                    assert close(logger.at(f"train/{stat}/{name}", step), value), (step, name, stat)
+    last = steps[-1]
+    for name in arch.sparsity_sites:
+        counts, _, on_edge = ref_histogram(recorder.train[last][name], recorder.train_masks[last])
+        logged = torch.as_tensor(histograms.last_histograms["train"][name]).long()
+        assert logged.sum() == counts.sum(), name
+        assert (logged - counts).abs().sum() <= 2 * on_edge, name  # fp32 rounding at bin edges only
+
+    # validation epoch (ActivationSparsity's on_validation default): all real tokens of both batches
+    for name in arch.sparsity_sites:
+        x = torch.cat([real_tokens(v, m) for v, m in zip(recorder.val[name], recorder.val_masks, strict=True)])
+        for stat, value in ref_sparsity(x, None, 0.05).items():
+            assert close(logger.at(f"val/{stat}/{name}", STEPS), value), (name, stat)
+
+    # DeadNeurons' default probe pass: the final model in eval mode over the training samples, padding excluded
+    ref = probe_reference(module, arch, arch.sparsity_sites)
+    for name, stats in ref.items():
+        for stat, value in stats.items():
+            assert close(logger.at(f"probe/{stat}/{name}", STEPS), value), (name, stat)
+
+
+def probe_reference(module: L.LightningModule, arch: Arch, sites: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Dead-neuron statistics of the final model (eval mode) over every training sample, from own hooks."""
+    recorder = Recorder(sites)
+    recorder.setup(None, module, "fit")
+    recorder.stage = "val"
+    masks = []
+    module.eval()
+    with torch.no_grad():
+        if arch.items is None:
+            batches = list(module.train_dataloader())
+        else:
+            batches = list(DataLoader(ListDataset(arch.items(N_TRAIN, 0)), batch_size=B))
+        for batch in batches:
+            masks.append(Recorder._mask(batch))
+            (arch.adapter or BatchAdapter()).forward(module, batch)
+    recorder.teardown(None, module, "fit")
+    return {name: ref_dead(recorder.val[name], masks) for name in sites}
