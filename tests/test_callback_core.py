@@ -192,6 +192,65 @@ def test_input_port_site_observes_the_module_input():
     assert by_site.last_logged["val/sparsity/down_in"] == by_module.last_logged["val/sparsity/act"] > 0
 
 
+class PaddedLM(PaddedText):
+    """Padded causal-LM batches: labels are the input ids, -100 on padding."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return item | {"labels": torch.where(item["attention_mask"].bool(), item["input_ids"], -100)}
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=T,
+                                      attn_implementation="eager")
+    return HFModule(transformers.LlamaForCausalLM(config))
+
+
+def _down_proj_inputs(model, names, loader):
+    """Direct computation: eval-mode inputs of the down-projections ``names`` (``act_fn(gate) * up``) on real
+    tokens, ``{name: (real tokens, hidden)}``."""
+    modules = dict(model.named_modules())
+    seen = {n: [] for n in names}
+    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach()))
+               for n in names]
+    masks = []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            masks.append(batch["attention_mask"].bool())
+            model(**batch)
+    for h in handles:
+        h.remove()
+    mask = torch.cat(masks)
+    return {n: torch.cat(v)[mask] for n, v in seen.items()}
+
+
+def test_llama_defaults_observe_the_gated_down_projection_input(tmp_path):
+    """On a gated MLP the default selection ("mlp_hidden") observes ``act_fn(gate_proj(x)) * up_proj(x)``, the input
+    of ``down_proj``, not the SiLU output; sparsity and dead neurons equal a direct pre-hook computation."""
+    model = _llama()
+    val = DataLoader(PaddedLM(16, seed=1), batch_size=8)
+    names = [f"model.model.layers.{i}.mlp.down_proj" for i in range(2)]
+    direct = _down_proj_inputs(model, names, val)
+    tau = direct[names[0]].abs().median().item()  # thresholds that make both statistics non-trivial
+    dead_tau = direct[names[0]].max(0).values.median().item()
+    sparsity = ActivationSparsity(threshold=tau, every_n_steps=None, cett_target=None, figures=False)
+    dead = DeadNeurons(threshold=dead_tau, figures=False)
+    _trainer(tmp_path, [sparsity, dead]).validate(model, val)
+    for cb in (sparsity, dead):
+        assert list(cb.selected) == names and all(site.port == "input" for site in cb.selected.values())
+    for name in names:
+        a = direct[name]
+        expected_sparsity = (a.abs() <= tau).float().mean().item()
+        expected_dead = (~(a > dead_tau).any(0)).float().mean().item()
+        assert 0.05 < expected_sparsity < 0.95 and 0.05 < expected_dead < 0.95
+        assert sparsity.last_logged[f"val/sparsity/{name}"] == pytest.approx(expected_sparsity)
+        assert dead.last_logged[f"val/dead_fraction/{name}"] == pytest.approx(expected_dead)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
 # ------------------------------------------------------------------------------------------ padding and probes
 def test_bert_padded_statistics_count_real_tokens_only(tmp_path):
     model = _bert()
@@ -219,7 +278,10 @@ def test_bert_padded_statistics_count_real_tokens_only(tmp_path):
         h = [x[m].abs() for batch, bm in zip(seen[name], masks) for x, m in zip(batch, bm)]  # per sequence
         medians = torch.stack([x.flatten().median() for x in h])
         assert massive.last_logged[f"val/massive_median/{name}"] == pytest.approx(medians.mean().item(), rel=1e-5)
-        assert massive.last_logged[f"val/massive_top1/{name}"] == pytest.approx(max(x.max() for x in h).item())
+        # Sun et al.: the per-sequence top-1 (real tokens only), averaged over sequences; the global maximum apart
+        top1 = torch.stack([x.max() for x in h])
+        assert massive.last_logged[f"val/massive_top1/{name}"] == pytest.approx(top1.mean().item(), rel=1e-5)
+        assert massive.last_logged[f"val/massive_max1/{name}"] == pytest.approx(top1.max().item())
 
 
 def test_mask_shape_mismatch_names_module_and_shapes(tmp_path):

@@ -157,18 +157,36 @@ def test_transformer_all_callbacks_match_direct_computation(tmp_path):
             a = records[("train", step)][act][0]
             assert row[f"train/sparsity/{act}"] == pytest.approx((a == 0).float().mean().item())
         for block in ("blocks.0", "blocks.1"):
-            h = records[("train", step)][block][0].abs()
-            medians = h.flatten(1).median(dim=1).values
-            top = h.flatten().topk(2)
-            assert row[f"train/massive_top1/{block}"] == pytest.approx(top.values[0].item())
-            assert row[f"train/massive_top2/{block}"] == pytest.approx(top.values[1].item())
+            h = records[("train", step)][block][0].abs()  # (B, T, D) = (8, 16, 32)
+            # Sun et al.'s statistic, written out: per sequence the top-2 of |h| over (token, dim), then the mean
+            # over sequences; positions: the (token, dim) most often the per-sequence top-1
+            per_sequence = [x.flatten().topk(2) for x in h]
+            for i in range(2):
+                expected = sum(t.values[i].item() for t in per_sequence) / len(per_sequence)
+                assert row[f"train/massive_top{i + 1}/{block}"] == pytest.approx(expected, rel=1e-6)
+            top1_positions = [(t.indices[0].item() // 32, t.indices[0].item() % 32) for t in per_sequence]
+            counts = {p: top1_positions.count(p) for p in top1_positions}
+            logged = (row[f"train/massive_top1_token/{block}"], row[f"train/massive_top1_dim/{block}"])
+            assert counts.get(logged) == max(counts.values())  # a most frequent position (ties: any of them)
+            assert row[f"train/massive_top1_freq/{block}"] == pytest.approx(max(counts.values()) / len(h))
+            # the running maximum over every entry of the batch, under its own keys
+            flat = h.flatten()
+            top = flat.topk(2)
+            assert row[f"train/massive_max1/{block}"] == pytest.approx(top.values[0].item())
+            assert row[f"train/massive_max2/{block}"] == pytest.approx(top.values[1].item())
             position = top.indices[0].item()
-            assert row[f"train/massive_top1_token/{block}"] == (position // 32) % 16
-            assert row[f"train/massive_top1_dim/{block}"] == position % 32
+            assert row[f"train/massive_max1_token/{block}"] == (position // 32) % 16
+            assert row[f"train/massive_max1_dim/{block}"] == position % 32
+            medians = h.flatten(1).median(dim=1).values
             assert row[f"train/massive_median/{block}"] == pytest.approx(medians.mean().item(), rel=1e-6)
+            assert row[f"train/massive_ratio/{block}"] == pytest.approx(
+                row[f"train/massive_top1/{block}"] / row[f"train/massive_median/{block}"], rel=1e-6)
             count = ((h > 1.0) & (h >= 2.0 * medians[:, None, None])).sum().item()
             assert row[f"train/massive_count/{block}"] == count
-        assert "train/massive_top1_token/mean" not in row
+        for key in ("top1_token", "top1_freq", "max1_token", "max1_dim"):
+            assert f"train/massive_{key}/mean" not in row
+        assert row["train/massive_max1/mean"] == pytest.approx(
+            (row["train/massive_max1/blocks.0"] + row["train/massive_max1/blocks.1"]) / 2)
     for start in (0, 3):
         for act in ("blocks.0.mlp.act", "blocks.1.mlp.act"):
             a = torch.cat([records[("train", s)][act][0].reshape(-1, 128) for s in range(start, start + 3)])
@@ -182,6 +200,28 @@ def test_transformer_all_callbacks_match_direct_computation(tmp_path):
     assert {"train/emergence_r2/blocks.0", "train/emergence_lambda/blocks.1"} <= set(final)
     assert (tmp_path / "figures" / "massive_emergence.png").exists()
     assert _hook_count(model) == 0
+
+
+def test_non_finite_layer_logs_nan_everywhere_and_stays_out_of_module_means(tmp_path):
+    model = _lm()
+    broken = model.blocks[1].register_forward_hook(lambda m, args, out: torch.full_like(out, math.nan))
+    records, handles = _record(model, ["blocks.0"])
+    massive = MassiveActivations(k=2, figures=False)
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        _trainer(tmp_path, [massive], max_steps=1).validate(model, _tokens(n=16))
+    for h in [broken, *handles]:
+        h.remove()
+    logged = massive.last_logged
+    stats = ["top1", "top2", "top1_token", "top1_dim", "top1_freq", "top2_token", "max1", "max1_token", "max1_dim",
+             "median", "ratio", "count"]
+    for stat in stats:
+        assert math.isnan(logged[f"val/massive_{stat}/blocks.1"]), stat
+        assert not math.isnan(logged[f"val/massive_{stat}/blocks.0"]), stat
+    assert logged["val/massive/blocks.1/nonfinite"] == 16 * 16 * 32
+    for stat in ("top1", "max1", "median", "ratio"):  # the mean over modules leaves the NaN layer out
+        assert logged[f"val/massive_{stat}/mean"] == logged[f"val/massive_{stat}/blocks.0"]
+    h = torch.cat(records[("val", 0)]["blocks.0"]).abs()
+    assert logged["val/massive_top1/blocks.0"] == pytest.approx(h.flatten(1).max(1).values.mean().item(), rel=1e-6)
 
 
 def test_pysource_datamodule_validation_epoch(tmp_path):

@@ -69,10 +69,11 @@ from lit_act.callbacks.core import (
     rank,
     reduced_states,
 )
-from lit_act.stats.tap import ModuleSelector, require_uncompiled, select_modules, site_of, tap, valid_tokens
+from lit_act.selection import select_sites
+from lit_act.stats.tap import ModuleSelector, require_uncompiled, site_of, tap, valid_tokens
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n, validation_enabled
 
-_PER_POSITION_SUFFIXES = ("_token", "_dim")  # logged per module, never averaged over modules
+_PER_POSITION_SUFFIXES = ("_token", "_dim", "_freq")  # positions: logged per module, never averaged over modules
 PROBE_EPOCH = "epoch"
 DEFAULT_PROBE_SAMPLES = 512
 
@@ -94,8 +95,8 @@ class ActivationStatisticCallback(LitActCallback):
     :meth:`make_metrics` and :meth:`update`.
 
     Args:
-        modules: module selector (:func:`lit_act.stats.tap.select_modules`), or a ``{name: module}`` /
-            ``{name: Site}`` dict; ``None`` = :meth:`default_modules`.
+        modules: module selector (:func:`lit_act.selection.select_sites`: a preset, glob(s), type(s) or predicate),
+            or a ``{name: module}`` / ``{name: Site}`` dict; ``None`` = the preset :meth:`default_selection`.
         every_n_steps: observe the training batch at every ``every_n_steps``-th global step (``None``: never).
         on_validation: observe every validation batch and log at validation epoch end.
         on_test: the same for test epochs.
@@ -138,9 +139,10 @@ class ActivationStatisticCallback(LitActCallback):
         self._mask: Tensor | None = None
 
     # ----------------------------------------------------------------------------------------- subclass interface
-    def default_modules(self, pl_module: LightningModule) -> ModuleSelector:
-        """Selector used when ``modules=None`` (default: every activation-function module)."""
-        return None
+    def default_selection(self, pl_module: LightningModule) -> str:
+        """The preset (:data:`lit_act.selection.PRESETS`) observed when ``modules=None`` (default
+        ``"activations"``: every activation-function module)."""
+        return "activations"
 
     def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
         """Fresh metrics for module ``name`` at its first observation ``x`` in ``stage``."""
@@ -175,13 +177,12 @@ class ActivationStatisticCallback(LitActCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require_uncompiled(pl_module, type(self).__name__)
-        selector = self.modules if self.modules is not None else self.default_modules(pl_module)
-        if isinstance(selector, dict):
-            for value in selector.values():
+        if isinstance(self.modules, dict):
+            for value in self.modules.values():
                 site_of(value)  # validates
-            self.selected = dict(selector)
-        else:
-            self.selected = select_modules(pl_module, selector)
+            self.selected = dict(self.modules)
+        else:  # {name: Site}: outputs, or inputs (down-projections of gated MLPs)
+            self.selected = select_sites(pl_module, self.modules, default=self.default_selection(pl_module))
         self.check_setup(pl_module)
         self.warn_if_idle(trainer, stage)
 

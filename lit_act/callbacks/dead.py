@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lit_act.batch import BatchAdapter
 from lit_act.callbacks.base import PROBE_EPOCH, ActivationStatisticCallback
+from lit_act.selection import default_preset
 from lit_act.stats.dead import DeadNeuronMetric
 from lit_act.stats.tap import ModuleSelector, neuron_view
 from lit_act.utils.schedule import validate_every_n
@@ -61,7 +62,8 @@ class DeadNeurons(ActivationStatisticCallback):
     statistic = "dead"
     history_statistic = "dead_fraction"
 
-    def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, window_steps: int | None = None,
+    def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, mode: str = "signed",
+                 window_steps: int | None = None,
                  every_n_steps: int | None = None, on_validation: bool = False, on_test: bool = False,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = "auto",
                  probe_samples: int = 1024, adapter: BatchAdapter | None = None) -> None:
@@ -74,7 +76,9 @@ class DeadNeurons(ActivationStatisticCallback):
         if window_steps is not None and every_n_steps is not None and window_steps < every_n_steps:
             raise ValueError(f"window_steps ({window_steps}) must be >= every_n_steps ({every_n_steps}) so a window "
                              "observes at least one batch")
+        DeadNeuronMetric(1, threshold, mode)  # validates threshold and mode
         self.threshold = float(threshold)
+        self.mode = mode
         self.window_steps = window_steps
         self.neuron_dim = neuron_dim
         self.window_start: int | None = None
@@ -85,8 +89,14 @@ class DeadNeurons(ActivationStatisticCallback):
         return self._generate_state_key(modules=repr(self.modules), every_n_steps=self.every_n_steps,
                                         window_steps=self.window_steps)
 
+    def default_selection(self, pl_module: LightningModule) -> str:
+        """:func:`lit_act.selection.default_preset`: ``"mlp_hidden"`` on transformer-like models (the tensor entering
+        each MLP's down-projection), ``"activations"`` otherwise."""
+        return default_preset(pl_module)
+
     def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
-        return {"dead": DeadNeuronMetric(neuron_view(x, module, self.neuron_dim).shape[1], self.threshold)}
+        return {"dead": DeadNeuronMetric(neuron_view(x, module, self.neuron_dim).shape[1], self.threshold,
+                                         self.mode)}
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
         metrics["dead"].update(neuron_view(self.tokens(name, x), module, self.neuron_dim))

@@ -3,7 +3,6 @@ emergence-curve fit of the ratio over training."""
 
 from __future__ import annotations
 
-import inspect
 import math
 
 from lightning import LightningModule, Trainer
@@ -78,28 +77,20 @@ class MassiveActivations(ActivationStatisticCallback):
         self.fit_emergence = fit_emergence
         self.emergence: dict[str, EmergenceFit] = {}
 
-    def default_modules(self, pl_module: LightningModule) -> ModuleSelector:
-        return residual_stream_modules(pl_module)
+    def default_selection(self, pl_module: LightningModule) -> str:
+        return "residual_stream"
 
     def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
         return {"massive": _PrefixedMassiveMetric(self.k, self.magnitude, self.median_ratio)}
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
-        metric = metrics["massive"]
         mask = self.mask
-        if mask is None:
-            metric.update(x)
-            return
-        check_mask(name, x, mask)
-        mask = mask.to(x.device)
-        if "mask" in inspect.signature(metric.update).parameters:
-            metric.update(x, mask=mask)
-            return
-        # TODO(stats): MassiveActivationMetric.update(h, mask=) -- until then, one update per sequence on its real
-        # tokens (exact for per-sequence statistics; token positions count real tokens only)
-        for h, keep in zip(x, mask):
-            if keep.any():
-                metric.update(h[keep].unsqueeze(0))
+        if mask is not None:
+            check_mask(name, x, mask)
+            mask = mask.to(x.device)
+            # (B, T) token mask on (B, T, ..., D) hidden states: the metric wants x.shape[:-1]
+            mask = mask.reshape(*mask.shape, *([1] * (x.dim() - 1 - mask.dim()))).expand(x.shape[:-1])
+        metrics["massive"].update(x, mask)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -24,10 +24,11 @@ from lit_act.callbacks.core import (
     rank,
     reduced_states,
 )
+from lit_act.selection import select_sites
 from lit_act.stats.nac import NAC_ME_PARAMS, LayerParams, LogitsFn, NACModel
 from lit_act.stats.nac_search import SearchResult, search_parameters
 from lit_act.stats.ood import auroc, logits_scorer, score_batches
-from lit_act.stats.tap import ModuleSelector, require_uncompiled, select_modules
+from lit_act.stats.tap import ModuleSelector, require_uncompiled
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
 OODSets = Mapping[str, Dataset | DataLoader] | Callable[[LightningDataModule], Mapping[str, Dataset | DataLoader]]
@@ -190,7 +191,7 @@ class NeuronActivationCoverage(LitActCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require_uncompiled(pl_module, "NeuronActivationCoverage")
-        self.selected = select_modules(pl_module, self.modules)
+        self.selected = select_sites(pl_module, self.modules)  # {name: Site} (outputs or down-projection inputs)
         unknown = set(self.layer_params) - set(self.selected)
         if unknown:
             raise ValueError(f"layer_params name modules that are not selected: {sorted(unknown)}; selected: "

@@ -12,9 +12,10 @@ from torchmetrics import Metric
 
 from lit_act.batch import BatchAdapter
 from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCallback
+from lit_act.selection import default_preset, down_projection, linear_features, linear_weight
 from lit_act.stats.sparsing_law import CETTSparsityMetric, find_down_projection
 from lit_act.stats.sparsity import ActivationSparsityMetric
-from lit_act.stats.tap import ModuleSelector, neuron_view
+from lit_act.stats.tap import ModuleSelector, neuron_view, site_of
 
 
 class ActivationSparsity(ActivationStatisticCallback):
@@ -59,26 +60,30 @@ class ActivationSparsity(ActivationStatisticCallback):
     statistic = "sparsity"
     history_statistic = "sparsity"
 
-    def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, every_n_steps: int | None = 50,
+    def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, mode: str = "abs",
+                 every_n_steps: int | None = 50,
                  on_validation: bool = True, on_test: bool = False, cett_target: float | None = 0.2,
                  cett_max_tokens: int | None = 512, down_projections: Mapping[str, str] | None = None,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = None,
                  probe_samples: int = DEFAULT_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
-        ActivationSparsityMetric(threshold)  # validates threshold
+        ActivationSparsityMetric(threshold, mode)  # validates threshold and mode
         if cett_target is not None:
             CETTSparsityMetric(cett_target, cett_max_tokens)  # validates the arguments
         elif down_projections:
             raise ValueError("down_projections is only used with cett_target; set cett_target (e.g. 0.2)")
         self.threshold = threshold
+        self.mode = mode
         self.cett_target = cett_target
         self.cett_max_tokens = cett_max_tokens
         self.down_projection_names = dict(down_projections or {})
         self.neuron_dim = neuron_dim
-        self.down_projections: dict[str, nn.Linear] = {}
+        self.down_projections: dict[str, nn.Module] = {}  # selected name -> linear-like down-projection
 
     def check_setup(self, pl_module: LightningModule) -> None:
-        """Resolve down-projections: explicit names must exist and be Linear; others are found automatically."""
+        """Resolve down-projections: explicit names must exist and be linear-like; others are found automatically
+        (:func:`lit_act.selection.down_projection` for ``mlp_hidden`` sites, else the ``nn.Linear`` after the
+        activation, :func:`lit_act.stats.sparsing_law.find_down_projection`)."""
         unknown = set(self.down_projection_names) - set(self.selected)
         if unknown:
             raise ValueError(f"down_projections names {sorted(unknown)} are not among the selected modules "
@@ -86,13 +91,19 @@ class ActivationSparsity(ActivationStatisticCallback):
         self.down_projections = {}
         if self.cett_target is None:
             return
-        for name in self.selected:
+        for name, site in self.selected.items():
             if name in self.down_projection_names:
                 linear = pl_module.get_submodule(self.down_projection_names[name])
-                if not isinstance(linear, nn.Linear):
-                    raise ValueError(f"down_projections[{name!r}] names a {type(linear).__name__}, not an nn.Linear")
+                if linear_features(linear) is None:
+                    raise ValueError(f"down_projections[{name!r}] names a {type(linear).__name__}, not a linear "
+                                     "layer (nn.Linear or transformers' Conv1D)")
                 self.down_projections[name] = linear
-            else:
+                continue
+            try:
+                self.down_projections[name] = down_projection(pl_module, name)
+            except ValueError:
+                if site_of(site)[1] != "output":
+                    continue
                 try:
                     self.down_projections[name] = find_down_projection(pl_module, name)
                 except ValueError:
@@ -102,12 +113,17 @@ class ActivationSparsity(ActivationStatisticCallback):
             rank_zero_info(f"ActivationSparsity: no down-projection for {missing}; CETT statistics skip them "
                            "(pass down_projections= to include them)")
 
+    def default_selection(self, pl_module: LightningModule) -> str:
+        """:func:`lit_act.selection.default_preset`: ``"mlp_hidden"`` on transformer-like models (the tensor entering
+        each MLP's down-projection), ``"activations"`` otherwise."""
+        return default_preset(pl_module)
+
     def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
-        metrics: dict[str, Metric] = {"sparsity": ActivationSparsityMetric(self.threshold)}
+        metrics: dict[str, Metric] = {"sparsity": ActivationSparsityMetric(self.threshold, self.mode)}
         if stage not in ("train", "probe") and name in self.down_projections:
             down = self.down_projections[name]
             neurons = neuron_view(x, module, self.neuron_dim).shape[1]
-            if neurons != down.in_features:
+            if neurons != linear_features(down)[0]:
                 raise ValueError(f"{name!r} has {neurons} neurons but its down-projection expects "
                                  f"{down.in_features} inputs; pass down_projections= or cett_target=None")
             metrics["cett"] = CETTSparsityMetric(self.cett_target, self.cett_max_tokens)
@@ -118,4 +134,4 @@ class ActivationSparsity(ActivationStatisticCallback):
         metrics["sparsity"].update(a)
         if "cett" in metrics:
             down = self.down_projections[name]
-            metrics["cett"].update(a, down.weight, down.bias)
+            metrics["cett"].update(a, linear_weight(down), down.bias)
