@@ -219,17 +219,6 @@ ARCHS = {
 }
 
 
-import os  # noqa: E402
-
-from lit_act.selection import Site  # noqa: E402
-
-
-def _explicit(module, arch):
-    if not os.environ.get("ZOO_EXPLICIT"):
-        return None
-    return {n: Site(n, module.get_submodule(n), p) for n, p in arch.sparsity_sites.items()}
-
-
 def _vit_and_resnet_sites(module: nn.Module, arch: Arch) -> None:
     """ViT's and ResNet's MLP activations / blocks, found by class (module names changed across transformers
     versions): every activation module of ``transformers.activations`` / torch.nn inside the model."""
@@ -358,7 +347,8 @@ def ref_massive(xs: list[torch.Tensor], masks: list[torch.Tensor | None], k: int
             values = h.abs().flatten()
             tops.append(values.sort(descending=True).values[:k])
             medians.append(values.sort().values[(values.numel() - 1) // 2])
-    top = torch.stack(tops).double().mean(0)
+    k = min(len(t) for t in tops)  # BoringModel's Linear has 2 outputs: top1, top2 only
+    top = torch.stack([t[:k] for t in tops]).double().mean(0)
     median = torch.stack(medians).double().mean()
     out = {f"massive_top{i + 1}": top[i].item() for i in range(k)}
     return out | {"massive_median": median.item(), "massive_ratio": (top[0] / median).item()}
@@ -426,24 +416,26 @@ def test_statistics_callbacks(arch_name: str, tmp_path) -> None:
     module = arch.build()
     _vit_and_resnet_sites(module, arch)
     boring = arch_name == "boring"
-    modules = "layer" if boring else _explicit(module, arch)
+    modules = "layer" if boring else None
     sparsity = ActivationSparsity(modules=modules, every_n_steps=1, threshold=0.05, cett_target=None, figures=False)
     dead = DeadNeurons(modules=modules, figures=False, adapter=arch.adapter)
-    histograms = ActivationHistograms(modules=modules, every_n_steps=1, figures=False)
+    # ActivationHistograms defaults to the "activations" preset (BERT's pooler included; none on nn.Transformer's
+    # functional ReLUs): the documented argument modules="mlp_hidden" observes the same MLP neurons as the others
+    hist_modules = modules if boring or arch_name == "resnet" else "mlp_hidden"
+    histograms = ActivationHistograms(modules=hist_modules, every_n_steps=1, figures=False)
     callbacks: list[Callback] = [sparsity, dead, histograms]
-    massive = None
-    if arch.residual:
-        massive = MassiveActivations(every_n_steps=1, fit_emergence=False, figures=False)
-        callbacks.append(massive)
-    sites = dict(arch.sparsity_sites) | {name: "output" for name in arch.residual}
+    # BoringModel has no blocks: the documented fix modules= (its Linear output, one token per sample)
+    massive = MassiveActivations(modules=modules, every_n_steps=1, fit_emergence=False, figures=False)
+    callbacks.append(massive)
+    residual = ["layer"] if boring else arch.residual
+    sites = dict(arch.sparsity_sites) | {name: "output" for name in residual}
     recorder = Recorder(sites)
     logger = fit(module, arch, [recorder, *callbacks], tmp_path)
 
     assert list(sparsity.selected) == list(arch.sparsity_sites), "default selection"
     assert list(dead.selected) == list(arch.sparsity_sites)
     assert list(histograms.selected) == list(arch.sparsity_sites)
-    if massive is not None:
-        assert list(massive.selected) == arch.residual
+    assert list(massive.selected) == residual
 
     steps = sorted(recorder.train)
     assert steps == list(range(STEPS))
@@ -455,10 +447,9 @@ def test_statistics_callbacks(arch_name: str, tmp_path) -> None:
                 assert close(logger.at(f"train/{stat}/{name}", step), value), (step, name, stat)
             _, outside, _ = ref_histogram(x, mask)
             assert close(logger.at(f"train/hist_outside/{name}", step), outside), (step, name)
-        if massive is not None:
-            for name in arch.residual:
-                for stat, value in ref_massive([recorder.train[step][name]], [mask]).items():
-                    assert close(logger.at(f"train/{stat}/{name}", step), value), (step, name, stat)
+        for name in residual:
+            for stat, value in ref_massive([recorder.train[step][name]], [mask]).items():
+                assert close(logger.at(f"train/{stat}/{name}", step), value), (step, name, stat)
     last = steps[-1]
     for name in arch.sparsity_sites:
         counts, _, on_edge = ref_histogram(recorder.train[last][name], recorder.train_masks[last])
@@ -479,6 +470,14 @@ def test_statistics_callbacks(arch_name: str, tmp_path) -> None:
             assert close(logger.at(f"probe/{stat}/{name}", STEPS), value), (name, stat)
 
 
+def own_forward(module: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return module(**batch)
+    if isinstance(batch, list | tuple):
+        return module(batch[0], batch[1])
+    return module(batch)
+
+
 def probe_reference(module: L.LightningModule, arch: Arch, sites: dict[str, str]) -> dict[str, dict[str, float]]:
     """Dead-neuron statistics of the final model (eval mode) over every training sample, from own hooks."""
     recorder = Recorder(sites)
@@ -493,6 +492,18 @@ def probe_reference(module: L.LightningModule, arch: Arch, sites: dict[str, str]
             batches = list(DataLoader(ListDataset(arch.items(N_TRAIN, 0)), batch_size=B))
         for batch in batches:
             masks.append(Recorder._mask(batch))
-            (arch.adapter or BatchAdapter()).forward(module, batch)
+            own_forward(module, batch)
     recorder.teardown(None, module, "fit")
     return {name: ref_dead(recorder.val[name], masks) for name in sites}
+
+
+@pytest.mark.parametrize("callback", [ActivationSparsity, DeadNeurons, ActivationHistograms, MassiveActivations])
+def test_defaults_on_boring_model_raise_with_the_fix(callback, tmp_path) -> None:
+    """BoringModel (one Linear, no activation, no blocks): the default selection fails at setup, listing what there
+    is and how to choose it (``modules=``)."""
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback(figures=False)], default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="modules=") as err:
+        trainer.fit(Boring())
+    assert "layer" in str(err.value) or "repeated-block" in str(err.value)
