@@ -125,6 +125,10 @@ class Wrapped(L.LightningModule):
         logits = self.model(src, tgt)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Token cross-entropy (``pl_module.loss``: HessianSpectrum's default loss for outputs without ``.loss``)."""
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
     def training_step(self, batch, batch_idx):
         return self.loss_of(batch)
 
@@ -522,7 +526,7 @@ def ref_nac_me(module: L.LightningModule, batches: list[Any], sites: dict[str, s
     for batch in batches:
         captured: dict[str, torch.Tensor] = {}
         handles = [module.get_submodule(name).register_forward_hook(
-            lambda m, a, out, name=name: captured.__setitem__(name, out)) for name in sites]
+            lambda m, a, out, name=name, into=captured: into.__setitem__(name, out)) for name in sites]
         with torch.enable_grad():
             logits = own_forward(module, batch).logits
             kl = -torch.log_softmax(logits, -1).mean(-1) - torch.log(torch.tensor(float(logits.shape[-1])))
@@ -616,3 +620,64 @@ def test_nac_on_boring_model(tmp_path) -> None:
         correct = sum(int((module(x).argmax(-1) == 0).sum()) for x in module.train_dataloader())
     # each state lands in one of M bins per neuron; with O = 500 > N_TRAIN, coverage = correct / (O M)
     assert close(logger.at("probe/nac_me/layer", STEPS), correct / (ME_SATURATION * ME_BINS))
+
+
+# ------------------------------------------------------------------------------------------------------ Hessian
+HESSIAN_PARAMS = {"gpt2": "model.transformer.ln_f.bias", "llama": "model.model.norm.weight",
+                  "bert": "model.classifier.bias", "vit": "model.classifier.bias", "resnet": "model.classifier.1.bias",
+                  "nn_transformer": "model.transformer.decoder.norm.bias",
+                  "demo_transformer": "model.transformer.decoder.norm.bias", "boring": None}
+
+
+def dense_hessian(module: L.LightningModule, arch: Arch, batch: Any, name: str | None) -> torch.Tensor:
+    """The loss Hessian with respect to parameter ``name`` (all parameters when ``None``) by
+    ``torch.autograd.functional.hessian``, model in eval mode."""
+    module.eval()
+    names = [name] if name is not None else [n for n, _ in module.named_parameters()]
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        chunks = dict(zip(names, (c.reshape(s) for c, s in zip(flat.split(sizes), shapes, strict=True)),
+                          strict=True))
+        if isinstance(batch, dict):
+            return torch.func.functional_call(module, params | chunks, args=(), kwargs=batch).loss
+        if isinstance(batch, list | tuple):
+            logits = torch.func.functional_call(module, params | chunks, args=(batch[0], batch[1]))
+            if arch.name == "demo_transformer":
+                return F.cross_entropy(logits, batch[1].reshape(-1))
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
+        preds = torch.func.functional_call(module, params | chunks, args=(batch,))
+        return F.mse_loss(preds, torch.ones_like(preds))  # BoringModel.loss
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return torch.autograd.functional.hessian(loss, torch.cat([params[n].flatten() for n in names]))
+
+
+@pytest.mark.parametrize("arch_name", STAT_ARCHS)
+def test_hessian_spectrum(arch_name: str, tmp_path) -> None:
+    """HessianSpectrum at epoch end with tiny budgets: top-3 / smallest eigenvalues and the trace equal the dense
+    Hessian's (``params=`` one small tensor; BoringModel: all 66 parameters). Default loss: HF ``.loss``,
+    ``pl_module.loss(logits, targets)`` otherwise (tuple batches also need ``adapter=``)."""
+    from lit_act.callbacks.hessian import HessianSpectrum
+
+    arch = ARCHS[arch_name]
+    module = arch.build()
+    param = HESSIAN_PARAMS[arch_name]
+    budgets = {"top_k": 3, "max_iter": 40, "trace_budget": 30, "slq_iter": 0, "save_density_figure": False,
+               "progress": False}
+    loss_fn = None
+    if arch_name == "boring":  # BoringModel batches carry no targets: the dry run asks for loss_fn before training
+        with pytest.raises(TypeError, match=r"dry run.*loss_fn=lambda module, batch"):
+            fit(arch.build(), arch, [HessianSpectrum(**budgets)], tmp_path)
+        loss_fn = lambda m, batch: m.loss(m(batch))  # noqa: E731
+    cb = HessianSpectrum(params=[param] if param else None, adapter=arch.adapter, loss_fn=loss_fn, **budgets)
+    logger = fit(module, arch, [cb], tmp_path)
+    eig = torch.linalg.eigvalsh(dense_hessian(module, arch, cb.cached_batches[0], param).double())
+    hess_trace = eig.sum().item()
+    for i in range(3):
+        assert close(logger.at(f"train/hessian/eig_{i + 1}", STEPS), eig[-1 - i].item(), rel=1e-3, abs_=1e-6), i
+    assert close(logger.at("train/hessian/lambda_min", STEPS), eig[0].item(), rel=1e-3, abs_=1e-5)
+    trace, se = logger.at("train/hessian/trace", STEPS), logger.at("train/hessian/trace_se", STEPS)
+    assert abs(trace - hess_trace) <= 4 * se + 1e-4 * abs(hess_trace) + 1e-6, (trace, se, hess_trace)
