@@ -676,8 +676,14 @@ def test_hessian_spectrum(arch_name: str, tmp_path) -> None:
     logger = fit(module, arch, [cb], tmp_path)
     eig = torch.linalg.eigvalsh(dense_hessian(module, arch, cb.cached_batches[0], param).double())
     hess_trace = eig.sum().item()
+    # Lanczos finds each distinct eigenvalue once: BoringModel's MSE Hessian (X^T X) (x) I_2 has every eigenvalue
+    # twice, and eig_2 is then the second *distinct* one
+    distinct = [eig[-1].item()]
+    for value in eig.flip(0).tolist():
+        if abs(value - distinct[-1]) > 1e-6 * abs(distinct[0]):
+            distinct.append(value)
     for i in range(3):
-        assert close(logger.at(f"train/hessian/eig_{i + 1}", STEPS), eig[-1 - i].item(), rel=1e-3, abs_=1e-6), i
+        assert close(logger.at(f"train/hessian/eig_{i + 1}", STEPS), distinct[i], rel=1e-3, abs_=1e-6), i
     assert close(logger.at("train/hessian/lambda_min", STEPS), eig[0].item(), rel=1e-3, abs_=1e-5)
     trace, se = logger.at("train/hessian/trace", STEPS), logger.at("train/hessian/trace_se", STEPS)
     assert abs(trace - hess_trace) <= 4 * se + 1e-4 * abs(hess_trace) + 1e-6, (trace, se, hess_trace)
