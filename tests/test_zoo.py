@@ -743,3 +743,27 @@ def test_sparse_autoencoder_trainer(arch_name: str, tmp_path) -> None:
         l0 = (out.z != 0).float().sum(1).mean()
         assert close(logger.at(f"val/sae/fvu/{name}", STEPS), fvu.item(), rel=1e-3), name
         assert close(logger.at(f"val/sae/l0/{name}", STEPS), l0.item(), rel=1e-4), name
+
+
+# ------------------------------------------------------------------------------------------------------ docs
+def _doc_recipes() -> list[tuple[str, str]]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "any_model.md").read_text()
+    recipes, title = [], ""
+    for match in re.finditer(r"^## ([^\n]+)$|^```python\n(.*?)^```", text, flags=re.M | re.S):
+        if match.group(1):
+            title = match.group(1)
+        else:
+            recipes.append((title, match.group(2)))
+    return recipes
+
+
+@pytest.mark.parametrize(("title", "code"), _doc_recipes(), ids=[t for t, _ in _doc_recipes()])
+def test_any_model_recipes(title: str, code: str, tmp_path, monkeypatch) -> None:
+    """Every recipe of ``docs/any_model.md`` runs as written (in a scratch directory)."""
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, f"any_model.md: {title}", "exec"), {"__name__": "__doc_recipe__"})
