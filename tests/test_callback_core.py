@@ -251,6 +251,53 @@ def test_llama_defaults_observe_the_gated_down_projection_input(tmp_path):
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
+def _module_inputs(model, names, loader, port):
+    """Direct computation: eval-mode inputs (``port="input"``) or outputs of ``names`` on real tokens."""
+    if port == "input":
+        return _down_proj_inputs(model, names, loader)
+    seen, masks = _outputs(model, names, loader)
+    mask = torch.cat(masks)
+    return {n: torch.cat(v)[mask] for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cett_thresholds_calibrated_once_and_applied_to_every_batch(tmp_path, family):
+    """CETT on a gated MLP (LLaMA: input of down_proj) and on GPT-2 (Conv1D c_proj, weight stored (in, out)): the
+    threshold is the exact Sparsing-Law threshold of the first ``cett_max_tokens`` real tokens (brute force over every
+    candidate), the activation ratio counts every real token of the epoch."""
+    model = _llama() if family == "llama" else _gpt2()
+    prefix, down_name = ("model.model.layers", "mlp.down_proj") if family == "llama" else ("model.transformer.h",
+                                                                                          "mlp.c_proj")
+    site = "mlp.down_proj" if family == "llama" else "mlp.act"
+    names = [f"{prefix}.{i}.{site}" for i in range(2)]
+    val = DataLoader(PaddedLM(16, seed=2), batch_size=8)
+    direct = _module_inputs(model, names, val, "input" if family == "llama" else "output")
+    cb = ActivationSparsity(every_n_steps=None, cett_target=0.2, cett_max_tokens=40, cett_measure_tokens=None,
+                            figures=False)
+    _trainer(tmp_path, [cb]).validate(model, val)
+    assert list(cb.selected) == names
+    for i, name in enumerate(names):
+        down = model.get_submodule(f"{prefix}.{i}.{down_name}")
+        w = down.weight.detach() if family == "llama" else down.weight.detach().T  # (out, in)
+        b = None if down.bias is None else down.bias.detach()
+        a = direct[name]
+        norms = a.abs() * w.norm(dim=0)
+
+        def mean_cett(x, eps, x_norms, w=w, b=b):
+            full = x @ w.T + (0 if b is None else b)
+            return ((x * (x_norms < eps)) @ w.T).norm(dim=1).div(full.norm(dim=1)).mean().item()
+
+        calibration, calibration_norms = a[:40], norms[:40]
+        candidates = sorted(set(calibration_norms.flatten().tolist()))
+        eps = max(e for e in candidates if mean_cett(calibration, e, calibration_norms) <= 0.2)
+        assert cb.last_logged[f"val/cett_threshold/{name}"] == pytest.approx(eps, rel=1e-6)
+        assert cb.last_logged[f"val/cett_activation_ratio/{name}"] == pytest.approx(
+            (norms >= eps).float().mean().item(), rel=1e-6)
+        assert cb.last_logged[f"val/cett/{name}"] == pytest.approx(mean_cett(a, eps, norms), rel=1e-4)
+        assert 0.05 < cb.last_logged[f"val/cett_activation_ratio/{name}"] < 0.95
+    assert cb.cett_thresholds.keys() == set(names)
+
+
 # ------------------------------------------------------------------------------------------ padding and probes
 def test_bert_padded_statistics_count_real_tokens_only(tmp_path):
     model = _bert()

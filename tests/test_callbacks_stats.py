@@ -22,7 +22,6 @@ from lit_act.callbacks.sparsity import ActivationSparsity
 from lit_act.data import PySourceDataModule
 from lit_act.models import TransformerLM
 from lit_act.models.base import LitActModule
-from lit_act.stats.sparsing_law import cett_threshold, neuron_output_norm
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "callbacks"
 
@@ -127,14 +126,24 @@ def test_sparsity_on_tiny_model_matches_direct_counts(tmp_path):
         assert "train/cett/act" not in row  # CETT runs at validation only
     assert 1 not in logger.rows and 3 not in logger.rows
     val = logger.rows[5]
-    batches = records[("val", 5)]["act"]
+    calibration, batches = records[("val", 5)]["act"][:2], records[("val", 5)]["act"][2:]
+    for c, x in zip(calibration, batches, strict=True):  # the calibration pass: the val set from sample 0, eval mode
+        assert torch.equal(c, x)
     a = torch.cat(batches)
     assert val["val/sparsity/act"] == pytest.approx((a.abs() <= 0.1).float().mean().item())
+    # Sparsing Law, written out: the largest eps whose token-mean CETT(eps) <= 0.25 on the calibration tokens (every
+    # candidate eps is an observed norm |a_i| ||W_out[:, i]||), applied to every validation token
     w, b = model.fc_out.weight.detach(), model.fc_out.bias.detach()
-    eps = [cett_threshold(x, w, b, 0.25) for x in batches]
-    ratio = [(neuron_output_norm(x, w) >= e).float().mean() for x, e in zip(batches, eps, strict=True)]
-    assert val["val/cett_threshold/act"] == pytest.approx(float(sum(eps) / len(eps)), rel=1e-5)
-    assert val["val/cett_activation_ratio/act"] == pytest.approx(float(sum(ratio) / len(ratio)), rel=1e-5)
+    norms = a.abs() * w.norm(dim=0)
+
+    def mean_cett(eps):
+        tail = (a * (norms < eps)) @ w.T
+        return (tail.norm(dim=1) / (a @ w.T + b).norm(dim=1)).mean().item()
+
+    eps = max(e for e in norms.flatten().tolist() if mean_cett(e) <= 0.25)
+    assert val["val/cett_threshold/act"] == pytest.approx(eps, rel=1e-6)
+    assert val["val/cett_activation_ratio/act"] == pytest.approx((norms >= eps).float().mean().item(), rel=1e-6)
+    assert val["val/cett/act"] == pytest.approx(mean_cett(eps), rel=1e-5)
     assert _hook_count(model) == 0
     assert (tmp_path / "figures" / "sparsity_per_layer.png").exists()
 
@@ -403,3 +412,66 @@ def test_ddp_spawn_two_processes_equal_single_process(tmp_path):
     assert len(keys) > 10
     for key in keys:
         assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+def test_mode_abs_and_signed_on_sparsity_and_dead_neurons(tmp_path):
+    model = _lm(activation="gelu")
+    act = "blocks.0.mlp.act"
+    records, handles = _record(model, [act])
+    callbacks = [ActivationSparsity(modules=act, mode="signed", every_n_steps=None, cett_target=None, figures=False),
+                 ActivationSparsity(modules=act, threshold=0.05, every_n_steps=None, cett_target=None, figures=False),
+                 DeadNeurons(modules=act, figures=False),
+                 DeadNeurons(modules=act, mode="abs", threshold=0.17, figures=False)]
+    _trainer(tmp_path, callbacks, max_steps=1).validate(model, _tokens(n=16))
+    for h in handles:
+        h.remove()
+    a = torch.cat(records[("val", 0)][act]).reshape(-1, 128)
+    signed, absolute, dead_signed, dead_abs = (cb.last_logged for cb in callbacks)
+    assert signed[f"val/sparsity/{act}"] == pytest.approx((a <= 0).float().mean().item())  # GELU: the negative lobe
+    assert 0.3 < signed[f"val/sparsity/{act}"] < 0.9
+    assert absolute[f"val/sparsity/{act}"] == pytest.approx((a.abs() <= 0.05).float().mean().item())
+    assert dead_signed[f"val/dead_fraction/{act}"] == pytest.approx((~(a > 0).any(0)).float().mean().item())
+    assert dead_abs[f"val/dead_fraction/{act}"] == pytest.approx((~(a.abs() > 0.17).any(0)).float().mean().item())
+
+
+@pytest.mark.parametrize("cls", [ActivationSparsity, DeadNeurons])
+def test_bad_mode_lists_the_valid_modes(cls):
+    with pytest.raises(ValueError, match=r"mode must be one of \['abs', 'signed'\].*'magnitude'"):
+        cls(mode="magnitude")
+    with pytest.raises(ValueError, match="threshold must be >= 0 in mode='abs'"):
+        cls(mode="abs", threshold=-0.1)
+
+
+def _digits_fit(tmp_path, total, ckpt=None, ckpt_path=None):
+    from lit_act.data import DigitsDataModule
+    from lit_act.models import MLPClassifier
+
+    torch.manual_seed(0 if ckpt_path is None else 1)  # a resumed run gets everything from the checkpoint
+    logger = MemoryLogger()
+    callbacks = [ActivationSparsity(every_n_steps=3, threshold=0.1, on_validation=False, figures=False),
+                 DeadNeurons(window_steps=8, threshold=0.2, figures=False),  # running window
+                 DeadNeurons(threshold=0.2, probe_samples=300, figures=False),  # probe pass at each epoch end
+                 *([ckpt] if ckpt else [])]
+    trainer = _trainer(tmp_path, callbacks, logger, max_steps=total, limit_val_batches=0,
+                       enable_checkpointing=ckpt is not None)
+    trainer.fit(MLPClassifier(64, 10, hidden=(16,)), datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    return logger.rows, trainer
+
+
+def test_statistics_after_a_mid_epoch_resume_equal_an_uninterrupted_run(tmp_path):
+    """lit-act's datamodules resume mid-epoch on the same batches (ResumableDataLoader), and the callbacks' states
+    (DeadNeurons' half-full window, the history) come back with the checkpoint: every statistic the resumed run logs
+    equals the uninterrupted run's, across an epoch boundary (20 batches per epoch) and a window boundary."""
+    at, total = 13, 30  # mid-epoch, mid-window (8..16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=at, save_top_k=-1)
+    straight, trainer = _digits_fit(tmp_path / "a", total, ckpt=ckpt)
+    assert trainer.num_training_batches == 20 and at % 20
+    resumed, _ = _digits_fit(tmp_path / "b", total, ckpt_path=tmp_path / "ckpt" / f"step={at}.ckpt")
+    keys = {(step, key) for step, row in resumed.items() for key in row if "hidden.0.act" in key or key.endswith("/mean")}
+    assert {key for _, key in keys} >= {"train/sparsity/hidden.0.act", "train/dead_fraction/hidden.0.act",
+                                        "probe/dead_fraction/hidden.0.act"}
+    assert {s for s, k in keys if k == "train/dead_fraction/hidden.0.act"} == {8, 16}  # windows 8..16, 16..24
+    assert {s for s, k in keys if k == "probe/dead_fraction/hidden.0.act"} == {20, 30}  # at each epoch end
+    for step, key in sorted(keys):
+        assert resumed[step][key] == straight[step][key], (step, key)
+    assert 0 < straight[15]["train/sparsity/hidden.0.act"] < 1

@@ -21,7 +21,7 @@ from lit_act.data import DigitsDataModule
 from lit_act.data.ood import digits_ood_sets
 from lit_act.models import MLPClassifier
 from lit_act.models.base import LitActModule
-from lit_act.stats.nac import NACModel
+from lit_act.stats.nac import NAC_UE_PARAMS, NACModel
 from lit_act.stats.ood import auroc, energy_scores, msp_scores
 from lit_act.stats.tap import select_modules
 from tests.helpers import compose_train
@@ -124,10 +124,21 @@ def test_nac_me_probe_pass_equals_the_formula_on_the_fixed_probe_set(tmp_path):
     rows = trainer.logger.rows
     assert sorted(s for s in rows if "probe/nac_me/act" in rows[s]) == [8, 16]
     assert not any("train/nac_me/act" in row for row in rows.values())
+    # the probe rule written out (lit_act.stats.nac.nac_me_params for 40 samples): alpha = 1 / the 0.9-quantile of
+    # |z g| over all probe samples and neurons, 100 linear bins, saturation O = max(1, 2 * 40 / 100) = 1
     x, y = _data().dataset.tensors
-    counts = torch.zeros(50, 16, dtype=torch.float64)
-    _nac_me_by_formula(model, x[:40], y[:40], counts)  # the first 40 training samples, final weights
-    assert rows[16]["probe/nac_me/act"] == pytest.approx(_coverage(counts), rel=1e-6)
+    x, y = x[:40], y[:40]  # the first 40 training samples in dataset order, final weights
+    with torch.no_grad():
+        z = torch.relu(x @ model.fc_in.weight.T + model.fc_in.bias)
+        logits = z @ model.fc_out.weight.T + model.fc_out.bias
+        g = (torch.softmax(logits, -1) - 1 / 3) @ model.fc_out.weight
+        products = (z * g).double()
+        alpha = 1.0 / torch.quantile(products.abs().flatten(), 0.9).item()
+        s = torch.sigmoid(alpha * products)[logits.argmax(-1) == y]
+    counts = torch.stack([((s >= k / 100) & ((s < (k + 1) / 100) | (k == 99))).sum(0) for k in range(100)])
+    expected = counts.double().clamp(max=1.0).sum(0).div(100).mean().item()
+    assert rows[16]["probe/nac_me/act"] == pytest.approx(expected, rel=1e-5)
+    assert 0 < expected < 1
     assert model.training  # flags restored
 
 
@@ -213,9 +224,9 @@ def test_end_of_test_evaluation_equals_direct_computation(tmp_path):
     trainer.fit(model, dm)
     trainer.test(model, dm)
     results = cb.results
-    # direct computation on the same model and data
+    # direct computation on the same model and data: NAC-UE defaults on every activation module plus the logits
     modules = select_modules(model)
-    nac = NACModel(modules).fit(model, dm.train_dataloader(), max_samples=500)
+    nac = NACModel(modules, NAC_UE_PARAMS, logits_layer=True).fit(model, dm.train_dataloader(), max_samples=500)
     x_in = dm.test_set.tensors[0]
     sets = digits_ood_sets(dm, ["uniform", "rotated"], seed=0)
     model.eval()
@@ -231,6 +242,7 @@ def test_end_of_test_evaluation_equals_direct_computation(tmp_path):
     assert results["test/nac/auroc/mean"] == pytest.approx(
         (results["test/nac/auroc/uniform"] + results["test/nac/auroc/rotated"]) / 2)
     assert results["test/nac/coverage/hidden.0.act"] == pytest.approx(nac.layer_coverage()["hidden.0.act"])
+    assert results["test/nac/coverage/logits"] == pytest.approx(nac.layer_coverage()["logits"])
     assert trainer.logger.rows[trainer.global_step]["test/nac/auroc/uniform"] == results["test/nac/auroc/uniform"]
     assert (tmp_path / "figures" / "nac_ood_auroc.png").exists()
     assert not any(m._forward_hooks for m in model.modules())

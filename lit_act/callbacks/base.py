@@ -16,6 +16,11 @@ statistic itself:
     RNG restored. Logged as ``probe/...``.
 
   Nothing is collected in the sanity check or under ``fast_dev_run`` (:func:`lit_act.utils.schedule.is_real_run`).
+* **Selection** (:func:`lit_act.selection.select_sites`): ``modules=`` is a preset, glob(s), type(s) or predicate, or
+  a ``{name: module | Site}`` dict; ``None`` uses the subclass's :meth:`default_selection` preset
+  (``"activations"`` here; ActivationSparsity and DeadNeurons: :func:`~lit_act.selection.default_preset`, i.e.
+  ``"mlp_hidden"`` on transformer-like models; MassiveActivations: ``"residual_stream"``). A site observes a module's
+  output or its input (``Site(..., port="input")``: the input of a gated MLP's down-projection).
 * **Never silent.** At setup a callback that can collect nothing in the configured run (a schedule past the planned
   steps, validation-only with validation off) warns.
 * **Hooks only while collecting** (:func:`lit_act.stats.tap.tap`): registered at the start of an observed batch /

@@ -192,6 +192,35 @@ def probe_batches(trainer: Trainer, samples: int, device: torch.device | None = 
             yield batch if device is None else move_data_to_device(batch, device)
 
 
+def stage_loader(trainer: Trainer, stage: str) -> Any:
+    """The first DataLoader of ``stage`` (``"val"``: ``trainer.val_dataloaders``, ``"test"``:
+    ``trainer.test_dataloaders``); ``None`` when there is none."""
+    loader = getattr(trainer, f"{stage}_dataloaders", None) if stage in ("val", "test") else None
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, list | tuple):
+        loader = loader[0] if loader else None
+    return loader
+
+
+def leading_batches(loader: Any, device: torch.device | None = None) -> Iterator[Any] | None:
+    """The batches of ``loader``'s dataset from sample 0 in dataset order, batched and collated like ``loader``, the same
+    on every DDP rank (no sampler, no shuffling, no workers; ``loader`` itself is not iterated, so its state and the
+    global RNG are untouched); ``None`` unless ``loader`` is a DataLoader over a map-style dataset. Stop iterating when
+    enough has been seen."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+
+    def batches() -> Iterator[Any]:
+        with preserved_rng():
+            fixed = DataLoader(loader.dataset, batch_size=loader.batch_size or PROBE_BATCH_SIZE, shuffle=False,
+                               collate_fn=loader.collate_fn, num_workers=0)
+            for batch in fixed:
+                yield batch if device is None else move_data_to_device(batch, device)
+
+    return batches()
+
+
 # -------------------------------------------------------------------------------------------------------- resume
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \

@@ -19,8 +19,21 @@ from lit_act.utils.schedule import validate_every_n
 
 
 class DeadNeurons(ActivationStatisticCallback):
-    """Dead neurons (Voita et al. 2023; :mod:`lit_act.stats.dead`) of every selected module (default: every
-    activation-function module; neurons = last dim, conv channels = dim 1, see :func:`~lit_act.stats.tap.neuron_view`).
+    """Dead neurons (Voita et al. 2023; :mod:`lit_act.stats.dead`) of every selected site (default
+    :func:`lit_act.selection.default_preset`: ``"mlp_hidden"`` on transformer-like models, the neurons feeding each
+    MLP's down-projection, the input of ``down_proj`` for gated MLPs; every activation module otherwise; neurons =
+    last dim, conv channels = dim 1, see :func:`~lit_act.stats.tap.neuron_view`).
+
+    **When a neuron fires** (``mode``, ``threshold``; the same definition as :class:`ActivationSparsity`):
+
+    =====================  ==========================================  ==========================================
+    activation family      default here: ``mode="signed"``, 0          alternative
+    =====================  ==========================================  ==========================================
+    ReLU, ReLU^2, hard     fires iff ``a > 0`` (Voita et al.)          ``"abs"`` agrees at threshold 0
+    GELU, SiLU, smooth     fires iff ``a > 0`` (negative lobe = off)   ``"abs"`` with ``threshold > 0``: magnitude
+    gated (SwiGLU, GeGLU)  fires iff ``act(gate) * up > 0``            ``mode="abs"``: ``|a| > threshold`` (the
+                                                                       product is signed; use this one)
+    =====================  ==========================================  ==========================================
 
     **Default: probe passes** (Voita et al.'s definition: a neuron is dead when it never fires on a *fixed* model over
     a large dataset). At every training epoch end (``probe="epoch"``, or every ``n`` steps with ``probe=n``) the
@@ -47,6 +60,7 @@ class DeadNeurons(ActivationStatisticCallback):
     Args:
         modules: module selector (default: every activation module).
         threshold: a neuron fires when its activation is ``> threshold`` (default 0).
+        mode: ``"signed"`` (default: fires iff ``a > threshold``) or ``"abs"`` (fires iff ``|a| > threshold``).
         window_steps: running mode: window length in training steps (``None``: one epoch).
         every_n_steps: running mode: observe every n-th training batch of the window (``None``: off, unless
             ``window_steps`` is set, then 1).
@@ -87,7 +101,7 @@ class DeadNeurons(ActivationStatisticCallback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(modules=repr(self.modules), every_n_steps=self.every_n_steps,
-                                        window_steps=self.window_steps)
+                                        window_steps=self.window_steps, threshold=self.threshold, mode=self.mode)
 
     def default_selection(self, pl_module: LightningModule) -> str:
         """:func:`lit_act.selection.default_preset`: ``"mlp_hidden"`` on transformer-like models (the tensor entering

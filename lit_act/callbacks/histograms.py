@@ -31,8 +31,13 @@ class ActivationHistograms(ActivationStatisticCallback):
     Figure at train end: ``figures/activation_histograms.png`` (the last training collection of every module) and
     ``figures/hist_outside_per_layer.png``.
 
+    The default selection stays ``"activations"`` on every model (also on transformers, where the statistics callbacks
+    observe ``"mlp_hidden"``): a histogram is read as the distribution of an activation function's outputs, the
+    shape a learnable or swapped activation produces; pass ``modules="mlp_hidden"`` for the down-projection inputs
+    (a gated MLP's ``act(gate) * up``).
+
     Args:
-        modules: module selector (default: every activation module).
+        modules: module selector (:func:`lit_act.selection.select_sites`; default: every activation module).
         bins, low, high: the fixed bins.
         every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter: as in
             :class:`~lit_act.callbacks.base.ActivationStatisticCallback` (padding is never binned).

@@ -32,18 +32,24 @@ class MassiveActivations(ActivationStatisticCallback):
     the emergence curve of the top-1/median ratio over training ("Hidden Dynamics of Massive Activations";
     :mod:`lit_act.stats.emergence`).
 
-    Statistics are over one observed training batch, or a whole validation/test epoch. Logged keys (``{stage}`` =
-    ``train``/``val``/``test``, ``{module}`` as in ``named_modules()``; all but positions and ``nonfinite`` also as
-    ``{stage}/<statistic>/mean`` over modules):
+    Statistics are Sun et al.'s per-sequence ones (``main_llm.py``: per sequence the top-k of ``|h|`` over (token,
+    dim) and the median, then the mean over sequences), over one observed training batch, or a whole validation/test
+    epoch; a batch and an epoch estimate the same numbers. Logged keys (``{stage}`` = ``train``/``val``/``test``,
+    ``{module}`` as in ``named_modules()``; all but positions, frequencies and ``nonfinite`` also as
+    ``{stage}/<statistic>/mean`` over modules, NaN layers left out):
 
-    * ``{stage}/massive_top{i}/{module}`` (i = 1..k): i-th largest ``|h|``;
-    * ``{stage}/massive_top{i}_token/{module}``, ``{stage}/massive_top{i}_dim/{module}``: its token position and
-      hidden dimension;
+    * ``{stage}/massive_top{i}/{module}`` (i = 1..k): the i-th largest ``|h|`` of each sequence, averaged over
+      sequences;
+    * ``{stage}/massive_top{i}_token/{module}``, ``..._dim/{module}``, ``..._freq/{module}``: the (token, dim) most
+      often the i-th largest entry of a sequence, and the fraction of sequences in which it is;
+    * ``{stage}/massive_max{i}/{module}``, ``..._token``, ``..._dim``: the running top-k of ``|h|`` over every entry
+      seen (grows with the data; not the paper's statistic), with its position;
     * ``{stage}/massive_median/{module}``: per-sequence median ``|h|``, averaged over sequences;
     * ``{stage}/massive_ratio/{module}``: top-1 / median;
     * ``{stage}/massive_count/{module}``: entries with ``|h| > magnitude`` and ``|h| >= median_ratio x`` their
       sequence's median;
-    * ``{stage}/massive/{module}/nonfinite``: NaN/Inf entries (excluded);
+    * ``{stage}/massive/{module}/nonfinite``: NaN/Inf entries (excluded); a layer with no finite entry logs NaN for
+      every statistic, positions included;
     * at train end, per module with at least 5 training collections: ``train/emergence_{p}/{module}`` for
       ``p`` in ``A, lambda, gamma, t0, K, r2, peak_step`` (fit of ``massive_ratio`` vs step).
 
@@ -54,6 +60,8 @@ class MassiveActivations(ActivationStatisticCallback):
         modules: selector (default: :func:`residual_stream_modules`).
         k: number of top magnitudes (>= 1).
         magnitude, median_ratio: the massive-activation criterion (100 and 1000 in the paper).
+        capacity: positions tracked per rank i for ``massive_top{i}_token/_dim/_freq`` (exact while at most this many
+            distinct positions held rank i; :class:`~lit_act.stats.massive.MassiveActivationMetric`).
         every_n_steps: observe one training batch every ``every_n_steps`` steps (``None``: never).
         on_validation, on_test: observe whole validation / test epochs.
         fit_emergence: fit the emergence curve at train end.
@@ -67,13 +75,14 @@ class MassiveActivations(ActivationStatisticCallback):
     history_statistic = "massive_ratio"
 
     def __init__(self, modules: ModuleSelector = None, k: int = 3, magnitude: float = 100.0,
-                 median_ratio: float = 1000.0, every_n_steps: int | None = 50, on_validation: bool = False,
+                 median_ratio: float = 1000.0, capacity: int = 64, every_n_steps: int | None = 50,
+                 on_validation: bool = False,
                  on_test: bool = False, fit_emergence: bool = True, figures: bool = True,
                  probe: str | int | None = None, probe_samples: int = DEFAULT_PROBE_SAMPLES,
                  adapter: BatchAdapter | None = None) -> None:
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
-        MassiveActivationMetric(k, magnitude, median_ratio)  # validates the arguments
-        self.k, self.magnitude, self.median_ratio = k, magnitude, median_ratio
+        MassiveActivationMetric(k, magnitude, median_ratio, capacity)  # validates the arguments
+        self.k, self.magnitude, self.median_ratio, self.capacity = k, magnitude, median_ratio, capacity
         self.fit_emergence = fit_emergence
         self.emergence: dict[str, EmergenceFit] = {}
 
@@ -81,7 +90,7 @@ class MassiveActivations(ActivationStatisticCallback):
         return "residual_stream"
 
     def make_metrics(self, stage: str, name: str, module: nn.Module, x: Tensor) -> dict[str, Metric]:
-        return {"massive": _PrefixedMassiveMetric(self.k, self.magnitude, self.median_ratio)}
+        return {"massive": _PrefixedMassiveMetric(self.k, self.magnitude, self.median_ratio, self.capacity)}
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
         mask = self.mask

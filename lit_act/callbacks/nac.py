@@ -4,10 +4,12 @@ next to the MSP and energy baselines. The math lives in :mod:`lit_act.stats.nac`
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
@@ -19,13 +21,26 @@ from lit_act.callbacks.base import PROBE_EPOCH, probe_due, validate_probe
 from lit_act.callbacks.core import (
     LitActCallback,
     assign_states,
+    batch_length,
+    leading_batches,
     metric_key,
     probe_batches,
     rank,
     reduced_states,
+    training_loader,
 )
 from lit_act.selection import select_sites
-from lit_act.stats.nac import NAC_ME_PARAMS, LayerParams, LogitsFn, NACModel
+from lit_act.stats.nac import (
+    LOGITS,
+    NAC_ME_PARAMS,
+    NAC_ME_PROBE_PARAMS,
+    NAC_ME_PROBE_SAMPLES,
+    NAC_UE_PARAMS,
+    LayerParams,
+    LogitsFn,
+    NACModel,
+    nac_me_params,
+)
 from lit_act.stats.nac_search import SearchResult, search_parameters
 from lit_act.stats.ood import auroc, logits_scorer, score_batches
 from lit_act.stats.tap import ModuleSelector, require_uncompiled
@@ -34,7 +49,8 @@ from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_eve
 OODSets = Mapping[str, Dataset | DataLoader] | Callable[[LightningDataModule], Mapping[str, Dataset | DataLoader]]
 EVALUATE_ON = (None, "test", "fit")
 _SEARCH_ARGS = set(inspect.signature(search_parameters).parameters) - {
-    "model", "train_loader", "val_loader", "modules", "ood_loader", "logits_fn", "neuron_dim", "base"}
+    "model", "train_loader", "val_loader", "modules", "ood_loader", "logits_fn", "neuron_dim", "base", "logits_layer",
+    "mask_fn"}
 
 
 class AdaptedModel(nn.Module):
@@ -62,14 +78,17 @@ class NeuronActivationCoverage(LitActCallback):
 
     **NAC-ME on probe passes** (default; the paper's model evaluation over correctly classified training samples).
     At every training epoch end (``probe="epoch"``, or every ``n`` steps with ``probe=n``) the current model is
-    evaluated on the first ``probe_samples`` training samples: a separate forward/backward per batch in eval mode (no
+    evaluated on the first ``probe_samples`` training samples in dataset order (the same samples on every DDP rank, so
+    every rank computes the same number without a sync): a separate forward/backward per batch in eval mode (no
     ``.grad``, optimizer or BN statistics touched; flags and RNG restored; no other callback observes it), and the
     states ``sigmoid(alpha * pool(z) * pool(dKL/dz))`` of the correctly classified samples fill per-module coverage
-    histograms (:data:`~lit_act.stats.nac.NAC_ME_PARAMS`), logged as ``probe/nac_me/...``.
+    histograms with the probe rule :func:`~lit_act.stats.nac.nac_me_params` for the probe's actual size (as
+    :func:`~lit_act.stats.nac.nac_me`: ``alpha="auto"`` calibrated on all probe samples, 100 linear bins, saturation
+    ``O = 2 x samples / bins``), logged as ``probe/nac_me/...``.
 
-    **NAC-ME running mode** (``every_n_steps`` set): the same on every ``every_n_steps``-th training batch, while the
-    weights move; the histograms (fixed shape, summed over DDP ranks) are logged as ``train/nac_me/...`` and reset at
-    each training epoch end.
+    **NAC-ME running mode** (``every_n_steps`` set): the paper's setting (:data:`~lit_act.stats.nac.NAC_ME_PARAMS`) on
+    every ``every_n_steps``-th training batch, while the weights move; the histograms (fixed shape, summed over DDP
+    ranks) are logged as ``train/nac_me/...`` and reset at each training epoch end.
 
     **Any model.** Batches are run through the :class:`~lit_act.batch.BatchAdapter` (``adapter=``: default
     ``module(**batch)`` for dicts / ``BatchEncoding``, ``module(batch[0])`` for tuples), logits are read from the
@@ -79,8 +98,9 @@ class NeuronActivationCoverage(LitActCallback):
 
     **NAC-UE OOD evaluation** at the end of ``trainer.test`` (``evaluate_on="test"``) or of ``trainer.fit``
     (``"fit"``), on the trainer's datamodule: optionally :func:`~lit_act.stats.nac_search.search_parameters` (fit on
-    the train split, scored on the val split against ``search_ood`` or the synthetic shuffled proxy), then NAC-UE is
-    fitted on ``fit_samples`` training samples and its AUROC -- and those of MSP and energy on the same model -- is
+    the train split, scored on the val split against ``search_ood`` or the built-in shuffled + class-mixture proxies),
+    then NAC-UE (defaults :data:`~lit_act.stats.nac.NAC_UE_PARAMS` on every selected module plus the logits as a
+    layer, ``logits_layer=True``) is fitted on ``fit_samples`` training samples and its AUROC -- and those of MSP and energy on the same model -- is
     measured on the test split against each OOD set of ``ood_sets``. Every rank computes the same numbers (no DDP
     sharding of this offline pass); rank zero logs them and saves ``figures/nac_ood_auroc.png`` (table).
 
@@ -97,9 +117,10 @@ class NeuronActivationCoverage(LitActCallback):
 
     Args:
         modules: module selector (:func:`lit_act.stats.tap.select_modules`).
-        alpha, saturation, bins, spacing: NAC-UE defaults for every layer (:class:`~lit_act.stats.nac.LayerParams`;
-            ``alpha="auto"`` scales alpha to each layer's products).
-        layer_params: per-module overrides ``{module: {alpha: ..., saturation: ..., bins: ..., spacing: ...}}``.
+        alpha, saturation, bins, spacing: NAC-UE defaults for every layer (:data:`~lit_act.stats.nac.NAC_UE_PARAMS`:
+            ``"auto"``, 20, 100, ``"symlog"``; ``alpha="auto"`` scales alpha to each layer's products with gain 2).
+        layer_params: per-layer overrides ``{module or "logits": {alpha: ..., saturation: ..., bins: ...}}``.
+        logits_layer: NAC-UE also observes the logits as a layer named ``"logits"`` (the paper's recommended set).
         every_n_steps: running-mode NAC-ME period in training steps (``None``: off).
         evaluate_on: ``"test"``, ``"fit"`` or ``None`` (no OOD evaluation).
         ood_sets: ``{name: Dataset | DataLoader}`` or a callable ``datamodule -> {name: ...}`` (e.g.
@@ -116,7 +137,8 @@ class NeuronActivationCoverage(LitActCallback):
         figures: save the AUROC table figure.
         probe: NAC-ME probe schedule: ``"auto"`` (``"epoch"`` unless ``every_n_steps`` is set, then ``None``),
             ``None``, ``"epoch"`` or every ``n`` steps.
-        probe_samples: probe-set size (training samples; default 512).
+        probe_samples: NAC-ME probe-set size (the first training samples; default 1,000, the size the probe rule is
+            stated for).
         adapter: batch / output adapter (:class:`lit_act.batch.BatchAdapter`).
 
     Attributes after a run: ``last_me`` (the last logged NAC-ME keys; both NAC-ME modes log reduced, DDP-summed
@@ -127,13 +149,15 @@ class NeuronActivationCoverage(LitActCallback):
     split's first ``fit_samples`` samples in its loader's order).
     """
 
-    def __init__(self, modules: ModuleSelector = None, alpha: float | str = "auto", saturation: float = 20.0,
-                 bins: int = 50, spacing: str = "symlog", layer_params: Mapping[str, Mapping[str, Any]] | None = None,
+    def __init__(self, modules: ModuleSelector = None, alpha: float | str = NAC_UE_PARAMS.alpha,
+                 saturation: float = NAC_UE_PARAMS.saturation, bins: int = NAC_UE_PARAMS.bins,
+                 spacing: str = NAC_UE_PARAMS.spacing, layer_params: Mapping[str, Mapping[str, Any]] | None = None,
+                 logits_layer: bool = True,
                  every_n_steps: int | None = None, evaluate_on: str | None = "test", ood_sets: OODSets | None = None,
                  search: bool = False, search_ood: Any = None, search_kwargs: Mapping[str, Any] | None = None,
                  fit_samples: int = 1000, batch_size: int = 256, logits_fn: LogitsFn | None = None,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = "auto",
-                 probe_samples: int = 512, adapter: BatchAdapter | None = None) -> None:
+                 probe_samples: int = NAC_ME_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
         super().__init__(adapter, figures)
         validate_every_n("every_n_steps", every_n_steps)
         if probe == "auto":
@@ -153,7 +177,9 @@ class NeuronActivationCoverage(LitActCallback):
         unknown = set(search_kwargs or {}) - _SEARCH_ARGS
         if unknown:
             raise ValueError(f"unknown search_kwargs {sorted(unknown)}; valid: {sorted(_SEARCH_ARGS)}")
-        self.params = LayerParams(alpha=alpha, saturation=saturation, bins=bins, spacing=spacing)
+        self.params = dataclasses.replace(NAC_UE_PARAMS, alpha=alpha, saturation=saturation, bins=bins,
+                                          spacing=spacing)
+        self.logits_layer = logits_layer
         self.layer_params = {name: LayerParams(**{**self._fields(self.params), **dict(over)})
                              for name, over in (layer_params or {}).items()}
         self.modules = modules
@@ -192,10 +218,14 @@ class NeuronActivationCoverage(LitActCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require_uncompiled(pl_module, "NeuronActivationCoverage")
         self.selected = select_sites(pl_module, self.modules)  # {name: Site} (outputs or down-projection inputs)
-        unknown = set(self.layer_params) - set(self.selected)
+        if self.logits_layer and LOGITS in self.selected:
+            raise ValueError(f"a selected module is named {LOGITS!r}, the name of the logits layer: pass "
+                             "logits_layer=False or select other modules")
+        layers = [*self.selected, *([LOGITS] if self.logits_layer else [])]
+        unknown = set(self.layer_params) - set(layers)
         if unknown:
-            raise ValueError(f"layer_params name modules that are not selected: {sorted(unknown)}; selected: "
-                             f"{sorted(self.selected)}")
+            raise ValueError(f"layer_params name layers that are not selected: {sorted(unknown)}; observed: "
+                             f"{sorted(layers)}")
         self.model = AdaptedModel(pl_module, self.adapter, self.logits_fn)
         if self.me is None:
             self.me = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True,
@@ -267,13 +297,41 @@ class NeuronActivationCoverage(LitActCallback):
                 assign_states(cov, {k: v.to(cov.device) + getattr(cov, k) for k, v in states.items()})
         self._pending_me = {k: v for k, v in self._pending_me.items() if k not in self.me.coverage}
 
+    def probe_set(self, trainer: Trainer, device: torch.device) -> Iterator[Any]:
+        """The first ``probe_samples`` training samples in dataset order, the same on every rank
+        (:func:`~lit_act.callbacks.core.leading_batches`; this rank's share of them for iterable datasets)."""
+        batches = leading_batches(training_loader(trainer), device)
+        if batches is None:
+            yield from probe_batches(trainer, self.probe_samples, device)
+            return
+        seen = 0
+        for batch in batches:
+            if seen >= self.probe_samples:
+                break
+            yield batch
+            seen += batch_length(batch)
+
     def run_probe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """NAC-ME of the current model on the probe set (fresh histograms), logged as ``probe/nac_me/...``."""
-        probe = NACModel(self.selected, NAC_ME_PARAMS, None, self.neuron_dim, correct_only=True,
-                               mask_fn=self.adapter.mask)
-        for batch in probe_batches(trainer, self.probe_samples, pl_module.device):
-            with self.quiet_pass(pl_module):
-                probe.update(self.model, batch, self.adapter.targets(batch))
+        """NAC-ME of the current model on the probe set with the probe rule :func:`~lit_act.stats.nac.nac_me_params`
+        for its size (fresh histograms; ``alpha="auto"`` calibrated on all probe samples), logged as
+        ``probe/nac_me/...``."""
+        probe = NACModel(self.selected, NAC_ME_PROBE_PARAMS, None, self.neuron_dim, correct_only=True, sync=False,
+                         mask_fn=self.adapter.mask)
+        products: dict[str, list[Tensor]] = {name: [] for name in probe.layers}
+        logits, targets = [], []
+        with self.quiet_pass(pl_module):
+            for batch in self.probe_set(trainer, pl_module.device):
+                out = probe.products(self.model, batch)
+                for name, value in out.products.items():
+                    products[name].append(value)
+                logits.append(out.logits)
+                targets.append(self.adapter.targets(batch).to(out.logits.device))
+        if not logits:
+            return {}
+        cut = slice(0, self.probe_samples)
+        logits_, targets_ = torch.cat(logits)[cut], torch.cat(targets)[cut]
+        probe = probe.with_params({name: nac_me_params(logits_.shape[0]) for name in probe.layers})
+        probe.fit_products({name: torch.cat(v)[cut] for name, v in products.items()}, logits_, targets_)
         return self._emit_me(trainer, probe, "probe")
 
     @override
@@ -288,9 +346,9 @@ class NeuronActivationCoverage(LitActCallback):
     def _emit_me(self, trainer: Trainer, nac: NACModel, stage: str) -> dict[str, float]:
         logged = {}
         for name, cov in nac.coverage.items():
-            states = reduced_states(cov)  # summed over DDP ranks
+            nonfinite = reduced_states(cov)["nonfinite"] if nac.sync else cov.nonfinite  # DDP sum / same on all ranks
             logged[metric_key(stage, "nac_me", name)] = float(cov.compute())
-            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = float(states["nonfinite"].sum())
+            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = float(nonfinite.sum())
             cov.reset()
         if not logged:
             return {}
@@ -334,7 +392,7 @@ class NeuronActivationCoverage(LitActCallback):
         if not ood_loaders:
             raise ValueError("ood_sets is empty: give at least one OOD set")
         logged: dict[str, float] = {}
-        params = self.layer_params_for(list(self.selected))
+        params = self.layer_params_for([*self.selected, *([LOGITS] if self.logits_layer else [])])
         model = self.model
         if self.search:
             proxy = self.search_ood(datamodule) if callable(self.search_ood) else self.search_ood
@@ -342,12 +400,13 @@ class NeuronActivationCoverage(LitActCallback):
                 self.search_result = search_parameters(
                     model, train, val, self.selected, None if proxy is None else self._loader(proxy),
                     **{"fit_samples": self.fit_samples, **self.search_kwargs}, logits_fn=None,
-                    neuron_dim=self.neuron_dim, base=self.params)
+                    neuron_dim=self.neuron_dim, base=self.params, logits_layer=self.logits_layer,
+                    mask_fn=self.adapter.mask)
             params = self.search_result.params
             logged.update(self.search_result.flat())
             rank_zero_info(self.search_result.describe())
-        nac = NACModel({n: self.selected[n] for n in params}, params, None, self.neuron_dim, sync=False,
-                       mask_fn=self.adapter.mask)
+        nac = NACModel({n: self.selected[n] for n in params if n != LOGITS}, params, None, self.neuron_dim, sync=False,
+                       logits_layer=LOGITS in params, mask_fn=self.adapter.mask)
         with self.quiet_pass(pl_module):
             nac.fit(model, train, self.fit_samples)
             for name, value in nac.layer_coverage().items():

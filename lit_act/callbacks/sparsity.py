@@ -1,60 +1,107 @@
 """ActivationSparsity: exact-zero / thresholded sparsity, per-token activation ratios and Sparsing-Law CETT
-sparsity of activation modules."""
+sparsity of the neuron activations feeding each MLP's down-projection (or of any selected module)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
-from lightning import LightningModule
+import torch
+from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric
+from typing_extensions import override
 
 from lit_act.batch import BatchAdapter
 from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCallback
+from lit_act.callbacks.core import leading_batches, probe_batches, stage_loader
 from lit_act.selection import default_preset, down_projection, linear_features, linear_weight
-from lit_act.stats.sparsing_law import CETTSparsityMetric, find_down_projection
+from lit_act.stats.sparsing_law import CETTSparsityMetric, calibrate_thresholds, find_down_projection
 from lit_act.stats.sparsity import ActivationSparsityMetric
-from lit_act.stats.tap import ModuleSelector, neuron_view, site_of
+from lit_act.stats.tap import ModuleSelector, neuron_view, site_of, tap, valid_tokens
+
+DEFAULT_CETT_CALIBRATION_TOKENS = 512
+DEFAULT_CETT_MEASURE_TOKENS = 128
+
+
+class _Projection(NamedTuple):
+    """``W_out`` in ``nn.Linear`` layout ``(out, in)`` and its bias, for :func:`calibrate_thresholds`."""
+
+    weight: Tensor
+    bias: Tensor | None
 
 
 class ActivationSparsity(ActivationStatisticCallback):
-    """Activation sparsity of every selected module (default: every activation-function module).
+    """Activation sparsity (Li et al. 2023) and Sparsing-Law CETT sparsity (Luo et al. 2024) of every selected site.
 
-    Statistics (:mod:`lit_act.stats.sparsity`, Li et al. 2023; :mod:`lit_act.stats.sparsing_law`, Luo et al. 2024) on
-    ``(samples, neurons)`` views (:func:`lit_act.stats.tap.neuron_view`: tokens x last dim, conv maps: positions x
-    channels), accumulated over one observed training batch, or over a whole validation/test epoch.
+    **Default selection** (:func:`lit_act.selection.default_preset`): on transformer-like models the ``"mlp_hidden"``
+    preset, the neuron activations that feed each MLP's down-projection (GPT-2's / BERT's activation output; for gated
+    MLPs such as LLaMA's ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` the *input of* ``down_proj``, which is what
+    Sparsing Law's CETT measures); on other models every activation-function module (``"activations"``).
 
-    Logged keys (``{stage}`` = ``train`` / ``val`` / ``test``; ``{module}`` = name in ``named_modules()``; every key
-    except ``nonfinite`` also as ``{stage}/<statistic>/mean``, the mean over modules):
+    Statistics (:mod:`lit_act.stats.sparsity`, :mod:`lit_act.stats.sparsing_law`) on ``(samples, neurons)`` views
+    (:func:`lit_act.stats.tap.neuron_view`: tokens x last dim, conv maps: positions x channels; padding excluded),
+    accumulated over one observed training batch, or over a whole validation/test epoch.
 
-    * ``{stage}/sparsity/{module}``: fraction of entries with ``|a| <= threshold``;
-    * ``{stage}/token_activation_ratio/{module}``: mean over tokens of the fraction of neurons with ``|a| > threshold``;
+    **Which entries are active** (``mode``, ``threshold``; one definition shared with :class:`DeadNeurons`):
+
+    =====================  ===================================  ===============================================
+    activation family      default here: ``mode="abs"``, 0     what it measures / alternative
+    =====================  ===================================  ===============================================
+    ReLU, ReLU^2, hard     exact zeros (Lazy Neuron, Li et al.) ``"signed"`` agrees at threshold 0
+    GELU, SiLU, smooth     ~0 (exact zeros are rare)            ``mode="signed"``: the negative lobe as "not
+                                                                firing"; ``"abs"`` with ``threshold > 0``:
+                                                                magnitude sparsity; CETT: the paper's criterion
+    gated (SwiGLU, GeGLU)  ``|act(gate) * up| <= threshold``    ``"abs"`` is the meaningful mode (signed product)
+    =====================  ===================================  ===============================================
+
+    Logged keys (``{stage}`` = ``train`` / ``val`` / ``test`` / ``probe``; ``{module}`` = name in ``named_modules()``;
+    every key except ``nonfinite`` also as ``{stage}/<statistic>/mean``, the mean over modules, NaN layers left out):
+
+    * ``{stage}/sparsity/{module}``: fraction of inactive entries;
+    * ``{stage}/token_activation_ratio/{module}``: mean over tokens of the fraction of active neurons;
     * ``{stage}/token_activation_ratio_min/{module}``, ``..._max/{module}``: its minimum / maximum over tokens;
     * ``{stage}/sparsity/{module}/nonfinite``: NaN/Inf entries seen (excluded from every statistic);
-    * with ``cett_target`` (validation/test only, modules with a down-projection):
-      ``{stage}/cett_activation_ratio/{module}`` (fraction of neuron outputs ``|a_i| ||W_out[:, i]||`` at or above the
-      layer's CETT threshold; sparsity is ``1 -`` it), ``{stage}/cett_threshold/{module}`` and the achieved mean
-      ``{stage}/cett/{module}`` (batch means).
+    * with ``cett_target`` (validation/test epochs, sites with a down-projection ``W_out``, found by
+      :func:`lit_act.selection.down_projection`, GPT-2's ``Conv1D`` included):
+      ``{stage}/cett_threshold/{module}`` (the layer's exact CETT threshold ``eps``),
+      ``{stage}/cett_activation_ratio/{module}`` (fraction of neuron outputs ``|a_i| ||W_out[:, i]||`` at or above
+      ``eps`` over every real token of the epoch; CETT sparsity is ``1 -`` it) and ``{stage}/cett/{module}`` (the
+      achieved token-mean CETT, measured on at most ``cett_measure_tokens`` tokens per batch).
+
+    **CETT procedure** (the reference's calibrate-then-apply, ``calc_threshold_for_each_layer.py``): at the start of
+    every validation/test epoch the thresholds are calibrated once, exactly
+    (:func:`~lit_act.stats.sparsing_law.calibrate_thresholds`), on a fixed calibration set: the first
+    ``cett_max_tokens`` real tokens per layer of that stage's dataset in dataset order (the same samples on every DDP
+    rank, hence the same thresholds; the training split's probe set when the stage's loader is not a map-style
+    DataLoader), in a quiet eval pass no other callback observes. Every batch of the epoch then only counts
+    ``n_i >= eps``. The thresholds are not metric states: a restored run recalibrates at its next epoch start.
 
     Figure at train end: ``figures/sparsity_per_layer.png`` (training sparsity per module vs step).
 
     Args:
-        modules: module selector (default: every activation module).
-        threshold: ``|a| <= threshold`` counts as inactive (default 0: exact zeros).
+        modules: selector (:func:`lit_act.selection.select_sites`; default :func:`~lit_act.selection.default_preset`).
+        threshold: activity threshold (default 0).
+        mode: ``"abs"`` (default: inactive iff ``|a| <= threshold``) or ``"signed"`` (inactive iff
+            ``a <= threshold``); see the table above.
         every_n_steps: observe one training batch every ``every_n_steps`` steps (``None``: never).
         on_validation, on_test: observe whole validation / test epochs.
-        cett_target: CETT target in (0, 1) for the Sparsing-Law statistics (``None``: off). Calibration costs 16
-            down-projection matmuls per layer and batch, so it runs at validation/test only.
-        cett_max_tokens: calibrate each batch on at most this many tokens (evenly strided; ``None``: all).
-        down_projections: ``{activation name: down-projection Linear name}`` where it is not the ``nn.Linear``
-            registered right after the activation in its parent (``fc_in -> act -> fc_out``).
+        cett_target: CETT target in (0, 1) for the Sparsing-Law statistics (``None``: off).
+        cett_max_tokens: real tokens per layer in the calibration set (``None``: the whole stage dataset).
+        cett_measure_tokens: tokens per batch on which the achieved CETT is measured (evenly strided; ``None``: all).
+        down_projections: ``{site name: down-projection name}`` where it is not found automatically.
         neuron_dim: override the neuron dimension of :func:`~lit_act.stats.tap.neuron_view`.
         figures: save the per-layer heatmap at train end.
         probe, probe_samples: probe-pass schedule (``None``, ``"epoch"`` or every n steps; keys ``probe/...``)
             and probe-set size (:class:`~lit_act.callbacks.base.ActivationStatisticCallback`).
         adapter: batch adapter (:class:`lit_act.batch.BatchAdapter`); its token mask (default
-            ``batch["attention_mask"]``) excludes padding from every statistic.
+            ``batch["attention_mask"]``) excludes padding from every statistic, CETT calibration included.
+
+    Example::
+
+        Trainer(callbacks=[ActivationSparsity(cett_target=0.2)]).fit(lightning_module_wrapping_llama, data)
+        # logs val/sparsity/model.model.layers.0.mlp.down_proj, val/cett_activation_ratio/..., ...
     """
 
     statistic = "sparsity"
@@ -63,22 +110,33 @@ class ActivationSparsity(ActivationStatisticCallback):
     def __init__(self, modules: ModuleSelector = None, threshold: float = 0.0, mode: str = "abs",
                  every_n_steps: int | None = 50,
                  on_validation: bool = True, on_test: bool = False, cett_target: float | None = 0.2,
-                 cett_max_tokens: int | None = 512, down_projections: Mapping[str, str] | None = None,
+                 cett_max_tokens: int | None = DEFAULT_CETT_CALIBRATION_TOKENS,
+                 cett_measure_tokens: int | None = DEFAULT_CETT_MEASURE_TOKENS,
+                 down_projections: Mapping[str, str] | None = None,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = None,
                  probe_samples: int = DEFAULT_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         ActivationSparsityMetric(threshold, mode)  # validates threshold and mode
         if cett_target is not None:
             CETTSparsityMetric(cett_target, cett_max_tokens)  # validates the arguments
+            CETTSparsityMetric(cett_target, cett_measure_tokens)
         elif down_projections:
             raise ValueError("down_projections is only used with cett_target; set cett_target (e.g. 0.2)")
         self.threshold = threshold
         self.mode = mode
         self.cett_target = cett_target
         self.cett_max_tokens = cett_max_tokens
+        self.cett_measure_tokens = cett_measure_tokens
+        self.cett_thresholds: dict[str, Tensor] = {}  # calibrated at each validation/test epoch start
         self.down_projection_names = dict(down_projections or {})
         self.neuron_dim = neuron_dim
         self.down_projections: dict[str, nn.Module] = {}  # selected name -> linear-like down-projection
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=repr(self.modules), every_n_steps=self.every_n_steps,
+                                        threshold=self.threshold, mode=self.mode)
 
     def check_setup(self, pl_module: LightningModule) -> None:
         """Resolve down-projections: explicit names must exist and be linear-like; others are found automatically
@@ -125,8 +183,9 @@ class ActivationSparsity(ActivationStatisticCallback):
             neurons = neuron_view(x, module, self.neuron_dim).shape[1]
             if neurons != linear_features(down)[0]:
                 raise ValueError(f"{name!r} has {neurons} neurons but its down-projection expects "
-                                 f"{down.in_features} inputs; pass down_projections= or cett_target=None")
-            metrics["cett"] = CETTSparsityMetric(self.cett_target, self.cett_max_tokens)
+                                 f"{linear_features(down)[0]} inputs; pass down_projections= or cett_target=None")
+            metrics["cett"] = CETTSparsityMetric(self.cett_target, self.cett_measure_tokens,
+                                                 threshold=self.cett_thresholds.get(name))
         return metrics
 
     def update(self, metrics: dict[str, Metric], stage: str, name: str, module: nn.Module, x: Tensor) -> None:
@@ -135,3 +194,61 @@ class ActivationSparsity(ActivationStatisticCallback):
         if "cett" in metrics:
             down = self.down_projections[name]
             metrics["cett"].update(a, linear_weight(down), down.bias)
+
+    # ------------------------------------------------------------------------------------------ CETT calibration
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        if self._collecting == "val":
+            self.calibrate(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_test_epoch_start(trainer, pl_module)
+        if self._collecting == "test":
+            self.calibrate(trainer, pl_module, "test")
+
+    def calibration_batches(self, trainer: Trainer, stage: str, device: torch.device) -> Any:
+        """The calibration set: ``stage``'s dataset from sample 0 (:func:`lit_act.callbacks.core.leading_batches`),
+        else the training split's probe set."""
+        batches = leading_batches(stage_loader(trainer, stage), device)
+        if batches is None:
+            samples = self.cett_max_tokens or self.probe_samples
+            batches = probe_batches(trainer, samples, device)
+        return batches
+
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, Tensor]:
+        """Exact CETT thresholds of every layer with a down-projection on the calibration set (a quiet eval pass),
+        set on ``stage``'s metrics; returns them (also in :attr:`cett_thresholds`)."""
+        if not self.down_projections:
+            return {}
+        sites = {name: self.selected[name] for name in self.down_projections}
+        limit = self.cett_max_tokens
+        rows: dict[str, list[Tensor]] = {name: [] for name in sites}
+        seen = dict.fromkeys(sites, 0)
+        mask: list[Tensor | None] = [None]
+
+        def keep(name: str, module: nn.Module, x: Tensor) -> None:
+            if limit is not None and seen[name] >= limit:
+                return
+            a = neuron_view(valid_tokens(name, x, mask[0]), module, self.neuron_dim).detach().float()
+            a = a[a.isfinite().all(dim=1)]
+            if limit is not None:
+                a = a[: limit - seen[name]]
+            rows[name].append(a)
+            seen[name] += a.shape[0]
+
+        with self.quiet_pass(pl_module), torch.no_grad(), tap(sites, keep):
+            for batch in self.calibration_batches(trainer, stage, pl_module.device):
+                mask[0] = self.adapter.mask(batch)
+                self.adapter.forward(pl_module, batch)
+                if limit is not None and min(seen.values()) >= limit:
+                    break
+        calibration = {name: torch.cat(r) for name, r in rows.items() if r}
+        projections = {name: _Projection(linear_weight(d).detach(), None if d.bias is None else d.bias.detach())
+                       for name, d in self.down_projections.items()}
+        self.cett_thresholds = calibrate_thresholds(calibration, projections, self.cett_target)
+        for name, metrics in self.metrics.get(stage, {}).items():
+            if "cett" in metrics:
+                metrics["cett"].set_threshold(self.cett_thresholds.get(name))
+        return self.cett_thresholds

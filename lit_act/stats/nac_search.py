@@ -25,7 +25,7 @@ Everything is deterministic given ``seed`` (ties broken by candidate order).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,7 +87,8 @@ def search_parameters(model: nn.Module, train_loader: Iterable[Any], val_loader:
                       search_layers: bool = True, max_layers: int = 6, fit_samples: int = 1000,
                       val_samples: int = 1000, seed: int = 0, logits_fn: LogitsFn | None = None,
                       neuron_dim: int | None = None, base: LayerParams | None = None,
-                      logits_layer: bool = False, proxy: str = "both") -> SearchResult:
+                      logits_layer: bool = False, proxy: str = "both",
+                      mask_fn: Callable[[Any], Tensor | None] | None = None) -> SearchResult:
     """Search NAC-UE parameters (see the module docstring).
 
     Args:
@@ -107,6 +108,8 @@ def search_parameters(model: nn.Module, train_loader: Iterable[Any], val_loader:
             ``"mixture"``.
         logits_layer: also consider the logits as a layer (named :data:`~lit_act.stats.nac.LOGITS` in the result;
             build the scorer with ``NACModel(..., logits_layer=LOGITS in result.params)``).
+        mask_fn: ``inputs -> (B, T) bool token mask | None`` (:class:`~lit_act.stats.nac.NACModel`): padding is left
+            out of the pooling, as in the final scorer.
     """
     if proxy not in PROXIES:
         raise ValueError(f"unknown proxy {proxy!r}; valid: {', '.join(PROXIES)}")
@@ -120,7 +123,7 @@ def search_parameters(model: nn.Module, train_loader: Iterable[Any], val_loader:
         raise ValueError("max_layers, fit_samples and val_samples must be >= 1")
     base = base or LayerParams()
     generator = torch.Generator().manual_seed(seed)
-    probe = NACModel(modules, base, logits_fn, neuron_dim, sync=False, logits_layer=logits_layer)
+    probe = NACModel(modules, base, logits_fn, neuron_dim, sync=False, logits_layer=logits_layer, mask_fn=mask_fn)
     fit, _, _ = collect_products(probe, model, train_loader, fit_samples)
     val, _, val_labels = collect_products(probe, model, val_loader, val_samples)
     proxies = 1
