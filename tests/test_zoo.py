@@ -514,14 +514,17 @@ def test_defaults_on_boring_model_raise_with_the_fix(callback, tmp_path) -> None
 
 
 # ------------------------------------------------------------------------------------------------------ NAC
-ME_ALPHA, ME_SATURATION, ME_BINS = 0.1, 500.0, 50  # NAC-ME probe setting (the paper's, Sec. 5.2)
+ME_BINS, ME_GAIN, ME_QUANTILE = 100, 1.0, 0.9  # NAC-ME probe rule: M linear bins, alpha = gain / quantile(|p|)
 
 
 def ref_nac_me(module: L.LightningModule, batches: list[Any], sites: dict[str, str]) -> dict[str, float]:
-    """NAC-ME (Liu et al. 2024, Eq. 3-5) written out: per sample and neuron ``sigmoid(alpha * pool(z) * pool(g))``
-    with ``g = dKL(u || softmax(logits)) / dz`` and ``pool`` the sum over real tokens / positions; states of the
-    correctly classified samples in ``M`` linear bins; coverage ``mean_n sum_k min(c_kn / O, 1) / M``."""
-    counts: dict[str, torch.Tensor] = {}
+    """NAC-ME (Liu et al. 2024, Eq. 3-5) written out: per sample and neuron the product ``p = pool(z) * pool(g)``
+    with ``g = dKL(u || softmax(logits)) / dz`` and ``pool`` the sum over real tokens / positions; states
+    ``sigmoid(alpha p)`` with lit-act's probe rule ``alpha = 1 / quantile_0.9(|p|)`` over all probe samples of the
+    layer; states of the correctly classified samples in ``M = 100`` linear bins; ``O = max(1, 2 S / M)`` for ``S``
+    probe samples; coverage ``mean_n sum_k min(c_kn / O, 1) / M``."""
+    products: dict[str, list[torch.Tensor]] = {}
+    corrects = []
     module.eval()
     for batch in batches:
         captured: dict[str, torch.Tensor] = {}
@@ -533,7 +536,7 @@ def ref_nac_me(module: L.LightningModule, batches: list[Any], sites: dict[str, s
             grads = torch.autograd.grad(kl.sum(), [captured[n] for n in sites])
         for handle in handles:
             handle.remove()
-        correct = logits.argmax(-1) == batch["labels"]
+        corrects.append(logits.argmax(-1) == batch["labels"])
         mask = batch.get("attention_mask")
         for (name, z), g in zip(captured.items(), grads, strict=True):
             z, g = z.detach(), g.detach()
@@ -542,12 +545,18 @@ def ref_nac_me(module: L.LightningModule, batches: list[Any], sites: dict[str, s
             else:
                 w = mask[..., None].float() if mask is not None else torch.ones(*z.shape[:-1], 1)
                 pz, pg = (z * w).sum(1), (g * w).sum(1)
-            states = torch.sigmoid(ME_ALPHA * pz * pg)[correct]
-            index = (states * ME_BINS).floor().long().clamp(max=ME_BINS - 1)
-            c = counts.setdefault(name, torch.zeros(ME_BINS, z.shape[1] if z.dim() == 4 else z.shape[-1]))
-            for k in range(ME_BINS):
-                c[k] += (index == k).sum(0)
-    return {name: ((c / ME_SATURATION).clamp(max=1).sum(0) / ME_BINS).mean().item() for name, c in counts.items()}
+            products.setdefault(name, []).append(pz * pg)
+    correct = torch.cat(corrects)
+    saturation = max(1.0, 2.0 * len(correct) / ME_BINS)
+    out = {}
+    for name, chunks in products.items():
+        p = torch.cat(chunks)
+        alpha = ME_GAIN / torch.quantile(p.abs().double().flatten(), ME_QUANTILE).item()
+        states = torch.sigmoid(alpha * p)[correct]
+        index = (states * ME_BINS).floor().long().clamp(max=ME_BINS - 1)
+        counts = torch.stack([(index == k).sum(0) for k in range(ME_BINS)]).double()
+        out[name] = ((counts / saturation).clamp(max=1).sum(0) / ME_BINS).mean().item()
+    return out
 
 
 @pytest.mark.parametrize("arch_name", ["bert", "vit", "resnet"])
@@ -604,7 +613,7 @@ def test_nac_on_sequence_models_fails_at_setup_with_the_fix(arch_name: str, tmp_
 
 def test_nac_on_boring_model(tmp_path) -> None:
     """BoringModel's batches carry no targets: the dry run asks for ``targets_fn``; with it (and ``modules=``, it
-    has no activation) NAC-ME = correct samples / (O M) of its own Linear."""
+    has no activation) NAC-ME of its own Linear, the logits layer, checked by the formula written out."""
     from lit_act.callbacks.nac import NeuronActivationCoverage
 
     arch = ARCHS["boring"]
@@ -615,11 +624,17 @@ def test_nac_on_boring_model(tmp_path) -> None:
     targets = BatchAdapter(targets_fn=lambda batch: torch.zeros(len(batch), dtype=torch.long))
     cb = NeuronActivationCoverage(modules="layer", evaluate_on=None, figures=False, adapter=targets)
     logger = fit(module, arch, [cb], tmp_path)
+    # the Linear is the logits layer: p = z * (softmax(z) - 1/C) (a hook on it gives exactly that)
     module.eval()
     with torch.no_grad():
-        correct = sum(int((module(x).argmax(-1) == 0).sum()) for x in module.train_dataloader())
-    # each state lands in one of M bins per neuron; with O = 500 > N_TRAIN, coverage = correct / (O M)
-    assert close(logger.at("probe/nac_me/layer", STEPS), correct / (ME_SATURATION * ME_BINS))
+        z = torch.cat([module(x) for x in module.train_dataloader()])
+    p = z * (torch.softmax(z, -1) - 0.5)
+    alpha = ME_GAIN / torch.quantile(p.abs().double().flatten(), ME_QUANTILE).item()
+    index = (torch.sigmoid(alpha * p)[z.argmax(-1) == 0] * ME_BINS).floor().long().clamp(max=ME_BINS - 1)
+    saturation = max(1.0, 2.0 * len(z) / ME_BINS)
+    counts = torch.stack([(index == k).sum(0) for k in range(ME_BINS)]).double()
+    expected = ((counts / saturation).clamp(max=1).sum(0) / ME_BINS).mean().item()
+    assert close(logger.at("probe/nac_me/layer", STEPS), expected)
 
 
 # ------------------------------------------------------------------------------------------------------ Hessian
