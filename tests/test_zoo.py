@@ -413,9 +413,13 @@ STAT_ARCHS = ["gpt2", "llama", "bert", "vit", "resnet", "nn_transformer", "demo_
 
 @pytest.mark.parametrize("arch_name", STAT_ARCHS)
 def test_statistics_callbacks(arch_name: str, tmp_path) -> None:
-    """ActivationSparsity, DeadNeurons, MassiveActivations and ActivationHistograms together in one fit: default
-    selection (``modules=`` only on ``BoringModel``, which has no activation and no blocks), every train step and the
-    validation epoch checked against the test's own hooks."""
+    """ActivationSparsity, DeadNeurons, MassiveActivations and ActivationHistograms together in one fit (they must
+    not observe each other's passes), default selections -- "mlp_hidden" (GPT-2/BERT/ViT activation outputs, LLaMA's
+    and nn.Transformer's down-projection inputs), "activations" on ResNet, the residual stream (encoder and decoder
+    blocks) -- with ``modules="layer"`` on BoringModel (no activation, no blocks) and ``modules="mlp_hidden"`` for
+    ActivationHistograms. Every training step (``every_n_steps=1``; ``threshold=0.05`` so GELU/SiLU outputs are not
+    trivially dense), the validation epoch (sparsity) and DeadNeurons' default probe pass are checked against the
+    test's own hooks, padding excluded."""
     arch = ARCHS[arch_name]
     module = arch.build()
     _vit_and_resnet_sites(module, arch)
