@@ -37,7 +37,10 @@ interleaved with a rotating order, medians over pooled steps:
 
 Step times here are the process's CPU time (``time.process_time``, one torch thread) between consecutive
 ``on_train_batch_start`` calls: on a machine shared with other jobs, wall time measures their load as much as ours
-(+-30% between identical steps), CPU time does not.
+(+-30% between identical steps). CPU time still varies by ~10% between identical steps under contention (shared
+caches and memory bandwidth), so the case also prints the callbacks' *own* CPU time per step (their batch hooks and
+the bodies of their forward hooks, timed inside the same fits) as ``1 + own / baseline step``: the overhead itself,
+not the difference of two noisy totals (it leaves out PyTorch's hook dispatch, which is negligible here).
 """
 
 from __future__ import annotations
