@@ -5,8 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,launchers,optuna
 BENCH_DEPS ?= pandas
-BENCH_NODEPS ?= pyhessian pykan rational-activations==0.2.0
-# SAELens (bench_sae) and the parts of its import chain it needs; torch stays as installed
+BENCH_NODEPS ?= pyhessian pykan rational-activations==0.2.0 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einops unfoldNd einconv linear_operator
+# SAELens (bench_sae) and the parts of its import chain it needs; torch stays as installed (a pip constraint)
 BENCH_DEPS += transformers~=4.57 datasets nltk plotly plotly-express fancy-einsum beartype better-abc typeguard rich sentencepiece accelerate einops jaxtyping simple-parsing tenacity python-dotenv docstring-parser wadler-lindig safetensors
 BENCH_NODEPS += sae-lens==6.54.12 transformer-lens~=2.16 babe==0.0.7 transformers-stream-generator
 PY := $(VENV)/bin/python
@@ -39,7 +39,8 @@ lint: $(STAMP)
 
 # the reference implementations we compare against, installed into the venv for the benchmarks only
 bench: $(STAMP)
-	$(PY) -m pip install --quiet $(BENCH_DEPS)
+	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -c $(VENV)/torch-constraint.txt $(BENCH_DEPS)
 	$(PY) -m pip install --quiet --no-deps $(BENCH_NODEPS)
 	$(PY) -m benchmarks $(ARGS)
 

@@ -20,7 +20,9 @@ Outputs (in ``--out``, default ``<dir>/report``):
   each failure's error;
 * ``figures/final_<key>.png``: bar chart of each summary key's final value per job, labelled by the varying
   overrides (failed jobs marked);
-* ``figures/curve_<key>.png``: every job's history of each top-level ``val/...`` key over training steps.
+* ``figures/curve_<key>.png``: every job's history of each top-level ``val/...`` key over training steps;
+* ``figures/sae_fvu_vs_l0.png``: when jobs logged SAE metrics (``val/sae/fvu/mean``, ``val/sae/l0/mean``), FVU
+  against L0 per job (:func:`lit_act.sae.figures.sweep_fvu_vs_l0`).
 """
 
 from __future__ import annotations
@@ -318,6 +320,9 @@ def write_report(source: Path, out: Path | None = None, metrics: Sequence[str] |
                          if k.startswith("val/") and k.count("/") == 1 and len(points) > 1})
     figures += [curve_figure(jobs, key, varying, out / "figures" / f"curve_{_file_name(key)}.png")
                 for key in curve_keys]
+    from lit_act.sae.figures import sweep_fvu_vs_l0  # the SAE sparsity-fidelity figure, when jobs logged SAEs
+
+    figures += [p for p in [sweep_fvu_vs_l0(jobs, varying, out / "figures" / "sae_fvu_vs_l0.png")] if p]
     with open(md_path, "a") as handle:
         handle.write("\n## Figures\n\n" + "\n".join(f"![{p.stem}](figures/{p.name})" for p in figures) + "\n")
     return Report(markdown=md_path, csv=csv_path, figures=figures)

@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_act.utils.instantiate import instantiate, instantiate_collection, instantiate_model
-from lit_act.utils.task import task_wrapper
+from lit_act.utils.schema import check_config
+from lit_act.utils.task import add_note, task_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,39 @@ def _report_outputs(cfg: DictConfig, trainer: L.Trainer) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _smoke_value(current: Any, smoke: Any) -> Any:
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (current, smoke))
+    return min(current, smoke) if numbers else smoke
+
+
+def apply_smoke(cfg: DictConfig) -> None:
+    """``debug=smoke``: merge ``cfg.smoke.callbacks.<name>`` into each callback of the run's set and
+    ``cfg.smoke.data`` / ``cfg.smoke.model`` into the data / model config, key by key, only where the key already exists (so one smoke config
+    shortens every callback set's schedules without adding callbacks or unknown arguments). Numbers are caps (the
+    smaller of the run's and the smoke value is kept); other values replace."""
+    smoke = cfg.get("smoke")
+    if not smoke:
+        return
+    callbacks = cfg.get("callbacks") or {}
+    pairs = [(callbacks.get(name), values) for name, values in (smoke.get("callbacks") or {}).items()]
+    pairs += [(cfg.get(group), smoke.get(group) or {}) for group in ("data", "model")]
+    with open_dict(cfg):
+        for target, values in pairs:
+            if target is None:
+                continue
+            for key, value in values.items():
+                if key in target:
+                    target[key] = _smoke_value(target[key], value)
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit (and test) the configured model; returns ``(metrics, objects)``."""
+    """Fit (and test) the configured model; returns ``(metrics, objects)``.
+
+    The config is checked first (:func:`lit_act.utils.schema.check_config`): a bad value raises
+    :class:`~lit_act.utils.validate.ConfigError` before any data is read."""
+    check_config(cfg)
+    apply_smoke(cfg)
     if cfg.get("extras", {}).get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=False), flush=True)
     if cfg.get("seed") is not None:
@@ -81,12 +112,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
-    """The value a sweeper optimises: ``metrics[cfg.optimized_metric]``; ``None`` when the job failed or the value is
-    not finite (Optuna records ``None`` as a failed trial and goes on; it refuses NaN)."""
+    """The value a sweeper optimises: ``metrics[cfg.optimized_metric]``; ``None`` when the job failed, the value is
+    not finite (Optuna records ``None`` as a failed trial and goes on; it refuses NaN), or the metric was never
+    logged (e.g. a job stopped by ``trainer.max_steps`` before its first validation): then a warning is logged and
+    the job, still ``completed``, gets a note in its ``job_status.json``."""
     name = cfg.get("optimized_metric")
     if not name or not metrics:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric {name!r} was not logged; logged metrics: {sorted(metrics)}")
+        note = f"optimized_metric {name!r} was not logged (the sweeper gets None); logged metrics: {sorted(metrics)}"
+        log.warning(note)
+        add_note(cfg, note)
+        return None
     value = metrics[name]
     return value if math.isfinite(value) else None

@@ -352,15 +352,17 @@ def test_bf16_autocast_accumulates_fp32(tmp_path):
 
 
 def test_bad_input_raises_with_fix(tmp_path):
-    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="every_n_steps=0: expected a positive integer"):
         ActivationSparsity(every_n_steps=0)
     with pytest.raises(ValueError, match="would never collect"):
         DeadNeurons(every_n_steps=None, probe=None)
-    with pytest.raises(ValueError, match="probe must be None"):
+    with pytest.raises(ValueError, match="probe='never': expected None"):
         DeadNeurons(probe="never")
-    with pytest.raises(ValueError, match="threshold must be >= 0"):
-        ActivationSparsity(threshold=-0.5)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match=r"threshold must be >= 0 in mode='abs'.*-0.5"):
+        ActivationSparsity(threshold=-0.5)  # mode="signed" accepts it: a > -0.5 is active
+    with pytest.raises(ValueError, match="threshold=nan: expected a finite number"):
+        ActivationSparsity(threshold=float("nan"), mode="signed")
+    with pytest.raises(ValueError, match="k=0: expected a positive integer"):
         MassiveActivations(k=0)
     with pytest.raises(ValueError, match=r"\['blocks\.\*\.nope'\] match no module"):
         _trainer(tmp_path, [ActivationSparsity(modules="blocks.*.nope")]).fit(_lm(), _tokens())

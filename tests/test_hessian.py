@@ -166,7 +166,7 @@ def test_hutchinson_plain_formula_and_private_generator():
     res = hutchinson(op, budget=7, seed=11)
     assert torch.equal(torch.get_rng_state(), state)
     gen = torch.Generator().manual_seed(11)
-    z = (torch.randint(0, 2, (op.dim, 7), generator=gen) * 2 - 1).double()
+    z = (torch.randint(0, 2, (7, op.dim), generator=gen, dtype=torch.float32) * 2 - 1).double().T
     samples = ((dense @ z) * z).sum(0)
     assert math.isclose(res.estimate, float(samples.mean()), rel_tol=1e-9)
     assert math.isclose(res.std_error, float(samples.std() / math.sqrt(7)), rel_tol=1e-9)
@@ -193,7 +193,8 @@ def test_slq_quadrature_is_exact_for_full_krylov_space():
     dense = dense_hessian(model, batches)
     op = HessianOperator(model, ce_loss, batches)
     res = slq(op, num_iter=op.dim, runs=1, seed=5)
-    v = (torch.randint(0, 2, (op.dim,), generator=torch.Generator().manual_seed(5)) * 2 - 1).double()
+    v = (torch.randint(0, 2, (op.dim,), generator=torch.Generator().manual_seed(5), dtype=torch.float32) * 2
+         - 1).double()
     v = v / v.norm()
     for power in (1, 2, 3):
         quad = float((res.weights[0] * res.nodes[0] ** power).sum())

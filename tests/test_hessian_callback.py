@@ -148,6 +148,32 @@ def test_logged_values_match_dense_hessian(tmp_path, backend):
     assert list((tmp_path / "figures").glob("hessian_density_step*.png"))
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "empirical_fisher"])
+def test_curvatures_and_exact_trace_match_dense(tmp_path, curvature):
+    """No BatchNorm: the lit-act MLP is a covered chain, so the default trace is exact (zero standard error)."""
+    from tests.test_hessian_curvature import dense_empirical_fisher, dense_ggn
+
+    seed_everything(0)
+    model = make_model(batch_norm=False, dropout=0.0)
+    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, curvature=curvature, **SMALL)
+    trainer = make_trainer(tmp_path, [hessian])
+    trainer.fit(model, DataLoader(make_data(), batch_size=16))
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/hessian/")}
+    batches = [(x.double(), y) for x, y in hessian.cached_batches]
+    reference = copy.deepcopy(model).double().eval()
+    dense = {"hessian": lambda: dense_hessian(model, hessian.cached_batches),
+             "ggn": lambda: dense_ggn(reference, batches, "cross_entropy"),
+             "empirical_fisher": lambda: dense_empirical_fisher(reference, batches, "cross_entropy")}[curvature]()
+    exact = torch.linalg.eigvalsh(dense)
+    for i in range(3):
+        assert math.isclose(logged[f"train/hessian/eig_{i + 1}"], float(exact[-1 - i]), rel_tol=1e-4)
+    if curvature == "empirical_fisher":  # no exact rule: Hutch++
+        assert abs(logged["train/hessian/trace"] - float(dense.trace())) <= 4 * logged["train/hessian/trace_se"]
+    else:
+        assert math.isclose(logged["train/hessian/trace"], float(dense.trace()), rel_tol=1e-5)
+        assert logged["train/hessian/trace_se"] == 0.0
+
+
 def test_preserved_training_state_restores_on_exception():
     model = make_model()
     model.train()
@@ -232,11 +258,17 @@ def test_bad_arguments():
         HessianSpectrum(every_n_steps=0)
     with pytest.raises(ValueError, match="num_batches"):
         HessianSpectrum(num_batches=0)
-    with pytest.raises(ValueError, match="unknown trace_method"):
-        HessianSpectrum(trace_method="exact")
+    with pytest.raises(ValueError, match="unknown trace_method 'magic'; valid: \\['auto', 'exact'"):
+        HessianSpectrum(trace_method="magic")
+    with pytest.raises(ValueError, match="unknown curvature 'kfac'; valid"):
+        HessianSpectrum(curvature="kfac")
+    with pytest.raises(ValueError, match="supported losses .*'cross_entropy', 'mse'"):
+        HessianSpectrum(curvature="ggn", loss="nll")
+    with pytest.raises(ValueError, match="unknown on_uncovered"):
+        HessianSpectrum(on_uncovered="skip")
     with pytest.raises(ValueError, match="unknown backend"):
         HessianSpectrum(backend="jax")
-    with pytest.raises(ValueError, match="trace_budget >= 3"):
+    with pytest.raises(ValueError, match="trace_budget >= 4"):
         HessianSpectrum(trace_budget=2)
     with pytest.raises(ValueError, match="empty batch list"):
         HessianSpectrum(**SMALL).compute(make_model(), [])
@@ -296,3 +328,5 @@ def test_ddp_matches_single_process(tmp_path):
         assert math.isclose(rank0[key], single[key], rel_tol=1e-4)
     exact = torch.linalg.eigvalsh(dense_hessian(model, batches))
     assert math.isclose(rank0["train/hessian/eig_1"], float(exact[-1]), rel_tol=1e-4)
+    # the trace's exact head block (all-reduced diagonal) and its Hutch++ remainder match the single process
+    assert math.isclose(rank0["train/hessian/trace"], single["train/hessian/trace"], rel_tol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -310,3 +311,31 @@ def test_hydra_configs_instantiate(tmp_path):
     dm = instantiate(train_cfg.data)
     dm.setup()
     assert "heldout" in cb.ood_sets(dm)
+
+
+class TwoBranchNet(TinyNet):
+    """TinyNet plus a second activation whose output does not reach the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_b, self.act_b = nn.Linear(6, 4), nn.ReLU()
+
+    def forward(self, x):
+        self.act_b(self.fc_b(x))
+        return super().forward(x)
+
+
+def test_non_finite_layer_logs_nan_and_stays_out_of_the_mean(tmp_path):
+    torch.manual_seed(0)
+    model = TwoBranchNet()
+    model.act_b.register_forward_hook(lambda m, args, out: out * float("nan"))
+    cb = NeuronActivationCoverage(evaluate_on=None, probe_samples=40)
+    with pytest.warns(UserWarning, match="NaN/Inf neuron states"):
+        _fit(tmp_path, [cb], model=model, max_epochs=1, data=_data())
+    me = cb.last_me
+    x, y = _data().dataset.tensors
+    model.eval()
+    with torch.no_grad():
+        correct = (model(x[:40]).argmax(-1) == y[:40]).sum().item()  # NAC-ME counts the correct probe samples
+    assert math.isnan(me["probe/nac_me/act_b"]) and me["probe/nac_me/act_b/nonfinite"] == correct * 4 > 0
+    assert 0 < me["probe/nac_me/act"] < 1 and me["probe/nac_me/mean"] == me["probe/nac_me/act"]

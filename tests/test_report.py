@@ -23,14 +23,14 @@ def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """Jobs 0-2: one activation each; job `failed`: lr=-1 in the same sweep directory (fails at model construction)."""
+    """Jobs 0-2: one activation each; job `failed`: lr=-1 in the same sweep directory (refused by the config check)."""
     tmp = tmp_path_factory.mktemp("report")
     sweep = tmp / "sweep"
     proc = _train(["-m", "activation=relu,gelu,tanh", "model.lr=0.001", *SMALL, f"hydra.sweep.dir={sweep}"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _train(["-m", "activation=relu", "model.lr=-1", *SMALL, f"hydra.sweep.dir={sweep}",
                    "hydra.sweep.subdir=failed"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1 and "1 of 4 jobs failed" in proc.stderr, proc.stderr[-3000:]  # the failure table
     return sweep
 
 
@@ -51,7 +51,7 @@ def test_report_table_and_figures(sweep, tmp_path):
     assert [(r["job"], r["activation"], r["model.lr"], r["status"]) for r in rows] == [
         ("0", "relu", "0.001", "completed"), ("1", "gelu", "0.001", "completed"), ("2", "tanh", "0.001", "completed"),
         ("failed", "relu", "-1", "failed")]
-    assert "lr must be positive" in rows[3]["error"] and rows[3]["val/loss"] == ""
+    assert "model.lr=-1: expected a finite number > 0.0" in rows[3]["error"] and rows[3]["val/loss"] == ""
     for row in rows[:3]:
         metrics_csv = sweep / row["job"] / "csv" / "metrics.csv"
         for key in ("val/loss", "val/acc", "test/acc"):
@@ -62,7 +62,7 @@ def test_report_table_and_figures(sweep, tmp_path):
     markdown = (out / "comparison.md").read_text()
     assert "4 job(s): 3 completed, 1 failed." in markdown
     assert "| job | activation | model.lr | status | val/acc | val/loss | test/acc | test/loss" in markdown
-    assert "| failed | relu | -1 | failed |" in markdown and "lr must be positive" in markdown
+    assert "| failed | relu | -1 | failed |" in markdown and "model.lr=-1: expected a finite number > 0.0" in markdown
     assert f"| 2 | tanh | 0.001 | completed | {float(rows[2]['val/acc']):.4g} |" in markdown
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"final_val_acc.png", "final_val_loss.png", "final_test_acc.png", "curve_val_loss.png"} <= figures

@@ -307,3 +307,42 @@ def test_loss_recovered_against_manual_splicing():
     assert got["loss_zero"].item() == pytest.approx(zero, rel=1e-5)
     assert got["loss_recovered"].item() == pytest.approx((zero - sae_loss) / (zero - clean), rel=1e-4)
     assert not model.act._forward_hooks  # the splicing hooks are gone
+
+
+def test_input_normalisation_scales_to_d_in_and_matches_the_formula():
+    """normalize_inputs: s = sqrt(d_in / mean ||x||^2) from the first batch; x_hat = (W_dec z + b_pre) / s with
+    z = ReLU(TopK((s x - b_pre) W_enc + b_enc)) (Gao et al. Eq. 3 on the normalised input)."""
+    x, _ = planted(256, d=16, m=32)
+    x = 7.0 * x + 0.3
+    trainer = SAETrainer(16, SAEConfig(d_latent=40, k=3, batch_size=256, b_pre_init="mean"))
+    trainer.initialize(x)
+    sae = trainer.sae
+    s = math.sqrt(16 / float(x.square().sum(dim=1).mean()))
+    assert float(sae.input_scale) == pytest.approx(s, rel=1e-5)
+    assert float((s * x).square().sum(dim=1).mean()) == pytest.approx(16, rel=1e-5)
+    torch.testing.assert_close(sae.b_pre.detach(), (s * x).mean(dim=0))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        pre = (s * x - sae.b_pre) @ sae.W_enc + sae.b_enc
+        top = pre.topk(3, dim=1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        out = sae(x)
+    torch.testing.assert_close(out.z, z)
+    torch.testing.assert_close(out.x_hat, (z @ sae.W_dec + sae.b_pre) / s)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), out.x_hat)
+
+
+def test_calibrated_encoder_preserves_the_norm_of_random_inputs():
+    x, _ = planted(512, d=32, m=64)
+    trainer = SAETrainer(32, SAEConfig(d_latent=128, k=8, batch_size=512, calibrate_encoder=True))
+    trainer.initialize(x)
+    sae = trainer.sae
+    directions = F.normalize(torch.randn(4096, 32, generator=torch.Generator().manual_seed(5)), dim=1)
+    with torch.no_grad():
+        pre = directions @ sae.W_enc  # b_enc = 0 at initialisation; u - b_pre = the direction
+        top = pre.topk(8, dim=1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        gain = (z @ sae.W_dec).norm(dim=1).mean()
+    assert float(gain) == pytest.approx(1.0, abs=0.05)  # calibrated on 256 other random directions
+    untouched = SAETrainer(32, SAEConfig(d_latent=128, k=8, batch_size=512))
+    torch.testing.assert_close(untouched.sae.W_enc, untouched.sae.W_dec.t())  # default: the tied init

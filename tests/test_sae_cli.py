@@ -63,3 +63,25 @@ def test_offline_sweep_writes_metrics_saes_and_figures(tmp_path):
 def test_source_without_run_config_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a train.py run directory"):
         resolve_source(tmp_path)
+
+
+def test_report_draws_fvu_vs_l0_of_an_online_sweep(tmp_path):
+    """`lit-act report` on a multirun of online SAE jobs (CSV logs only) draws FVU against L0 per job."""
+    from lit_act.report import find_jobs, load_job, write_report
+    from lit_act.sae.figures import sweep_points
+
+    finals = {"0": (8, 7.9, 0.31), "1": (16, 15.2, 0.22), "2": (32, 30.5, 0.15)}
+    for job, (k, l0, fvu) in finals.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- experiment=sae_lm\n- callbacks.sae.k={k}\n")
+        (tmp_path / job / "job_status.json").write_text(json.dumps({"status": "completed", "metrics": {}}))
+        (tmp_path / job / "csv").mkdir()
+        (tmp_path / job / "csv" / "metrics.csv").write_text(
+            "step,val/sae/fvu/mean,val/sae/l0/mean\n"
+            f"99,0.9,{k}\n"  # an earlier validation: the figure uses the final values
+            f"199,{fvu},{l0}\n")
+    report = write_report(tmp_path)
+    assert tmp_path / "report" / "figures" / "sae_fvu_vs_l0.png" in report.figures
+    jobs = [load_job(p, tmp_path) for p in find_jobs(tmp_path)]
+    assert sorted(sweep_points(jobs, ["callbacks.sae.k"])) == [
+        (7.9, 0.31, "k=8"), (15.2, 0.22, "k=16"), (30.5, 0.15, "k=32")]

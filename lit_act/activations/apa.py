@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lit_act.activations.fused import check_floating
 from lit_act.activations.registry import register
+from lit_act.utils.validate import boolean
 
 LAMBDA_MIN = 1e-4
 
@@ -24,7 +25,7 @@ class APA(nn.Module):
 
     def __init__(self, gated: bool = False) -> None:
         super().__init__()
-        self.gated = gated
+        self.gated = boolean("gated", gated)
         self.lambd = nn.Parameter(torch.rand(1))
         self.kappa = nn.Parameter(torch.rand(1))
 

@@ -9,12 +9,13 @@ from torch import Tensor, nn
 
 from lit_act.activations.fused import check_floating
 from lit_act.activations.registry import register
+from lit_act.utils.validate import finite_float
 
 
 class CRReLU(nn.Module):
     def __init__(self, eps: float = 0.01) -> None:
         super().__init__()
-        self.eps = nn.Parameter(torch.tensor(float(eps)))
+        self.eps = nn.Parameter(torch.tensor(finite_float("eps", eps)))
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, "CRReLU")

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_act.activations.registry import register
+from lit_act.utils.validate import finite_float
 
 
 class Erf(nn.Module):
@@ -18,8 +19,8 @@ class Erf(nn.Module):
 
 
 def leaky_relu(negative_slope: float = 0.01) -> nn.Module:
-    """LeakyReLU with PAU's reference slope 0.01."""
-    return nn.LeakyReLU(negative_slope)
+    """LeakyReLU with PAU's reference slope 0.01 (a finite number; Hydra's string ``'0.2'`` is converted)."""
+    return nn.LeakyReLU(finite_float("negative_slope", negative_slope))
 
 
 register("relu", nn.ReLU)

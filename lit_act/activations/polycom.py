@@ -16,13 +16,15 @@ from torch import Tensor, nn
 
 from lit_act.activations.fused import check_backend, polynorm, polyrelu
 from lit_act.activations.registry import register
+from lit_act.utils.validate import positive_float, positive_int
+
+MAX_ORDER = 16  # x^16 already overflows float16 for |x| > 2; higher orders are a config mistake
 
 
 class _PolyCom(nn.Module):
     def __init__(self, order: int = 3, backend: str = "auto") -> None:
         super().__init__()
-        if order < 1:
-            raise ValueError(f"order must be >= 1, got {order}")
+        order = positive_int("order", order, high=MAX_ORDER)
         self.order, self.backend = order, check_backend(backend)
         self.weight = nn.Parameter(torch.full((order,), 1.0 / order))
         self.bias = nn.Parameter(torch.zeros(1))
@@ -44,7 +46,7 @@ class PolyNorm(_PolyCom):
 
     def __init__(self, order: int = 3, eps: float = 1e-6, backend: str = "auto") -> None:
         super().__init__(order, backend)
-        self.eps = eps
+        self.eps = positive_float("eps", eps)
 
     def forward(self, x: Tensor) -> Tensor:
         return polynorm(x, self.weight, self.bias, self.eps, self.backend)

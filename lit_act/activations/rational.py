@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+import os
+import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +32,14 @@ from torch import Tensor, nn
 from lit_act.activations.fit_rational import TABLE_PATH, TARGETS, fit_rational, table_key
 from lit_act.activations.fused import RATIONAL_VERSIONS, check_backend, check_floating, rational
 from lit_act.activations.registry import register
+from lit_act.utils.validate import ConfigError, boolean, choice, int_pair, optional, positive_int
+
+log = logging.getLogger(__name__)
 
 SAFE_VERSIONS = ("A", "B", "C", "D")
+# Degrees above this are refused: the fit of a new init grows with m + n (about 35 s at (10, 10) and 2 minutes at
+# (40, 40) on one CPU core) and x^m on [-3, 3] in float32 loses the low-order terms well before that.
+MAX_DEGREE = 12
 SHARING = ("layer", "channel", "group")
 NOISE = 0.1  # version D: U[1 - 0.1, 1 + 0.1]
 
@@ -39,39 +49,75 @@ def _table() -> dict:
     return json.loads(TABLE_PATH.read_text())["entries"]
 
 
+def cache_dir() -> Path:
+    """Where fitted inits of unshipped degrees are kept: ``$LIT_ACT_CACHE/rational_init`` (default
+    ``~/.cache/lit_act/rational_init``)."""
+    root = os.environ.get("LIT_ACT_CACHE") or Path.home() / ".cache" / "lit_act"
+    return Path(root) / "rational_init"
+
+
+def expected_fit_seconds(degrees: tuple[int, int]) -> float:
+    """Upper estimate of the CPU time of :func:`fit_rational` for ``degrees`` (measured on one core: (2, 1) 0.05 s,
+    (3, 3) 3 s, (6, 5) 20-40 s, (10, 10) 35 s; it depends on how fast the least-squares converges)."""
+    return 5.0 + 2.0 * sum(degrees)
+
+
+def _fit_and_cache(target: str, degrees: tuple[int, int], version: str) -> dict:
+    path = cache_dir() / f"{table_key(version, degrees, target).replace('/', '_').replace(',', '-')}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable cached rational init %s", path)
+    message = (f"rational init for degrees={degrees}, version={version!r}, init={target!r} is not shipped: fitting it "
+               f"now (up to about {expected_fit_seconds(degrees):.0f} s on one CPU core; once: cached in {path.parent})")
+    log.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=4)
+    start = time.perf_counter()
+    entry = fit_rational(target, degrees, version)
+    log.warning("rational init fitted in %.1f s", time.perf_counter() - start)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entry))
+        tmp.replace(path)
+    except OSError as err:
+        log.warning("could not cache the rational init in %s: %s", path, err)
+    return entry
+
+
 @functools.lru_cache(maxsize=256)
 def _init_coefficients(target: str, degrees: tuple[int, int], version: str) -> tuple[tuple, tuple]:
     fitted = "B" if version == "D" else version
     entry = _table().get(table_key(fitted, degrees, target))
-    if entry is None:  # not shipped: fit now with the same routine that generated the table
-        entry = fit_rational(target, degrees, fitted)
+    if entry is None:  # not shipped: fit once with the routine that generated the table, then cache it
+        entry = _fit_and_cache(target, degrees, fitted)
     return tuple(entry["numerator"]), tuple(entry["denominator"])
 
 
 def rational_init(target: str, degrees: tuple[int, int] = (5, 4), version: str = "A") -> tuple[Tensor, Tensor]:
-    """``(numerator, denominator)`` float32 coefficients fitted to ``target`` on [-3, 3] (shipped table, or fitted
-    on the fly for degrees/versions not in it)."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown init target {target!r}; valid: {', '.join(sorted(TARGETS))}")
-    num, den = _init_coefficients(target, tuple(degrees), version)
+    """``(numerator, denominator)`` float32 coefficients fitted to ``target`` on [-3, 3].
+
+    Degrees ``(3, 2)``, ``(4, 3)``, ``(5, 4)`` of versions A/B/C/D are shipped (``rational_init.json``). Others (up to
+    :data:`MAX_DEGREE` each) are fitted once, with a warning giving the expected seconds, and cached under
+    :func:`cache_dir` (``$LIT_ACT_CACHE``)."""
+    choice("init", target, sorted(TARGETS))
+    degrees = int_pair("degrees", degrees, low=0, high=MAX_DEGREE)
+    num, den = _init_coefficients(target, degrees, version)
     return torch.tensor(num, dtype=torch.float32), torch.tensor(den, dtype=torch.float32)
 
 
 def _check_config(degrees, version: str, allow_unsafe: bool) -> tuple[int, int]:
-    if version not in RATIONAL_VERSIONS:
-        raise ValueError(f"unknown rational version {version!r}; valid: {', '.join(RATIONAL_VERSIONS)}")
+    choice("version", version, RATIONAL_VERSIONS)
     if version == "N":
-        if not allow_unsafe:
+        if not boolean("allow_unsafe", allow_unsafe):
             raise ValueError("version 'N' (Q = 1 + sum b_k x^k) can divide by zero; safe versions are "
                              f"{', '.join(SAFE_VERSIONS)}. Pass allow_unsafe=True to use it anyway.")
         warnings.warn("rational version 'N' has an unsafe denominator: outputs can be Inf/NaN near poles",
                       UserWarning, stacklevel=3)
-    try:
-        m, n = (int(d) for d in degrees)
-    except (TypeError, ValueError):
-        raise ValueError(f"degrees must be a pair (m, n) of ints, got {degrees!r}") from None
-    if m < 0 or n < 0 or (m, n) == (0, 0):
-        raise ValueError(f"degrees must be non-negative and not (0, 0), got {(m, n)}")
+    m, n = int_pair("degrees", degrees, low=0, high=MAX_DEGREE)
+    if (m, n) == (0, 0):
+        raise ConfigError(f"degrees={degrees!r}: expected a pair of integers in [0, {MAX_DEGREE}], not (0, 0)")
     return m, n
 
 
@@ -79,7 +125,10 @@ class Rational(nn.Module):
     """Padé Activation Unit ``F(x) = P(x) / Q(x)`` (Molina et al. 2020; versions in the module docstring).
 
     Args:
-        degrees: ``(m, n)`` numerator / denominator degrees (PAU default ``(5, 4)``).
+        degrees: ``(m, n)`` numerator / denominator degrees (PAU default ``(5, 4)``), integers in ``[0, 12]``
+            (:data:`MAX_DEGREE`). (3, 2), (4, 3) and (5, 4) have shipped inits; other degrees are fitted once on first
+            use (a warning gives the expected seconds, up to ~45 s at (10, 10)) and cached under ``$LIT_ACT_CACHE``
+            (default ``~/.cache/lit_act``).
         version: ``"A"`` (default, safe PAU), ``"B"``, ``"C"``, ``"D"`` or ``"N"`` (unsafe, needs ``allow_unsafe``).
         init: target activation fitted on [-3, 3] (``leaky_relu`` (0.01, PAU's default), ``relu``, ``gelu``,
             ``silu``/``swish``, ``tanh``, ``sigmoid``, ``identity``).
@@ -94,7 +143,12 @@ class Rational(nn.Module):
                  channel_dim: int = 1, backend: str = "auto", allow_unsafe: bool = False) -> None:
         super().__init__()
         self.degrees = _check_config(degrees, version, allow_unsafe)
+        choice("init", init, sorted(TARGETS))
         self.version, self.init, self.backend = version, init, check_backend(backend)
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise ConfigError(f"channel_dim={channel_dim!r}: expected an integer dimension (1 or -1)")
+        num_channels = optional(positive_int, "num_channels", num_channels)
+        num_groups = optional(positive_int, "num_groups", num_groups)
         self.sharing, self.channel_dim = sharing, channel_dim
         self.num_channels, self.num_groups = num_channels, self._groups(sharing, num_channels, num_groups)
         num, den = rational_init(init, self.degrees, version)
@@ -105,8 +159,7 @@ class Rational(nn.Module):
 
     @staticmethod
     def _groups(sharing: str, num_channels: int | None, num_groups: int | None) -> int:
-        if sharing not in SHARING:
-            raise ValueError(f"unknown sharing {sharing!r}; valid: {', '.join(SHARING)}")
+        choice("sharing", sharing, SHARING)
         if sharing == "layer":
             return 1
         if not num_channels or num_channels < 1:
@@ -173,9 +226,11 @@ class GroupRational(nn.Module):
     def __init__(self, num_features: int, num_groups: int = 8, degrees: tuple[int, int] = (5, 4),
                  init: str = "gelu", version: str = "B", backend: str = "auto", allow_unsafe: bool = False) -> None:
         super().__init__()
-        if num_groups < 1 or num_features < 1 or num_features % num_groups:
-            raise ValueError(f"num_groups={num_groups} must be a positive divisor of num_features={num_features}")
+        num_features, num_groups = positive_int("num_features", num_features), positive_int("num_groups", num_groups)
+        if num_features % num_groups:
+            raise ConfigError(f"num_groups={num_groups}: expected a divisor of num_features={num_features}")
         self.degrees = _check_config(degrees, version, allow_unsafe)
+        choice("init", init, sorted(TARGETS))
         self.num_features, self.num_groups = num_features, num_groups
         self.version, self.init, self.backend = version, init, check_backend(backend)
         num, den = rational_init(init, self.degrees, version)

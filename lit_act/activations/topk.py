@@ -15,15 +15,30 @@ from torch import Tensor, nn
 
 from lit_act.activations.fused import check_floating
 from lit_act.activations.registry import build, register
+from lit_act.utils.validate import ConfigError
+
+
+def _parse_k(k) -> int | float:
+    """``k`` as an int count >= 1 or a float fraction in (0, 1]; Hydra strings ``'8'`` / ``'0.1'`` converted."""
+    expected = f"k={k!r}: expected an integer count >= 1 or a fraction in (0, 1]"
+    if isinstance(k, str):
+        try:
+            k = float(k) if any(c in k for c in ".eE") else int(k)
+        except ValueError:
+            raise ConfigError(expected) from None
+    if isinstance(k, bool) or not isinstance(k, int | float):
+        raise ConfigError(expected)
+    if (isinstance(k, int) and k < 1) or (isinstance(k, float) and not 0.0 < k <= 1.0):
+        raise ConfigError(expected)
+    return k
 
 
 class TopK(nn.Module):
     def __init__(self, k: int | float = 0.1, activation: str | None = None) -> None:
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int | float):
-            raise TypeError(f"k must be an int count or a float fraction, got {k!r}")
-        if (isinstance(k, int) and k < 1) or (isinstance(k, float) and not 0.0 < k <= 1.0):
-            raise ValueError(f"k must be an int >= 1 or a float in (0, 1], got {k!r}")
+        k = _parse_k(k)
+        if activation is not None and not isinstance(activation, str):
+            raise ConfigError(f"activation={activation!r}: expected a registered activation name or None")
         self.k = k
         self.activation = build(activation) if activation is not None else nn.Identity()
 

@@ -11,6 +11,7 @@ callback                      records
 ``TeacherStudentMatch``       copy / average classification of student neurons
 ``ActivationHistograms``      fixed-bin activation histograms (W&B histograms, PNG)
 ``LearnedActivationShapes``   figures of learned activation shapes and KAN edge functions
+``SparseAutoencoderTrainer``  sparse autoencoders trained online on the tapped activations (FVU, L0, ...)
 ============================  ======================================================================
 
 Every callback is built on :class:`lit_act.callbacks.core.LitActCallback` (adapters, emitter, quiet passes, resume);
@@ -24,10 +25,11 @@ from lit_act.callbacks.hessian import HessianSpectrum
 from lit_act.callbacks.histograms import ActivationHistograms
 from lit_act.callbacks.massive import MassiveActivations
 from lit_act.callbacks.nac import NeuronActivationCoverage
+from lit_act.callbacks.sae import SparseAutoencoderTrainer
 from lit_act.callbacks.shapes import LearnedActivationShapes
 from lit_act.callbacks.sparsity import ActivationSparsity
 from lit_act.callbacks.teacher_student import TeacherStudentMatch
 
 __all__ = ["ActivationHistograms", "ActivationSparsity", "ActivationStatisticCallback", "DeadNeurons", "HessianSpectrum",
            "LearnedActivationShapes", "LitActCallback", "MassiveActivations", "NeuronActivationCoverage",
-           "TeacherStudentMatch"]
+           "SparseAutoencoderTrainer", "TeacherStudentMatch"]

@@ -76,6 +76,7 @@ from lit_act.callbacks.core import (
 )
 from lit_act.selection import select_sites
 from lit_act.stats.tap import ModuleSelector, require_uncompiled, site_of, tap, valid_tokens
+from lit_act.utils import validate as v
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n, validation_enabled
 
 _PER_POSITION_SUFFIXES = ("_token", "_dim", "_freq")  # positions: logged per module, never averaged over modules
@@ -121,6 +122,9 @@ class ActivationStatisticCallback(LitActCallback):
     def __init__(self, modules: ModuleSelector = None, every_n_steps: int | None = 50, on_validation: bool = True,
                  on_test: bool = False, figures: bool = True, probe: str | int | None = None,
                  probe_samples: int = DEFAULT_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
+        modules, every_n_steps = v.module_selector("modules", modules), validate_every_n("every_n_steps", every_n_steps)
+        on_validation, on_test = v.boolean("on_validation", on_validation), v.boolean("on_test", on_test)
+        probe, probe_samples = v.probe_schedule("probe", probe), v.positive_int("probe_samples", probe_samples)
         super().__init__(adapter, figures)
         validate_every_n("every_n_steps", every_n_steps)
         validate_probe(probe, probe_samples)

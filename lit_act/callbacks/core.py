@@ -48,6 +48,7 @@ from torchmetrics import Metric
 
 from lit_act.batch import DEFAULT_ADAPTER, BatchAdapter
 from lit_act.stats.tap import paused
+from lit_act.utils import validate as v
 from lit_act.utils.figures import save_figure
 from lit_act.utils.modes import evaluating
 
@@ -73,6 +74,7 @@ class LitActCallback(Callback):
     """
 
     def __init__(self, adapter: BatchAdapter | None = None, figures: bool = True) -> None:
+        figures = v.boolean("figures", figures)
         if adapter is not None and not isinstance(adapter, BatchAdapter):
             raise TypeError(f"adapter must be a lit_act.batch.BatchAdapter, got {type(adapter).__name__}")
         self.adapter = adapter or DEFAULT_ADAPTER

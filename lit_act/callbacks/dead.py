@@ -15,6 +15,7 @@ from lit_act.callbacks.base import PROBE_EPOCH, ActivationStatisticCallback
 from lit_act.selection import default_preset
 from lit_act.stats.dead import DeadNeuronMetric
 from lit_act.stats.tap import ModuleSelector, neuron_view
+from lit_act.utils import validate as v
 from lit_act.utils.schedule import validate_every_n
 
 
@@ -81,6 +82,10 @@ class DeadNeurons(ActivationStatisticCallback):
                  every_n_steps: int | None = None, on_validation: bool = False, on_test: bool = False,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = "auto",
                  probe_samples: int = 1024, adapter: BatchAdapter | None = None) -> None:
+        threshold, neuron_dim = v.finite_float("threshold", threshold), v.optional(v.integer, "neuron_dim", neuron_dim)
+        window_steps = validate_every_n("window_steps", window_steps)
+        every_n_steps = validate_every_n("every_n_steps", every_n_steps)
+        probe = v.probe_schedule("probe", probe, ("auto", "epoch"))
         validate_every_n("window_steps", window_steps)
         if window_steps is not None and every_n_steps is None:
             every_n_steps = 1

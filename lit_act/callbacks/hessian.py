@@ -15,13 +15,16 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_act.batch import BatchAdapter
+from lit_act.batch import DEFAULT_ADAPTER, BatchAdapter
 from lit_act.callbacks.core import LitActCallback, probe_batches
+from lit_act.hessian.curvature import CURVATURES, curvature_operator
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.lanczos import lanczos
+from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn
-from lit_act.hessian.trace import TRACE_METHODS, trace
+from lit_act.hessian.trace import ON_UNCOVERED, TRACE_METHODS, trace
 from lit_act.stats.tap import paused
+from lit_act.utils import validate as v
 from lit_act.utils.modes import evaluating
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
@@ -113,13 +116,25 @@ class HessianSpectrum(LitActCallback):
     Args:
         every_n_steps: evaluate after every ``every_n_steps`` optimizer steps.
         every_n_epochs: evaluate at the end of every ``every_n_epochs`` training epochs (default 1).
-        num_batches: training batches to cache and average over (weighted by batch size).
+        num_batches: training batches to cache and average over (weighted by batch size); the cache takes one
+            training batch per step, so ``every_n_steps`` evaluations before it is full use the batches cached so
+            far (a warning at setup says so).
         top_k: number of top eigenvalues.
         max_iter: Lanczos steps at most per eigen-solve (default ``max(2 top_k + 20, 60)``).
         tol: Lanczos relative tolerance.
         lambda_min: also compute the smallest eigenvalue.
-        trace_budget: matvecs for the trace (0 disables it).
-        trace_method: ``"hutchpp"`` or ``"hutchinson"``.
+        trace_budget: matvecs for the stochastic trace (0 disables the trace).
+        trace_method: ``"auto"`` (default: exact by backpropagation when the modules allow it, see
+            :mod:`lit_act.hessian.diagonal`; else the exactly computable blocks as a control variate plus Hutchinson
+            on the rest), ``"exact"`` (``on_uncovered`` decides for uncovered networks), ``"hutchpp"``, ``"hutchinson"``
+            or ``"xtrace"``.
+        on_uncovered: for ``trace_method="exact"`` on a network outside the exact rules: ``"error"`` (raise, naming
+            the module) or ``"control_variate"`` (warn and fall back).
+        curvature: ``"hessian"`` (default), ``"ggn"`` (generalised Gauss-Newton), ``"fisher"`` (the model's
+            predictive-distribution Fisher, equal to the GGN for cross-entropy and MSE) or ``"empirical_fisher"``
+            (see :mod:`lit_act.hessian.curvature`).
+        loss: the output loss for the GGN/Fisher and the exact diagonals, ``"cross_entropy"`` or ``"mse"``
+            (``None``: detected for lit-act models with the default loss).
         slq_iter: Lanczos steps per SLQ run (0 disables the density, ``re`` and ``kh``).
         slq_runs: SLQ runs.
         kh_power: the power ``n`` of ``Kh_n``.
@@ -142,11 +157,24 @@ class HessianSpectrum(LitActCallback):
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
                  top_k: int = 3, max_iter: int | None = None, tol: float = 1e-4, lambda_min: bool = True,
-                 trace_budget: int = 60, trace_method: str = "hutchpp", slq_iter: int = 64, slq_runs: int = 2,
+                 trace_budget: int = 60, trace_method: str = "auto", slq_iter: int = 64, slq_runs: int = 2,
                  kh_power: float = 0.5, params: Sequence[str] | None = None, backend: str = "cached",
                  eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = True,
                  checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
+                 curvature: str = "hessian", loss: str | None = None, on_uncovered: str = "error",
                  adapter: BatchAdapter | None = None, dry_run: bool = True) -> None:
+        every_n_steps = validate_every_n("every_n_steps", every_n_steps)
+        every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
+        num_batches, top_k = v.positive_int("num_batches", num_batches), v.positive_int("top_k", top_k)
+        slq_runs, max_iter = v.positive_int("slq_runs", slq_runs), v.optional(v.positive_int, "max_iter", max_iter)
+        trace_budget = v.non_negative_int("trace_budget", trace_budget)
+        slq_iter, seed = v.non_negative_int("slq_iter", slq_iter), v.integer("seed", seed)
+        tol, kh_power = v.positive_float("tol", tol), v.positive_float("kh_power", kh_power)
+        params = v.optional(v.str_sequence, "params", params)  # "hidden.*" is one pattern
+        lambda_min, eval_mode = v.boolean("lambda_min", lambda_min), v.boolean("eval_mode", eval_mode)
+        warm_start, progress = v.boolean("warm_start", warm_start), v.boolean("progress", progress)
+        checkpoint_vector, dry_run = v.boolean("checkpoint_vector", checkpoint_vector), v.boolean("dry_run", dry_run)
+        save_density_figure = v.boolean("save_density_figure", save_density_figure)
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
@@ -161,8 +189,14 @@ class HessianSpectrum(LitActCallback):
             raise ValueError(f"max_iter ({max_iter}) must be >= top_k ({top_k})")
         if trace_method not in TRACE_METHODS:
             raise ValueError(f"unknown trace_method {trace_method!r}; valid: {list(TRACE_METHODS)}")
-        if trace_method == "hutchpp" and 0 < trace_budget < 3:
-            raise ValueError(f"Hutch++ needs trace_budget >= 3 (or 0 to disable), got {trace_budget}")
+        if trace_method in ("auto", "exact", "hutchpp", "xtrace") and 0 < trace_budget < 4:
+            raise ValueError(f"{trace_method} needs trace_budget >= 4 (or 0 to disable), got {trace_budget}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}; valid: {list(CURVATURES)}")
+        if loss is not None and loss not in OUTPUT_LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; supported losses (known output Hessian): {list(OUTPUT_LOSSES)}")
+        if on_uncovered not in ON_UNCOVERED:
+            raise ValueError(f"unknown on_uncovered {on_uncovered!r}; valid: {list(ON_UNCOVERED)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
         if tol <= 0 or kh_power <= 0:
@@ -180,6 +214,7 @@ class HessianSpectrum(LitActCallback):
         self.dry_run = dry_run
         self.warm_start, self.checkpoint_vector = warm_start, checkpoint_vector
         self.save_density_figure, self.progress = save_density_figure, progress
+        self.curvature, self.loss, self.on_uncovered = curvature, loss, on_uncovered
         self.cached_batches: list[Any] = []
         self.last_metrics: dict[str, float] = {}
         self.evaluations = 0
@@ -202,6 +237,10 @@ class HessianSpectrum(LitActCallback):
             if self.evaluations == 0:
                 self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
             return
+        if self.every_n_steps is not None and self.every_n_steps < self.num_batches:
+            self.warn(f"every_n_steps={self.every_n_steps} < num_batches={self.num_batches}: the cache holds one "
+                      f"training batch per step, so evaluations before step {self.num_batches} use the batches "
+                      "cached so far")
         steps = planned_steps(trainer)
         if steps is not None and self.every_n_steps is not None and self.every_n_steps > steps \
                 and self.every_n_epochs is None:
@@ -245,8 +284,7 @@ class HessianSpectrum(LitActCallback):
         if len(self.cached_batches) < self.num_batches:
             self.cached_batches.append(apply_to_collection(batch, Tensor, lambda t: t.detach().clone()))
         step = trainer.global_step
-        if (due(step, self.every_n_steps) and step != self._last_step and step > 0 and is_real_run(trainer)
-                and len(self.cached_batches) == self.num_batches):
+        if due(step, self.every_n_steps) and step != self._last_step and step > 0 and is_real_run(trainer):
             self._last_step = step
             self._evaluate(trainer, pl_module, on_step=True)
 
@@ -295,6 +333,16 @@ class HessianSpectrum(LitActCallback):
             self.save_figure(trainer, self._density_figure(*density, trainer.global_step), "hessian_density",
                              step=trainer.global_step)
 
+    def operator_loss_fn(self, module: nn.Module) -> LossFn | None:
+        """The loss handed to the curvature operator: ``None`` (the operator's own default,
+        ``module.loss(module(inputs), targets)``, whose output Hessian is known, so exact diagonals apply) when neither
+        ``loss_fn`` nor a custom adapter was given and ``module`` is a lit-act model; otherwise :attr:`loss_fn`."""
+        from lit_act.models.base import LitActModule
+
+        if self.user_loss_fn is None and self.adapter == DEFAULT_ADAPTER and isinstance(module, LitActModule):
+            return None
+        return self.loss_fn
+
     def metric_names(self) -> list[str]:
         """Every key an evaluation logs, in order."""
         names = [f"{PREFIX}eig_{i + 1}" for i in range(self.top_k)]
@@ -325,8 +373,8 @@ class HessianSpectrum(LitActCallback):
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             bar = stack.enter_context(_progress_bar(planned, show_progress))
-            op = HessianOperator(module, self.loss_fn, batches, params=self.params, backend=self.backend,
-                                 all_reduce=all_reduce, on_matvec=bar)
+            op = curvature_operator(module, self.operator_loss_fn(module), batches, curvature=self.curvature, loss=self.loss,
+                                    params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar)
             metrics, density = self._spectrum(op)
         metrics[f"{PREFIX}matvecs"] = float(op.matvecs)
         metrics[f"{PREFIX}seconds"] = time.perf_counter() - start
@@ -347,7 +395,8 @@ class HessianSpectrum(LitActCallback):
             metrics[f"{PREFIX}lambda_min"] = float(low.eigenvalues[0])
             converged = converged and bool(low.converged.all())
         if self.trace_budget:
-            tr = trace(op, self.trace_budget, self.trace_method, seed=self.seed + 2)
+            tr = trace(op, self.trace_budget, self.trace_method, seed=self.seed + 2, on_uncovered=self.on_uncovered,
+                       loss=self.loss if self.curvature == "hessian" else op.loss)
             metrics[f"{PREFIX}trace"], metrics[f"{PREFIX}trace_se"] = tr.estimate, tr.std_error
         density = None
         if self.slq_iter:

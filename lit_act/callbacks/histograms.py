@@ -15,6 +15,7 @@ from lit_act.batch import BatchAdapter
 from lit_act.callbacks.base import DEFAULT_PROBE_SAMPLES, ActivationStatisticCallback
 from lit_act.stats.histogram import ActivationHistogramMetric
 from lit_act.stats.tap import ModuleSelector
+from lit_act.utils import validate as v
 
 
 class ActivationHistograms(ActivationStatisticCallback):
@@ -50,6 +51,10 @@ class ActivationHistograms(ActivationStatisticCallback):
                  every_n_steps: int | None = 100, on_validation: bool = False, on_test: bool = False,
                  figures: bool = True, probe: str | int | None = None, probe_samples: int = DEFAULT_PROBE_SAMPLES,
                  adapter: BatchAdapter | None = None) -> None:
+        bins = v.positive_int("bins", bins, high=v.MAX_BINS)  # before any allocation
+        low, high = v.finite_float("low", low), v.finite_float("high", high)
+        if not low < high:
+            raise v.ConfigError(f"high={high!r}: expected a finite number > low={low!r}")
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         ActivationHistogramMetric(bins, low, high)  # validates the bins
         self.bins, self.low, self.high = bins, low, high

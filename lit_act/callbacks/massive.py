@@ -17,6 +17,7 @@ from lit_act.selection import residual_stream
 from lit_act.stats.emergence import _MIN_POINTS, EmergenceFit, fit_emergence
 from lit_act.stats.massive import MassiveActivationMetric
 from lit_act.stats.tap import ModuleSelector, check_mask
+from lit_act.utils import validate as v
 
 
 def residual_stream_modules(pl_module: nn.Module) -> list[str]:
@@ -80,6 +81,10 @@ class MassiveActivations(ActivationStatisticCallback):
                  on_test: bool = False, fit_emergence: bool = True, figures: bool = True,
                  probe: str | int | None = None, probe_samples: int = DEFAULT_PROBE_SAMPLES,
                  adapter: BatchAdapter | None = None) -> None:
+        k, fit_emergence = v.positive_int("k", k), v.boolean("fit_emergence", fit_emergence)
+        magnitude = v.positive_float("magnitude", magnitude)
+        median_ratio = v.positive_float("median_ratio", median_ratio)
+        capacity = v.positive_int("capacity", capacity)
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         MassiveActivationMetric(k, magnitude, median_ratio, capacity)  # validates the arguments
         self.k, self.magnitude, self.median_ratio, self.capacity = k, magnitude, median_ratio, capacity

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ from lit_act.callbacks.core import (
 )
 from lit_act.selection import select_sites
 from lit_act.stats.nac import (
+    BIN_SPACINGS,
     LOGITS,
     NAC_ME_PARAMS,
     NAC_ME_PROBE_PARAMS,
@@ -44,6 +46,7 @@ from lit_act.stats.nac import (
 from lit_act.stats.nac_search import SearchResult, search_parameters
 from lit_act.stats.ood import auroc, logits_scorer, score_batches
 from lit_act.stats.tap import ModuleSelector, require_uncompiled
+from lit_act.utils import validate as v
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
 OODSets = Mapping[str, Dataset | DataLoader] | Callable[[LightningDataModule], Mapping[str, Dataset | DataLoader]]
@@ -158,6 +161,25 @@ class NeuronActivationCoverage(LitActCallback):
                  fit_samples: int = 1000, batch_size: int = 256, logits_fn: LogitsFn | None = None,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = "auto",
                  probe_samples: int = NAC_ME_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
+        modules, every_n_steps = v.module_selector("modules", modules), validate_every_n("every_n_steps", every_n_steps)
+        alpha = alpha if alpha == "auto" else v.positive_float("alpha", alpha)
+        saturation = v.finite_float("saturation", saturation, low=1.0)
+        bins, spacing = v.integer("bins", bins, low=2, high=v.MAX_BINS), v.choice("spacing", spacing, BIN_SPACINGS)
+        layer_params = v.optional(v.mapping, "layer_params", layer_params)
+        evaluate_on = v.choice("evaluate_on", evaluate_on, EVALUATE_ON)
+        if ood_sets is not None and not callable(ood_sets):
+            try:
+                ood_sets = v.mapping("ood_sets", ood_sets)
+            except v.ConfigError:
+                raise v.ConfigError(f"ood_sets={ood_sets!r}: expected a mapping {{name: Dataset | DataLoader}} or a "
+                                    "callable datamodule -> that mapping") from None
+        search, figures = v.boolean("search", search), v.boolean("figures", figures)
+        search_kwargs = v.optional(v.mapping, "search_kwargs", search_kwargs)
+        fit_samples, batch_size = v.positive_int("fit_samples", fit_samples), v.positive_int("batch_size", batch_size)
+        neuron_dim = v.optional(v.integer, "neuron_dim", neuron_dim)
+        probe = v.probe_schedule("probe", probe, ("auto", "epoch"))
+        probe_samples = v.positive_int("probe_samples", probe_samples)
+        logits_layer = v.boolean("logits_layer", logits_layer)
         super().__init__(adapter, figures)
         validate_every_n("every_n_steps", every_n_steps)
         if probe == "auto":
@@ -330,8 +352,12 @@ class NeuronActivationCoverage(LitActCallback):
             return {}
         cut = slice(0, self.probe_samples)
         logits_, targets_ = torch.cat(logits)[cut], torch.cat(targets)[cut]
-        probe = probe.with_params({name: nac_me_params(logits_.shape[0]) for name in probe.layers})
-        probe.fit_products({name: torch.cat(v)[cut] for name, v in products.items()}, logits_, targets_)
+        products_ = {name: torch.cat(v)[cut] for name, v in products.items()}
+        rule = nac_me_params(logits_.shape[0])
+        # a layer without one finite product has nothing to calibrate "auto" on: its states are all NaN (counted)
+        probe = probe.with_params({name: rule if products_[name].isfinite().any() else
+                                   dataclasses.replace(rule, alpha=1.0) for name in probe.layers})
+        probe.fit_products(products_, logits_, targets_)
         return self._emit_me(trainer, probe, "probe")
 
     @override
@@ -346,14 +372,19 @@ class NeuronActivationCoverage(LitActCallback):
     def _emit_me(self, trainer: Trainer, nac: NACModel, stage: str) -> dict[str, float]:
         logged = {}
         for name, cov in nac.coverage.items():
-            nonfinite = reduced_states(cov)["nonfinite"] if nac.sync else cov.nonfinite  # DDP sum / same on all ranks
-            logged[metric_key(stage, "nac_me", name)] = float(cov.compute())
-            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = float(nonfinite.sum())
+            # DDP-summed states in running mode; a probe's are the same on every rank
+            states = reduced_states(cov) if nac.sync else {"counts": cov.counts, "nonfinite": cov.nonfinite}
+            nonfinite = float(states["nonfinite"].sum())
+            value = float(cov.compute())
+            if nonfinite > 0 and float(states["counts"].sum()) == 0:
+                value = math.nan  # every state non-finite: NaN, left out of the mean
+            logged[metric_key(stage, "nac_me", name)] = value
+            logged[metric_key(stage, "nac_me", name, nonfinite=True)] = nonfinite
             cov.reset()
         if not logged:
             return {}
-        values = [v for k, v in logged.items() if not k.endswith("/nonfinite")]
-        logged[metric_key(stage, "nac_me", "mean")] = sum(values) / len(values)
+        values = [v for k, v in logged.items() if not k.endswith("/nonfinite") and not math.isnan(v)]
+        logged[metric_key(stage, "nac_me", "mean")] = sum(values) / len(values) if values else math.nan
         bad = {k: v for k, v in logged.items() if k.endswith("/nonfinite") and v > 0}
         if bad:
             self.warn(f"NaN/Inf neuron states were excluded from NAC-ME ({bad})")

@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from lit_act.callbacks.core import LitActCallback
 from lit_act.stats.tap import ModuleSelector, select_modules
+from lit_act.utils import validate as v
 from lit_act.utils.schedule import is_real_run, validate_every_n
 
 _LEARNABLE_PACKAGES = ("lit_act.activations", "lit_act.kan")
@@ -79,6 +80,10 @@ class LearnedActivationShapes(LitActCallback):
 
     def __init__(self, modules: ModuleSelector = None, every_n_epochs: int | None = None,
                  x_range: tuple[float, float] = (-3.0, 3.0), points: int = 201, max_curves: int = 6) -> None:
+        modules, x_range = v.module_selector("modules", modules), v.float_pair("x_range", x_range)
+        every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
+        points = v.integer("points", points, low=2, high=100_000)
+        max_curves = v.positive_int("max_curves", max_curves, high=1000)
         super().__init__()
         validate_every_n("every_n_epochs", every_n_epochs)
         if not x_range[0] < x_range[1] or points < 2 or max_curves < 1:

@@ -20,6 +20,7 @@ from lit_act.selection import default_preset, down_projection, linear_features, 
 from lit_act.stats.sparsing_law import CETTSparsityMetric, calibrate_thresholds, find_down_projection
 from lit_act.stats.sparsity import ActivationSparsityMetric
 from lit_act.stats.tap import ModuleSelector, neuron_view, site_of, tap, valid_tokens
+from lit_act.utils import validate as v
 
 DEFAULT_CETT_CALIBRATION_TOKENS = 512
 DEFAULT_CETT_MEASURE_TOKENS = 128
@@ -115,6 +116,13 @@ class ActivationSparsity(ActivationStatisticCallback):
                  down_projections: Mapping[str, str] | None = None,
                  neuron_dim: int | None = None, figures: bool = True, probe: str | int | None = None,
                  probe_samples: int = DEFAULT_PROBE_SAMPLES, adapter: BatchAdapter | None = None) -> None:
+        threshold = v.finite_float("threshold", threshold)  # mode="signed" allows < 0; the metric checks "abs"
+        cett_target = v.optional(v.finite_float, "cett_target", cett_target, low=0.0, high=1.0, low_open=True,
+                                 high_open=True)
+        cett_max_tokens = v.optional(v.positive_int, "cett_max_tokens", cett_max_tokens)
+        cett_measure_tokens = v.optional(v.positive_int, "cett_measure_tokens", cett_measure_tokens)
+        down_projections = v.optional(v.mapping, "down_projections", down_projections)
+        neuron_dim = v.optional(v.integer, "neuron_dim", neuron_dim)
         super().__init__(modules, every_n_steps, on_validation, on_test, figures, probe, probe_samples, adapter)
         ActivationSparsityMetric(threshold, mode)  # validates threshold and mode
         if cett_target is not None:

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lit_act.analysis.teacher_student import CopyAverageResult, NeuronMatch, check_rule, classify_students
 from lit_act.callbacks.core import LitActCallback
+from lit_act.utils import validate as v
 from lit_act.utils.schedule import is_real_run
 
 PREFIX = "teacher_student/"
@@ -56,6 +57,12 @@ class TeacherStudentMatch(LitActCallback):
     def __init__(self, student_weight: str = "hidden.weight", teacher_weights: Tensor | None = None,
                  copy_threshold: float = 0.9, copy_margin: float = 0.2, average_threshold: float = 0.9,
                  sign_symmetric: bool = False, figures: bool = True) -> None:
+        if not isinstance(student_weight, str) or not student_weight:
+            raise v.ConfigError(f"student_weight={student_weight!r}: expected a parameter name such as 'hidden.weight'")
+        copy_threshold = v.finite_float("copy_threshold", copy_threshold, low=-1.0, high=1.0)
+        average_threshold = v.finite_float("average_threshold", average_threshold, low=-1.0, high=1.0)
+        copy_margin = v.finite_float("copy_margin", copy_margin, low=0.0)
+        sign_symmetric = v.boolean("sign_symmetric", sign_symmetric)
         super().__init__(figures=figures)
         self.student_weight = student_weight
         self.teacher_weights = teacher_weights

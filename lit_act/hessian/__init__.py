@@ -1,18 +1,36 @@
-"""Hessian spectra of training losses: operator, Lanczos eigenvalues, Hutch++ trace, SLQ density, LLA criteria."""
+"""Curvature of training losses: Hessian/GGN/Fisher operators, Lanczos eigenvalues, exact diagonals by
+backpropagation, Hutchinson/Hutch++/XTrace traces, SLQ density, LLA criteria."""
 
+from lit_act.hessian.curvature import CURVATURES, GGNOperator, curvature_operator, empirical_fisher_diagonal
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
+from lit_act.hessian.diagonal import UncoveredModuleError, exact_diagonal
 from lit_act.hessian.lanczos import lanczos
+from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import HessianOperator, default_loss_fn
-from lit_act.hessian.results import EigenResult, LLACriteria, SpectralDensityResult, TraceResult
-from lit_act.hessian.trace import hutchinson, hutchpp, trace
+from lit_act.hessian.results import (
+    DiagonalResult,
+    EigenResult,
+    LLACriteria,
+    SpectralDensityResult,
+    TraceResult,
+)
+from lit_act.hessian.trace import hutchinson, hutchpp, trace, xtrace
 
 __all__ = [
+    "CURVATURES",
+    "OUTPUT_LOSSES",
+    "DiagonalResult",
     "EigenResult",
+    "GGNOperator",
     "HessianOperator",
     "LLACriteria",
     "SpectralDensityResult",
     "TraceResult",
+    "UncoveredModuleError",
+    "curvature_operator",
     "default_loss_fn",
+    "empirical_fisher_diagonal",
+    "exact_diagonal",
     "gaussian_density",
     "hutchinson",
     "hutchpp",
@@ -20,4 +38,5 @@ __all__ = [
     "lla_criteria",
     "slq",
     "trace",
+    "xtrace",
 ]

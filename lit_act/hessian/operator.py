@@ -10,13 +10,19 @@ applies the same global operator and all ranks do the same number of products.
 
 Backends for ``H v``:
 
-* ``"forward"`` (default): forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` through
+* ``"cached"`` (default): double backward re-using the first-order graph of each batch across products (PyHessian's
+  trick for a single batch). The fastest exact backend on CPU (~2x ``"forward"`` on the 784-256-256-10 MLP, see
+  ``benchmarks/bench_hessian.py``), but it keeps every cached batch's activations alive while the operator lives.
+* ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` through
   ``torch.func.functional_call`` (Pearlmutter's R-operator). No graph is kept between products; several vectors are
-  pushed through one ``vmap`` call when ``vmap_size > 1`` (the default on CUDA, where it pays; on CPU it does not).
+  pushed through one ``vmap`` call when ``vmap_size > 1`` (the default on CUDA, where it pays; on CPU only for small
+  models).
   Falls back to ``"reverse"`` (with a warning) the first time an op lacks forward-mode AD support.
 * ``"reverse"``: double backward, ``grad(grad(L) . v)``, rebuilding the graph for every product.
-* ``"cached"``: double backward re-using the first-order graph of each batch across products (PyHessian's trick for a
-  single batch; ~2x faster per product on CPU, but keeps every cached batch's activations alive).
+
+Every forward and backward pass of the operator runs under ``sdpa_kernel(SDPBackend.MATH)``: the fused
+``scaled_dot_product_attention`` kernels (flash, memory-efficient) have no double backward, the math one is composed of
+differentiable ops, so Transformers work with every backend.
 
 No backend touches ``param.grad``. Train-mode BatchNorm updates its running statistics during each forward pass, as any
 forward does; :class:`lit_act.callbacks.hessian.HessianSpectrum` restores them.
@@ -24,6 +30,7 @@ forward does; :class:`lit_act.callbacks.hessian.HessianSpectrum` restores them.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Backend = Literal["forward", "reverse", "cached"]
@@ -105,8 +113,11 @@ class HessianOperator:
         loss_fn: ``loss_fn(model, batch) -> scalar``; default :func:`default_loss_fn`.
         batches: non-empty sequence of batches (kept as given: move them to the model's device first).
         params: parameter names or ``fnmatch`` patterns; ``None`` = all trainable parameters.
-        backend: ``"forward"``, ``"reverse"`` or ``"cached"`` (see the module docstring).
-        vmap_size: vectors per ``vmap`` call in :meth:`matmat` (forward backend); ``None`` = 8 on CUDA, 1 on CPU.
+        backend: ``"cached"`` (default), ``"forward"`` or ``"reverse"`` (see the module docstring).
+        vmap_size: vectors per ``vmap`` call in :meth:`matmat`; ``None`` = 8 on CUDA, 1 on CPU. With the cached
+            backend, blocks of more than one vector then go through vmapped forward-over-reverse products (single
+            vectors, as in Lanczos, keep the cached graph): ~1.3x faster per product on a 3.7k-parameter MLP, no gain
+            on the 784-256-256-10 MLP (``benchmarks/bench_hessian.py``).
         all_reduce: sums a tensor over processes (DDP); ``None`` for a single process.
         on_matvec: called with the running matvec count after every product (progress bars).
 
@@ -117,7 +128,7 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, batches: Sequence[Any],
-                 params: Sequence[str] | None = None, backend: Backend = "forward", vmap_size: int | None = None,
+                 params: Sequence[str] | None = None, backend: Backend = "cached", vmap_size: int | None = None,
                  all_reduce: Callable[[Tensor], Tensor] | None = None,
                  on_matvec: Callable[[int], None] | None = None) -> None:
         if backend not in BACKENDS:
@@ -147,9 +158,11 @@ class HessianOperator:
         total = torch.tensor(sum(self._weights), dtype=torch.float64, device=self.device)
         self._total_weight = float(all_reduce(total) if all_reduce is not None else total)
         self._wrapper = _LossModule(model, self.loss_fn)
-        self._graphs: dict[int, tuple[Tensor | None, ...]] = {}
+        self._graphs: dict[int, Any] = {}
+        self._vmap_ok = True
         self.matvecs = 0
-        self._check_loss()
+        with math_attention():
+            self._check_loss()
 
     @classmethod
     def blocks(cls, model: nn.Module, loss_fn: LossFn | None, batches: Sequence[Any],
@@ -206,26 +219,33 @@ class HessianOperator:
         return self.matmat(v[:, None])[:, 0]
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """``H V`` for ``V`` of shape ``(dim, m)``, ``vmap_size`` columns per call on the forward backend."""
+        """``H V`` for ``V`` of shape ``(dim, m)``, ``vmap_size`` columns per call.
+
+        Columns are processed as contiguous rows of ``V^T`` (a free view when ``V`` is itself the transpose of a
+        row-major ``(m, dim)`` block, as the trace estimators pass it); the result is returned the same way, so no
+        strided column is ever copied."""
         if vs.ndim != 2 or vs.shape[0] != self.dim:
             raise ValueError(f"matmat expects a matrix of shape ({self.dim}, m), got {tuple(vs.shape)}")
-        vs = vs.to(dtype=self.dtype, device=self.device)
-        if vs.shape[1] <= self.vmap_size:
-            return self._products(vs)
-        out = torch.empty_like(vs)
-        for start in range(0, vs.shape[1], self.vmap_size):
-            chunk = vs[:, start:start + self.vmap_size]
-            out[:, start:start + chunk.shape[1]] = self._products(chunk)
-        return out
+        rows = vs.T.to(dtype=self.dtype, device=self.device).contiguous()
+        out = torch.empty_like(rows)
+        with math_attention():
+            for start in range(0, rows.shape[0], self.vmap_size):
+                chunk = rows[start:start + self.vmap_size]
+                out[start:start + chunk.shape[0]] = self._products(chunk)
+        return out.T
 
-    def _products(self, vs: Tensor) -> Tensor:
-        acc = torch.zeros_like(vs)
-        for index, (batch, weight) in enumerate(zip(self.batches, self._weights)):
-            acc.add_(self._batch_products(index, batch, vs), alpha=weight)
-        if self.all_reduce is not None:
-            acc = self.all_reduce(acc)
-        acc.div_(self._total_weight)
-        count = vs.shape[1]
+    def _products(self, rows: Tensor) -> Tensor:
+        """``(m, dim)`` rows -> their products, as rows."""
+        if len(self.batches) == 1 and self.all_reduce is None:  # one batch: its own mean, no weighting pass
+            acc = self._batch_products(0, self.batches[0], rows)
+        else:
+            acc = torch.zeros_like(rows)
+            for index, (batch, weight) in enumerate(zip(self.batches, self._weights)):
+                acc.add_(self._batch_products(index, batch, rows), alpha=weight)
+            if self.all_reduce is not None:
+                acc = self.all_reduce(acc)
+            acc.div_(self._total_weight)
+        count = rows.shape[0]
         if not torch.isfinite(acc.sum()) and not torch.isfinite(acc).all():  # the cheap sum test first
             raise FloatingPointError(
                 f"NaN/Inf in Hessian-vector product #{self.matvecs + 1}: the loss or its curvature is not finite "
@@ -236,19 +256,22 @@ class HessianOperator:
                 self.on_matvec(self.matvecs)
         return acc
 
-    def _batch_products(self, index: int, batch: Any, vs: Tensor) -> Tensor:
-        if self.backend == "forward":
+    def _batch_products(self, index: int, batch: Any, rows: Tensor) -> Tensor:
+        """Products of batch ``index``'s mean-loss Hessian with the ``(m, dim)`` rows, as rows."""
+        if self.backend == "forward" or (self.backend == "cached" and rows.shape[0] > 1 and self._vmap_ok):
             try:
-                return self._forward_products(batch, vs).detach()
+                return self._forward_products(batch, rows).detach()
             except (RuntimeError, NotImplementedError) as err:
                 warnings.warn(f"forward-over-reverse HVP failed ({err}); falling back to double backward",
-                              stacklevel=4)
-                self.backend = "reverse"
-        if vs.shape[1] == 1:
-            return self._reverse_product(index, batch, vs[:, 0])[:, None]
-        return torch.stack([self._reverse_product(index, batch, v) for v in vs.unbind(1)], dim=1)
+                              stacklevel=5)
+                self._vmap_ok = False
+                if self.backend == "forward":
+                    self.backend = "reverse"
+        if rows.shape[0] == 1:
+            return self._reverse_product(index, batch, rows[0])[None]
+        return torch.stack([self._reverse_product(index, batch, v) for v in rows])
 
-    def _forward_products(self, batch: Any, vs: Tensor) -> Tensor:
+    def _forward_products(self, batch: Any, rows: Tensor) -> Tensor:
         primals = {f"model.{n}": p.detach() for n, p in self._params.items()}
 
         def loss_at(values: dict[str, Tensor]) -> Tensor:
@@ -257,13 +280,13 @@ class HessianOperator:
         def hvp(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
             return jvp(grad(loss_at), (primals,), (tangent,))[1]
 
-        tangents = {f"model.{n}": t for n, t in self.split(vs).items()}
-        if vs.shape[1] == 1:
-            out = hvp({k: t[..., 0] for k, t in tangents.items()})
-            return self.flatten([out[f"model.{n}"] for n in self.names])[:, None]
-        moved = {k: t.movedim(-1, 0) for k, t in tangents.items()}
-        out = vmap(hvp)(moved)
-        return self.flatten([out[f"model.{n}"].movedim(0, -1) for n in self.names], (vs.shape[1],))
+        if rows.shape[0] == 1:
+            out = hvp({f"model.{n}": t for n, t in self.split(rows[0]).items()})
+            return self.flatten([out[f"model.{n}"] for n in self.names])[None]
+        tangents = {f"model.{n}": t.reshape(rows.shape[0], *s)
+                    for n, t, s in zip(self.names, rows.split(self._numels, dim=1), self._shapes)}
+        out = vmap(hvp)(tangents)
+        return torch.cat([out[f"model.{n}"].reshape(rows.shape[0], -1) for n in self.names], dim=1)
 
     def _reverse_product(self, index: int, batch: Any, v: Tensor) -> Tensor:
         params = list(self._params.values())
@@ -290,3 +313,8 @@ class HessianOperator:
     def release(self) -> None:
         """Drop cached graphs (``"cached"`` backend)."""
         self._graphs = {}
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """``sdpa_kernel(SDPBackend.MATH)``: the only ``scaled_dot_product_attention`` backend with a double backward."""
+    return sdpa_kernel(SDPBackend.MATH)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -35,13 +35,52 @@ class EigenResult:
 
 @dataclass(frozen=True)
 class TraceResult:
-    """Stochastic trace estimate: ``estimate +- std_error`` from ``matvecs`` Hessian-vector products."""
+    """Trace estimate ``estimate +- std_error`` from ``matvecs`` curvature-vector products.
+
+    Attributes:
+        estimate: the trace.
+        std_error: its standard error (0 when exact).
+        matvecs: curvature-vector products used.
+        seconds: wall time.
+        method: ``"hutchinson"``, ``"hutchpp"``, ``"xtrace"``, ``"exact"`` or ``"control_variate+<estimator>"``.
+        blocks: per-block (per-module) traces from the same products (estimates, exact for exact blocks).
+        exact_part: the part of ``estimate`` computed exactly (exact diagonal blocks); the rest is estimated.
+    """
 
     estimate: float
     std_error: float
     matvecs: int
     seconds: float
     method: str
+    blocks: dict[str, float] = field(default_factory=dict)
+    exact_part: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiagonalResult:
+    """Exact curvature diagonal from :func:`lit_act.hessian.diagonal.exact_diagonal`.
+
+    Attributes:
+        diagonal: ``(dim,)`` in the order of ``names`` (flattened); NaN for uncovered parameters.
+        names: chosen parameter names.
+        covered: the names whose diagonal is exact (all of ``names`` unless ``on_uncovered="partial"``).
+        trace: sum of the covered diagonal.
+        blocks: per owning module, the trace of its covered parameters.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        passes: extended backward passes (one per batch).
+        seconds: wall time.
+        uncovered_reason: why the walk stopped (``None`` when everything is covered).
+    """
+
+    diagonal: Tensor
+    names: list[str]
+    covered: list[str]
+    trace: float
+    blocks: dict[str, float]
+    curvature: str
+    passes: int
+    seconds: float
+    uncovered_reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.activations.fused import CompiledKernel, check_backend
-from lit_act.kan.kan_linear import check_in_features, use_compiled
+from lit_act.kan.kan_linear import MAX_GRID, check_in_features, use_compiled
+from lit_act.utils import validate as v
 
 __all__ = ["FKANImage", "FourierKANLinear", "fit_image", "image_coordinates", "load_sample_image", "psnr"]
 
@@ -73,10 +74,10 @@ class FourierKANLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, grid_size: int = 8, bias: bool = True,
                  smooth_initialization: bool = False, backend: str = "auto") -> None:
         super().__init__()
-        if int(grid_size) != grid_size or grid_size < 1:
-            raise ValueError(f"grid_size must be an integer >= 1, got {grid_size}")
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        grid_size = v.positive_int("grid_size", grid_size, high=MAX_GRID)
+        in_features, out_features = v.positive_int("in_features", in_features), v.positive_int("out_features",
+                                                                                                out_features)
+        bias, smooth_initialization = v.boolean("bias", bias), v.boolean("smooth_initialization", smooth_initialization)
         self.in_features, self.out_features, self.grid_size = in_features, out_features, int(grid_size)
         self.smooth_initialization = smooth_initialization
         self.backend = check_backend(backend)

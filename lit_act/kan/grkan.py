@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lit_act.activations.rational import GroupRational
 from lit_act.kan.kan_linear import check_in_features
+from lit_act.utils import validate as v
 
 __all__ = ["GRKANLinear"]
 
@@ -42,10 +43,11 @@ class GRKANLinear(nn.Module):
                  act_init: str = "gelu", version: str = "B", bias: bool = True,
                  backend: str = "auto") -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        in_features, out_features = v.positive_int("in_features", in_features), v.positive_int("out_features",
+                                                                                                out_features)
+        bias = v.boolean("bias", bias)
         self.in_features, self.out_features = in_features, out_features
-        self.rational = GroupRational(in_features, num_groups=num_groups, degrees=tuple(degrees), init=act_init,
+        self.rational = GroupRational(in_features, num_groups=num_groups, degrees=degrees, init=act_init,
                                       version=version, backend=backend)
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.reset_parameters()

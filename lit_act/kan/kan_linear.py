@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.activations.fused import COMPILE_MIN_NUMEL, CompiledKernel, check_backend
+from lit_act.utils import validate as v
+
+MAX_GRID = 1024  # grid intervals / bases per edge: the spline weights are (out, in, grid_size + spline_order)
+MAX_SPLINE_ORDER = 10
 
 __all__ = ["KANLinear", "bspline_bases", "check_in_features", "uniform_grid"]
 
@@ -49,13 +53,9 @@ def check_in_features(x: Tensor, in_features: int, layer: str) -> None:
 
 def uniform_grid(in_features: int, grid_size: int, spline_order: int, grid_range: Sequence[float]) -> Tensor:
     """Extended knot vector ``(in, G + 2k + 1)``: ``lo + h * (-k, ..., G + k)`` with ``h = (hi - lo) / G``."""
-    if int(grid_size) != grid_size or grid_size < 1:
-        raise ValueError(f"grid_size must be an integer >= 1, got {grid_size}")
-    if int(spline_order) != spline_order or spline_order < 0:
-        raise ValueError(f"spline_order must be an integer >= 0, got {spline_order}")
-    lo, hi = (float(v) for v in grid_range)
-    if not hi > lo:
-        raise ValueError(f"grid_range must be (lo, hi) with hi > lo, got {tuple(grid_range)}")
+    grid_size = v.positive_int("grid_size", grid_size, high=MAX_GRID)
+    spline_order = v.non_negative_int("spline_order", spline_order, high=MAX_SPLINE_ORDER)
+    lo, hi = v.float_pair("grid_range", grid_range)
     h = (hi - lo) / grid_size
     knots = torch.arange(-spline_order, grid_size + spline_order + 1, dtype=torch.float32) * h + lo
     return knots.expand(in_features, -1).contiguous()
@@ -148,12 +148,16 @@ class KANLinear(nn.Module):
                  base_activation: type[nn.Module] | nn.Module = nn.SiLU, grid_eps: float = 0.02,
                  init: str = "efficient_kan", backend: str = "auto") -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        if not 0.0 <= grid_eps <= 1.0:
-            raise ValueError(f"grid_eps must lie in [0, 1], got {grid_eps}")
-        if init not in ("efficient_kan", "variance"):
-            raise ValueError(f"unknown init {init!r}; valid: 'efficient_kan', 'variance'")
+        in_features, out_features = v.positive_int("in_features", in_features), v.positive_int("out_features",
+                                                                                                out_features)
+        grid_eps = v.finite_float("grid_eps", grid_eps, low=0.0, high=1.0)
+        v.choice("init", init, ("efficient_kan", "variance"))
+        scale_noise = v.finite_float("scale_noise", scale_noise, low=0.0)
+        scale_base = v.finite_float("scale_base", scale_base)
+        scale_spline = v.finite_float("scale_spline", scale_spline)
+        standalone_scale_spline = v.boolean("standalone_scale_spline", standalone_scale_spline)
+        grid_size = v.positive_int("grid_size", grid_size, high=MAX_GRID)
+        spline_order = v.non_negative_int("spline_order", spline_order, high=MAX_SPLINE_ORDER)
         self.in_features, self.out_features = in_features, out_features
         self.grid_size, self.spline_order = int(grid_size), int(spline_order)
         self.register_buffer("grid", uniform_grid(in_features, grid_size, spline_order, grid_range))

@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_act.callbacks.core import LitActCallback
-from lit_act.kan.kan_linear import bspline_bases, check_in_features, uniform_grid
+from lit_act.kan.kan_linear import MAX_GRID, bspline_bases, check_in_features, uniform_grid
+from lit_act.utils import validate as v
 
 __all__ = ["SPACES", "SKANLinear", "SKANStageCallback", "space_bases"]
 
@@ -53,10 +54,11 @@ SPACES = ("bspline", "fourier", "chebyshev", "rbf")
 
 
 def _check_spaces(spaces: Sequence[str]) -> tuple[str, ...]:
-    spaces = tuple(spaces)
+    spaces = v.str_sequence("spaces", spaces)
     unknown = [s for s in spaces if s not in SPACES]
     if unknown or not spaces or len(set(spaces)) != len(spaces):
-        raise ValueError(f"unknown, empty or repeated activation spaces {list(spaces)}; valid: {list(SPACES)}")
+        raise v.ConfigError(f"spaces={list(spaces)!r}: expected distinct, known activation spaces (unknown, empty or "
+                            f"repeated); valid: {list(SPACES)}")
     return spaces
 
 
@@ -105,10 +107,13 @@ class SKANLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, spaces: Sequence[str] = SPACES, num_bases: int = 8,
                  grid_range: Sequence[float] = (-1.0, 1.0), bias: bool = True) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        if int(num_bases) != num_bases or num_bases < 4 or num_bases % 2:
-            raise ValueError(f"num_bases must be an even integer >= 4, got {num_bases}")
+        in_features, out_features = v.positive_int("in_features", in_features), v.positive_int("out_features",
+                                                                                                out_features)
+        num_bases = v.positive_int("num_bases", num_bases, high=MAX_GRID)
+        if num_bases < 4 or num_bases % 2:
+            raise v.ConfigError(f"num_bases={num_bases!r}: expected an even integer in [4, {MAX_GRID}]")
+        v.float_pair("grid_range", grid_range)
+        bias = v.boolean("bias", bias)
         self.spaces = _check_spaces(spaces)
         self.in_features, self.out_features, self.num_bases = in_features, out_features, int(num_bases)
         self.grid_range = tuple(float(v) for v in grid_range)
@@ -255,6 +260,10 @@ class SKANStageCallback(LitActCallback):
 
     def __init__(self, full_epochs: int = 1, selective_epochs: int = 1, tau_min: float = 0.05,
                  entropy_weight: float = 0.0) -> None:
+        full_epochs = v.non_negative_int("full_epochs", full_epochs)
+        selective_epochs = v.non_negative_int("selective_epochs", selective_epochs)
+        tau_min = v.finite_float("tau_min", tau_min, low=0.0, high=1.0, low_open=True)
+        entropy_weight = v.finite_float("entropy_weight", entropy_weight, low=0.0)
         super().__init__()
         if full_epochs < 0 or selective_epochs < 0:
             raise ValueError(f"epochs must be >= 0, got full={full_epochs}, selective={selective_epochs}")

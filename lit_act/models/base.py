@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lit_act.activations import build
 from lit_act.activations import registry as _registry
 from lit_act.kan import kanify
+from lit_act.utils import validate as v
 
 ActivationSpec = str | Mapping[str, Any] | type[nn.Module] | Callable[[], nn.Module]
 MLPSpec = Mapping[str, Any] | Callable[..., Any] | None
@@ -161,8 +162,8 @@ class LitActModule(LightningModule):
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, cosine_schedule: bool = False) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+        lr, weight_decay = v.positive_float("lr", lr), v.finite_float("weight_decay", weight_decay, low=0.0)
+        cosine_schedule = v.boolean("cosine_schedule", cosine_schedule)
         self.lr = lr
         self.weight_decay = weight_decay
         self.cosine_schedule = cosine_schedule

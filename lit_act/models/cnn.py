@@ -14,6 +14,7 @@ from lit_act.models.base import (
     activation_spec,
     mlp_spec,
 )
+from lit_act.utils import validate as v
 
 
 class ConvBlock(nn.Module):
@@ -47,6 +48,8 @@ class CNNClassifier(LitActModule):
                  activation: ActivationSpec = "relu", batch_norm: bool = True, lr: float = 2e-3,
                  weight_decay: float = 0.0, cosine_schedule: bool = False,
                  mlp: MLPSpec = None) -> None:
+        v.positive_int("in_channels", in_channels), v.positive_int("num_classes", num_classes)
+        v.positive_int_sequence("channels", channels), v.boolean("batch_norm", batch_norm)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         act_factory = activation_factory(activation)
         # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)

@@ -14,6 +14,7 @@ from lit_act.models.base import (
     activation_spec,
     mlp_spec,
 )
+from lit_act.utils import validate as v
 
 
 class MLPBlock(nn.Module):
@@ -47,6 +48,9 @@ class MLPClassifier(LitActModule):
                  activation: ActivationSpec = "relu", dropout: float = 0.0, batch_norm: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.0, cosine_schedule: bool = False,
                  mlp: MLPSpec = None) -> None:
+        v.positive_int("in_features", in_features), v.positive_int("num_classes", num_classes)
+        v.positive_int_sequence("hidden", hidden, allow_empty=True)
+        v.finite_float("dropout", dropout, low=0.0, high=1.0, high_open=True), v.boolean("batch_norm", batch_norm)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         act_factory = activation_factory(activation)
         # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)

@@ -15,6 +15,7 @@ from lit_act.models.base import (
     activation_spec,
     mlp_spec,
 )
+from lit_act.utils import validate as v
 
 
 class StudentNetwork(LitActModule):
@@ -31,6 +32,7 @@ class StudentNetwork(LitActModule):
     def __init__(self, in_features: int, hidden_neurons: int = 2, activation: ActivationSpec = "erf",
                  lr: float = 1e-2, weight_decay: float = 0.0, cosine_schedule: bool = False,
                  mlp: MLPSpec = None) -> None:
+        v.positive_int("in_features", in_features), v.positive_int("hidden_neurons", hidden_neurons)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         act_factory = activation_factory(activation)
         # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)

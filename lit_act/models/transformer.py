@@ -26,6 +26,7 @@ from lit_act.models.base import (
     activation_spec,
     mlp_spec,
 )
+from lit_act.utils import validate as v
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,6 +97,10 @@ class TransformerLM(LitActModule):
                  d_ff: int | None = None, activation: ActivationSpec = "gelu", dropout: float = 0.0,
                  lr: float = 3e-3, weight_decay: float = 0.01, cosine_schedule: bool = False,
                  mlp: MLPSpec = None) -> None:
+        for name, value in {"vocab_size": vocab_size, "block_size": block_size, "d_model": d_model,
+                            "n_layer": n_layer, "n_head": n_head}.items():
+            v.positive_int(name, value)
+        v.optional(v.positive_int, "d_ff", d_ff), v.finite_float("dropout", dropout, low=0.0, high=1.0, high_open=True)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
         act_factory = activation_factory(activation)
         # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)

@@ -1,5 +1,6 @@
 """Sparse autoencoders trained on the activations lit-act taps: models (:mod:`.models`), the bounded activation
-buffer (:mod:`.buffer`), the training step (:mod:`.training`), metrics (:mod:`.metrics`); the online callback is
+buffer (:mod:`.buffer`), the training step (:mod:`.training`), metrics (:mod:`.metrics`), the sweep figure
+(:mod:`.figures`); the online callback is
 :class:`lit_act.callbacks.sae.SparseAutoencoderTrainer`, the offline job ``lit-act sae`` (:mod:`.cli`).
 
 Example::
@@ -10,7 +11,7 @@ Example::
 """
 
 from lit_act.sae.buffer import ActivationBuffer
-from lit_act.sae.metrics import SAEMetrics, decoder_epsilon, loss_recovered, splice
+from lit_act.sae.metrics import AdapterLoss, SAEMetrics, decoder_epsilon, loss_recovered, splice
 from lit_act.sae.models import (
     BatchTopKSAE,
     ReLUSAE,
@@ -25,6 +26,6 @@ from lit_act.sae.models import (
 )
 from lit_act.sae.training import SAEConfig, SAETrainer
 
-__all__ = ["ActivationBuffer", "BatchTopKSAE", "ReLUSAE", "SAEConfig", "SAEMetrics", "SAEOutput", "SAETrainer",
+__all__ = ["ActivationBuffer", "AdapterLoss", "BatchTopKSAE", "ReLUSAE", "SAEConfig", "SAEMetrics", "SAEOutput", "SAETrainer",
            "SparseAutoencoder", "TopAFASAE", "TopKSAE", "available_saes", "build_sae", "decoder_epsilon",
            "loss_recovered", "register_sae", "sae_class", "splice"]

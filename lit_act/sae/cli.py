@@ -30,11 +30,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lit_act.batch import DEFAULT_ADAPTER
 from lit_act.sae.buffer import ActivationBuffer
 from lit_act.sae.metrics import DENSITY_RANGE, SAEMetrics, decoder_epsilon, loss_recovered
 from lit_act.sae.training import SAEConfig, SAETrainer
-from lit_act.stats.tap import neuron_view, select_modules, tap
-from lit_act.utils.task import STATUS_FILE, task_wrapper
+from lit_act.selection import Site, select_sites
+from lit_act.stats.tap import neuron_view, tap, valid_tokens
+from lit_act.utils.task import task_wrapper
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -115,13 +117,6 @@ def load_trained(source: Path) -> tuple[nn.Module, Any, DictConfig]:
     return model, datamodule, train_cfg
 
 
-def _forward(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    else:
-        model(batch[0])
-
-
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -132,11 +127,11 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x = x.detach()
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask.bool()].float()
-    return neuron_view(x, module).float()
+def _rows(name: str, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real-token rows ``(tokens, d_in)`` of an observed tensor (padding dropped, :func:`valid_tokens`)."""
+    if not x.is_floating_point():
+        raise TypeError(f"module {name!r} returned a {x.dtype} tensor; SAEs need a floating-point activation")
+    return neuron_view(valid_tokens(name, x.detach(), mask), module).float()
 
 
 @task_wrapper
@@ -149,7 +144,7 @@ def train_saes(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     config = SAEConfig(**OmegaConf.to_container(cfg.sae, resolve=True))
     model, datamodule, _ = load_trained(Path(cfg.source))
     model.to(device).eval()
-    selected = select_modules(model, list(cfg.modules))
+    selected = select_sites(model, list(cfg.modules))
     datamodule.setup("fit")
     logger = CSVLogger(save_dir=str(out), name="", version="")
     trainers: dict[str, SAETrainer] = {}
@@ -159,9 +154,7 @@ def train_saes(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     mask: list[torch.Tensor | None] = [None]
 
     def collect(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        if not x.is_floating_point():
-            raise TypeError(f"module {name!r} returned a {x.dtype} tensor; SAEs need a floating-point activation")
-        rows = _rows(module, x, mask[0])
+        rows = _rows(name, module, x, mask[0])
         if name not in trainers:
             trainers[name] = SAETrainer(rows.shape[1], config, device=device)
             buffers[name] = ActivationBuffer(rows.shape[1], cfg.buffer_tokens, config.batch_size,
@@ -174,15 +167,15 @@ def train_saes(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         progressed = False
         for batch in datamodule.train_dataloader():
             batch = _to(batch, device)
-            mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+            mask[0] = DEFAULT_ADAPTER.mask(batch)
             with torch.no_grad(), tap(selected, collect):
-                _forward(model, batch)
+                DEFAULT_ADAPTER.forward(model, batch)
             for name, trainer in trainers.items():
                 while pending[name] >= config.batch_size and buffers[name].ready:
                     x = buffers[name].sample()
                     trainer.step(x)
                     o = trainer.last_output
-                    train_metrics[name].update(x, o.x_hat, o.z, trainer.sae.b_pre)
+                    train_metrics[name].update(x, o.x_hat, o.z, trainer.sae.b_pre, trainer.sae.input_scale)
                     pending[name] -= config.batch_size
                     progressed = True
             steps += 1
@@ -216,7 +209,7 @@ def _values(trainers: dict[str, SAETrainer], metrics: dict[str, SAEMetrics]) -> 
 
 
 @torch.no_grad()
-def _evaluate(cfg: DictConfig, model: nn.Module, datamodule: Any, selected: dict[str, nn.Module],
+def _evaluate(cfg: DictConfig, model: nn.Module, datamodule: Any, selected: dict[str, Site],
               trainers: dict[str, SAETrainer], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     metrics = {n: SAEMetrics(t.d_in, t.config.d_latent).to(device) for n, t in trainers.items()}
     for trainer in trainers.values():
@@ -224,20 +217,20 @@ def _evaluate(cfg: DictConfig, model: nn.Module, datamodule: Any, selected: dict
     mask: list[torch.Tensor | None] = [None]
 
     def evaluate(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        rows = _rows(module, x, mask[0])
+        rows = _rows(name, module, x, mask[0])
         rows = rows[torch.isfinite(rows).all(dim=1)]
         sae = trainers[name].sae
         o = sae(rows)
-        metrics[name].update(rows, o.x_hat, o.z, sae.b_pre)
+        metrics[name].update(rows, o.x_hat, o.z, sae.b_pre, sae.input_scale)
 
     recovered_batches = []
     for i, batch in enumerate(datamodule.val_dataloader()):
         if i >= cfg.eval_batches:
             break
         batch = _to(batch, device)
-        mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        mask[0] = DEFAULT_ADAPTER.mask(batch)
         with tap(selected, evaluate):
-            _forward(model, batch)
+            DEFAULT_ADAPTER.forward(model, batch)
         if i < cfg.loss_recovered_batches:
             recovered_batches.append(batch)
     values = {}
@@ -286,37 +279,15 @@ def _density_figures(out: Path, final: dict[str, dict[str, torch.Tensor]]) -> No
 
 # ----------------------------------------------------------------------------------------------- sweep figure
 def fvu_vs_l0_figure(sweep_dir: Path) -> Path | None:
-    """``<sweep_dir>/figures/sae_fvu_vs_l0.png``: ``val/sae/fvu/mean`` against ``val/sae/l0/mean`` of every
-    completed job below ``sweep_dir`` (labelled by its overrides); ``None`` when no job has both."""
-    import matplotlib
+    """``<sweep_dir>/figures/sae_fvu_vs_l0.png`` from every job below ``sweep_dir``
+    (:func:`lit_act.sae.figures.sweep_fvu_vs_l0`); ``None`` when no job has both keys."""
+    from lit_act.report import find_jobs, load_job, varying_overrides
+    from lit_act.sae.figures import sweep_fvu_vs_l0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import yaml
-
-    points = []
-    for status_path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
-        status = json.loads(status_path.read_text())
-        metrics = status.get("metrics", {})
-        if "val/sae/fvu/mean" in metrics and "val/sae/l0/mean" in metrics:
-            overrides = status_path.parent / ".hydra" / "overrides.yaml"
-            label = " ".join(o for o in (yaml.safe_load(overrides.read_text()) if overrides.is_file() else [])
-                             if not o.startswith(("source=", "modules=")))
-            points.append((metrics["val/sae/l0/mean"], metrics["val/sae/fvu/mean"], label))
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for l0, fvu, label in points:
-        ax.scatter([l0], [fvu])
-        ax.annotate(label, (l0, fvu), fontsize=7)
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("FVU")
-    ax.set_title("SAE sweep: FVU vs L0")
-    path = Path(sweep_dir) / "figures" / "sae_fvu_vs_l0.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    jobs = [load_job(p, Path(sweep_dir)) for p in find_jobs(Path(sweep_dir))]
+    varying, _ = varying_overrides(jobs) if jobs else ([], {})
+    return sweep_fvu_vs_l0(jobs, [v for v in varying if v not in ("source", "modules")],
+                           Path(sweep_dir) / "figures" / "sae_fvu_vs_l0.png")
 
 
 def _sweep_figure_when_last(cfg: DictConfig) -> None:

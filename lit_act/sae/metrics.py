@@ -10,7 +10,8 @@ summed over DDP ranks), fed ``(x, x_hat, z, b_pre)`` batch by batch:
   :data:`DENSITY_BINS` fixed bins ``[-8, 0]`` (values below ``1e-8`` clipped into the first bin), plus
   ``never_fired_fraction`` (latents with density 0 over the window, which have no log);
 * ``afa_error`` (Lee et al. 2025, Sec. 3, the approximate feature activation ``||z||_2 ~= ||x - b_pre||_2`` under a
-  quasi-orthogonal decoder): ``E[(||z|| - ||x - b_pre||)^2] / E[||x - b_pre||^2]``, the relative squared error of
+  quasi-orthogonal decoder, with ``x`` in the SAE's normalised space ``input_scale * x``):
+  ``E[(||z|| - ||x - b_pre||)^2] / E[||x - b_pre||^2]``, the relative squared error of
   the dense norm as a predictor of the sparse one (0 = exact; the reference code's ``afa_loss`` is the
   unnormalised numerator).
 
@@ -21,14 +22,15 @@ directions; the reference logs ``epsilon_max``/``epsilon_mean`` of the signed of
 Example::
 
     m = SAEMetrics(d_in=64, d_latent=256)
-    out = sae(x); m.update(x, out.x_hat, out.z, sae.b_pre)
+    out = sae(x); m.update(x, out.x_hat, out.z, sae.b_pre, sae.input_scale)
     m.compute()["fvu"]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lit_act.batch import DEFAULT_ADAPTER, BatchAdapter
 from lit_act.sae.models import SparseAutoencoder
+from lit_act.stats.tap import site_of
 
 DENSITY_BINS = 32
 DENSITY_RANGE = (-8.0, 0.0)
@@ -60,7 +64,9 @@ class SAEMetrics(Metric):
         self.add_state("afa_sq_err", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("afa_target_sq", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
 
-    def update(self, x: Tensor, x_hat: Tensor, z: Tensor, b_pre: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, z: Tensor, b_pre: Tensor, input_scale: Tensor | float = 1.0) -> None:
+        """One batch: inputs ``x``, reconstructions ``x_hat`` (input scale), codes ``z``, and the SAE's ``b_pre`` and
+        ``input_scale`` (the AFA target is ``||input_scale * x - b_pre||``, in the SAE's normalised space)."""
         x, x_hat, z = x.detach().double(), x_hat.detach().double(), z.detach().double()
         self.n += x.shape[0]
         self.sse += (x - x_hat).square().sum()
@@ -69,7 +75,7 @@ class SAEMetrics(Metric):
         nonzero = z != 0
         self.active += nonzero.sum()
         self.fired += nonzero.sum(dim=0)
-        target = (x - b_pre.detach().double()).norm(dim=1)
+        target = (x * torch.as_tensor(input_scale).detach().double() - b_pre.detach().double()).norm(dim=1)
         self.afa_sq_err += (z.norm(dim=1) - target).square().sum()
         self.afa_target_sq += target.square().sum()
 
@@ -119,11 +125,28 @@ def _replace_output(output: Any, new: Tensor) -> Any:
                     "returns a Tensor (or a tuple starting with one)")
 
 
+def _replace_input(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor]) -> tuple[tuple, dict]:
+    for i, value in enumerate(args):
+        if isinstance(value, Tensor):
+            return (*args[:i], fn(value), *args[i + 1:]), kwargs
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor):
+            return args, {**kwargs, key: fn(value)}
+    raise TypeError("cannot splice into a module input that holds no Tensor; select its output instead")
+
+
 @contextmanager
-def splice(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Replace ``module``'s output ``y`` by ``fn(y)`` (a forward hook, removed on exit also after an exception)."""
-    handle = module.register_forward_hook(lambda mod, args, output: _replace_output(
-        output, fn(output if isinstance(output, Tensor) else output[0])))
+def splice(target: nn.Module | Any, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace the tensor observed at ``target`` by ``fn(tensor)`` while open: a module's output ``y`` (an
+    ``nn.Module`` or an output :class:`~lit_act.selection.Site`), or a module's first Tensor input for an input-port
+    Site (e.g. the input of LLaMA's ``down_proj``). The hook is removed on exit, also after an exception."""
+    module, port = site_of(target)
+    if port == "output":
+        handle = module.register_forward_hook(lambda mod, args, output: _replace_output(
+            output, fn(output if isinstance(output, Tensor) else output[0])))
+    else:
+        handle = module.register_forward_pre_hook(lambda mod, args, kwargs: _replace_input(args, kwargs, fn),
+                                                  with_kwargs=True)
     try:
         yield
     finally:
@@ -139,23 +162,47 @@ def reconstruct_with(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def default_loss(model: nn.Module, batch: Any) -> Tensor:
-    """The model's loss on ``batch``: ``model.loss(model(inputs), targets)`` for lit-act's ``(inputs, targets)``
-    batches, ``model(**batch).loss`` for Hugging Face dict batches with labels."""
-    if isinstance(batch, Mapping):
-        return model(**batch).loss
-    inputs, targets = batch
-    return model.loss(model(inputs), targets)
+@dataclass(frozen=True)
+class AdapterLoss:
+    """``(model, batch) -> loss`` read through ``adapter`` (:class:`lit_act.batch.BatchAdapter`): the output's own
+    loss (Hugging Face models given ``labels``), else ``model.loss(logits, targets)`` when the model defines ``loss``
+    (lit-act's models), else the cross-entropy of the logits against integer targets. Picklable (``ddp_spawn``).
+
+    Raises:
+        TypeError: the batch carries no targets / the output no logits, so no loss can be formed (pass
+            ``loss_fn=``).
+    """
+
+    adapter: BatchAdapter = DEFAULT_ADAPTER
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        output = self.adapter.forward(model, batch)
+        value = self.adapter.loss(output)
+        if value is not None:
+            return value
+        logits, targets = self.adapter.logits(output), self.adapter.targets(batch)
+        if logits is None or targets is None:
+            raise TypeError("the model output has no loss and the batch/output no (logits, targets) to form one")
+        if callable(getattr(model, "loss", None)):
+            return model.loss(logits, targets)
+        if targets.is_floating_point():
+            raise TypeError("the batch has floating-point targets and the model no loss(logits, targets) method")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+#: the model's loss on a batch read with the default adapter (:class:`AdapterLoss`)
+default_loss = AdapterLoss()
 
 
 @torch.no_grad()
-def loss_recovered(model: nn.Module, module: nn.Module, sae: SparseAutoencoder, batches: Iterable[Any],
+def loss_recovered(model: nn.Module, module: nn.Module | Any, sae: SparseAutoencoder, batches: Iterable[Any],
                    loss_fn: Callable[[nn.Module, Any], Tensor] = default_loss) -> dict[str, Tensor]:
     """Downstream loss with the SAE reconstruction spliced in (Gao et al. 2024 Sec. 4.1; SAELens's
-    ``ce_loss_score``): over ``batches``, the mean clean loss ``L_clean``, the loss with ``module``'s output replaced
-    by its reconstruction ``L_sae`` and by zeros ``L_zero``, and ``loss_recovered = (L_zero - L_sae) / (L_zero -
-    L_clean)`` (1 = perfect, 0 = no better than ablating the module). Call in ``eval`` mode; the caller handles
-    train/eval flags and RNG."""
+    ``ce_loss_score``): over ``batches``, the mean clean loss ``L_clean``, the loss with the tensor at ``module`` (a
+    module's output, or a :class:`~lit_act.selection.Site`'s port, :func:`splice`) replaced by its reconstruction
+    ``L_sae`` and by zeros ``L_zero``, and ``loss_recovered = (L_zero - L_sae) / (L_zero - L_clean)`` (1 = perfect,
+    0 = no better than ablating the module). Call in ``eval`` mode; the caller handles train/eval flags, RNG and
+    other callbacks' taps (:meth:`lit_act.callbacks.core.LitActCallback.quiet_pass`)."""
     clean, spliced, zero, count = 0.0, 0.0, 0.0, 0
     sae_was_training = sae.training
     sae.eval()

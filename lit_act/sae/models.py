@@ -2,9 +2,16 @@
 
 Shared parameterisation (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", Sec. 2.1-2.3)::
 
-    pre  = (x - b_pre) @ W_enc + b_enc                # encoder pre-activations, (N, d_latent)
+    u    = s * x                                      # input normalisation by a fixed scalar s (buffer input_scale)
+    pre  = (u - b_pre) @ W_enc + b_enc                # encoder pre-activations, (N, d_latent)
     z    = sigma(pre)                                 # the sparsifying activation of each model
-    x_hat = z @ W_dec + b_pre                         # decoder, (N, d_in)
+    x_hat = (z @ W_dec + b_pre) / s                   # decoder, (N, d_in), back in the input's scale
+
+``s`` (``input_scale``, 1 for a fresh SAE) is set by :class:`lit_act.sae.training.SAETrainer` from the first batch so
+that ``E||s x||^2 = d_in`` (``SAEConfig.normalize_inputs``). Gao et al. Sec. 2.1 normalise every input to unit norm
+after subtracting its mean over ``d_model``; one dataset-level scalar (as Anthropic's April 2024 update and
+SAELens's ``expected_average_only_in``) keeps the SAE a linear map of ``x`` up to the TopK, so the reconstruction
+splices back into the model without per-token statistics, and gives every model width the same loss scale.
 
 ``W_dec`` is ``(d_latent, d_in)``: row ``i`` is latent ``i``'s decoder direction (the paper's column of its
 ``W_dec``), unit-norm. ``W_enc`` is ``(d_in, d_latent)`` and initialised to ``W_dec^T`` (Gao et al. Sec. 2.4).
@@ -70,29 +77,34 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(w_dec.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_latent))
         self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.ones(()))
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_latent={self.d_latent}"
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """``(x - b_pre) @ W_enc + b_enc`` (Gao et al. Eq. 3 before the TopK)."""
-        return torch.addmm(self.b_enc, x - self.b_pre, self.W_enc)
+    def pre_activations(self, u: Tensor) -> Tensor:
+        """``(u - b_pre) @ W_enc + b_enc`` of a normalised input ``u = input_scale * x`` (Gao et al. Eq. 3 before the
+        TopK)."""
+        return torch.addmm(self.b_enc, u - self.b_pre, self.W_enc)
 
-    def activate(self, pre: Tensor, x: Tensor) -> Tensor:
-        """Sparse codes from the pre-activations (``x`` is the input, for input-dependent sparsity such as AFA)."""
+    def activate(self, pre: Tensor, u: Tensor) -> Tensor:
+        """Sparse codes from the pre-activations (``u`` is the normalised input, for input-dependent sparsity such
+        as AFA)."""
         raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
         """Sparse codes ``z`` of ``x`` ``(N, d_in)`` -> ``(N, d_latent)``."""
-        return self.activate(self.pre_activations(x), x)
+        u = x * self.input_scale
+        return self.activate(self.pre_activations(u), u)
 
     def decode(self, z: Tensor) -> Tensor:
-        """``z @ W_dec + b_pre``."""
-        return torch.addmm(self.b_pre, z, self.W_dec)
+        """``(z @ W_dec + b_pre) / input_scale``."""
+        return torch.addmm(self.b_pre, z, self.W_dec) / self.input_scale
 
     def forward(self, x: Tensor) -> SAEOutput:
-        pre = self.pre_activations(x)
-        z = self.activate(pre, x)
+        u = x * self.input_scale
+        pre = self.pre_activations(u)
+        z = self.activate(pre, u)
         return SAEOutput(self.decode(z), z, pre)
 
     @torch.no_grad()
@@ -109,7 +121,8 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
 
-def _keep_topk(pre: Tensor, k: int) -> Tensor:
+def keep_topk(pre: Tensor, k: int) -> Tensor:
+    """``ReLU`` of the ``k`` largest entries of each row of ``pre``, zeros elsewhere (dense codes)."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
 
@@ -142,15 +155,15 @@ class TopKSAE(SparseAutoencoder):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}"
 
-    def activate(self, pre: Tensor, x: Tensor) -> Tensor:
-        return _keep_topk(pre, self.k)
+    def activate(self, pre: Tensor, u: Tensor) -> Tensor:
+        return keep_topk(pre, self.k)
 
     def forward(self, x: Tensor) -> SAEOutput:
         """As :meth:`encode` + :meth:`decode`, decoding only the ``k`` active latents (:func:`sparse_decode`)."""
-        pre = self.pre_activations(x)
+        pre = self.pre_activations(x * self.input_scale)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         values = F.relu(values)
-        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_pre
+        x_hat = (sparse_decode(indices, values, self.W_dec) + self.b_pre) / self.input_scale
         return SAEOutput(x_hat, torch.zeros_like(pre).scatter(-1, indices, values), pre)
 
 
@@ -177,7 +190,7 @@ class BatchTopKSAE(TopKSAE):
 
     forward = SparseAutoencoder.forward  # a variable number of active latents per row: dense decode
 
-    def activate(self, pre: Tensor, x: Tensor) -> Tensor:
+    def activate(self, pre: Tensor, u: Tensor) -> Tensor:
         acts = F.relu(pre)
         if not self.training:
             theta = self.threshold.clamp_min(0)
@@ -213,7 +226,7 @@ class ReLUSAE(SparseAutoencoder):
             raise ValueError(f"l1_coefficient must be >= 0, got {l1_coefficient}")
         self.l1_coefficient = float(l1_coefficient)
 
-    def activate(self, pre: Tensor, x: Tensor) -> Tensor:
+    def activate(self, pre: Tensor, u: Tensor) -> Tensor:
         return F.relu(pre)
 
 
@@ -235,9 +248,9 @@ class TopAFASAE(SparseAutoencoder):
 
     name = "topafa"
 
-    def activate(self, pre: Tensor, x: Tensor) -> Tensor:
+    def activate(self, pre: Tensor, u: Tensor) -> Tensor:
         acts = F.relu(pre)
-        target = (x - self.b_pre).detach().norm(dim=-1, keepdim=True)
+        target = (u - self.b_pre).detach().norm(dim=-1, keepdim=True)
         scaled = (acts.detach() * self.W_dec.detach().norm(dim=1)).square()
         ordered, order = scaled.sort(dim=-1, descending=True)
         cumulative = ordered.cumsum(dim=-1).sqrt()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning import Trainer
 
+from lit_act.utils import validate as v
 
-def validate_every_n(name: str, value: int | None) -> None:
-    """Raise unless ``value`` is ``None`` or a positive integer."""
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+def validate_every_n(name: str, value: Any) -> int | None:
+    """``value`` as a positive integer or ``None``; booleans are errors (``every_n_steps=True`` is not 1), digit
+    strings are converted (:class:`~lit_act.utils.validate.ConfigError` naming ``name`` otherwise)."""
+    return v.optional(v.positive_int, name, value)
 
 
 def is_real_run(trainer: Trainer) -> bool:
