@@ -730,20 +730,22 @@ def test_learned_activation_shapes(arch_name: str, tmp_path, caplog) -> None:
 
 @pytest.mark.parametrize("arch_name", STAT_ARCHS)
 def test_sparse_autoencoder_trainer(arch_name: str, tmp_path) -> None:
-    """SparseAutoencoderTrainer (``batch_size=8`` so a few tiny steps train it): the validation FVU and L0 equal the
-    trained SAE's on the test's own hooked validation activations (real tokens only)."""
+    """SparseAutoencoderTrainer (``batch_size=8`` so a few tiny steps train it) on its default sites (the same
+    "mlp_hidden" / "activations" sites as the statistics callbacks): the validation FVU and L0 equal the trained
+    SAE's on the test's own hooked validation activations (real tokens only)."""
     from lit_act.callbacks.sae import SparseAutoencoderTrainer
 
     arch = ARCHS[arch_name]
     module = arch.build()
     _vit_and_resnet_sites(module, arch)
-    modules = {"boring": "layer", "nn_transformer": "**.linear1", "demo_transformer": "**.linear1"}.get(arch_name)
+    modules = "layer" if arch_name == "boring" else None  # default: "mlp_hidden" / "activations" (ResNet)
     cb = SparseAutoencoderTrainer(modules=modules, d_latent=64, k=4, batch_size=8, buffer_tokens=256,
                                   loss_recovered_batches=0, figures=False)
     recorder = Recorder({})
     logger = fit(module, arch, [recorder, cb], tmp_path)
     assert cb.saes, "no SAE was created"
-    recorder.sites = {name: "output" for name in cb.saes}
+    assert set(cb.saes) == set(arch.sparsity_sites if arch_name != "boring" else ["layer"])
+    recorder.sites = {name: getattr(cb.selected[name], "port", "output") for name in cb.saes}
     recorder.val = {name: [] for name in cb.saes}
     recorder.val_masks = []
     # the validation activations of the final model, from own hooks on a plain validation pass
