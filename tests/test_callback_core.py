@@ -3,6 +3,7 @@ offline) with padded dict batches, Lightning's ``demos.Transformer`` and ``Borin
 direct hook computations written out in the tests."""
 
 import csv
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -333,10 +334,16 @@ def test_bert_padded_statistics_count_real_tokens_only(tmp_path):
 
 def test_mask_shape_mismatch_names_module_and_shapes(tmp_path):
     model = _bert()
-    cb = ActivationSparsity(modules="model.bert.pooler.activation", every_n_steps=None, cett_target=None)
-    with pytest.raises(ValueError, match=r"\(8, 12\).*'model\.bert\.pooler\.activation' of shape \(8, 32\)"):
+    name = "model.bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    short = BatchAdapter(mask_fn=lambda batch: batch["attention_mask"][:, :-1])  # (8, 11): one token short
+    cb = ActivationSparsity(modules=name, every_n_steps=None, cett_target=None, adapter=short)
+    with pytest.raises(ValueError, match=rf"\(8, 11\).*'{re.escape(name)}' of shape \(8, 12, 48\)"):
         _trainer(tmp_path, [cb]).validate(model, _loader(8))
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    # a per-sequence (B, N) output (the pooler) has no token axis, so no padding: observed as it is
+    pooler = ActivationSparsity(modules="model.bert.pooler.activation", every_n_steps=None, cett_target=None)
+    _trainer(tmp_path, [pooler]).validate(model, _loader(8))
+    assert "val/sparsity/model.bert.pooler.activation" in pooler.last_logged
 
 
 def test_dead_neurons_probe_pass_on_fixed_model(tmp_path):

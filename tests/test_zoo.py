@@ -584,23 +584,20 @@ def test_nac_me_probe_on_classifiers(arch_name: str, tmp_path) -> None:
     assert close(logger.at("probe/nac_me/mean", STEPS), sum(ref.values()) / len(ref))
 
 
-def test_nac_default_on_bert_names_the_module_and_shapes(tmp_path) -> None:
-    """BERT's default NAC selection includes the pooler activation ``(B, D)``: the dry run fails before training,
-    naming the module, both shapes and the fix."""
+def test_nac_default_on_bert_includes_the_pooler(tmp_path) -> None:
+    """BERT's default NAC selection ("activations") holds the MLP GELUs and the pooler's per-sequence ``(B, D)`` Tanh:
+    the token mask applies to the first, and the pooler (no token axis, so no padding) is taken as it is."""
     from lit_act.callbacks.nac import NeuronActivationCoverage
 
     arch = ARCHS["bert"]
-    with pytest.raises(ValueError, match=r"pooler\.activation.*\(2, 32\).*Fix"):
-        fit(arch.build(), arch, [NeuronActivationCoverage(evaluate_on=None, figures=False)], tmp_path)
+    module = arch.build()
+    cb = NeuronActivationCoverage(evaluate_on=None, figures=False)
+    logger = fit(module, arch, [cb], tmp_path)
+    assert list(cb.selected) == [*arch.sparsity_sites, "model.bert.pooler.activation"]
+    assert 0.0 < logger.at("probe/nac_me/model.bert.pooler.activation", STEPS) <= 1.0
 
 
-_DEMO_NAC_BUG = ("known defect (reported): demos.Transformer returns (B*T, vocab) log-probs, which pass the dry run's "
-                 "(batch, classes) check; NAC then fails at the first epoch end with an opaque RuntimeError comparing "
-                 "(B*T,) predictions with (B, T) targets. The dry run should check logits vs targets batch sizes")
-
-
-@pytest.mark.parametrize("arch_name", ["gpt2", "llama", "nn_transformer", pytest.param(
-    "demo_transformer", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_DEMO_NAC_BUG))])
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama", "nn_transformer", "demo_transformer"])
 def test_nac_on_sequence_models_fails_at_setup_with_the_fix(arch_name: str, tmp_path) -> None:
     """Language models give per-token logits, not class logits: the dry run says so before the first step."""
     from lit_act.callbacks.nac import NeuronActivationCoverage

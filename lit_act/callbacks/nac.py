@@ -287,7 +287,12 @@ class NeuronActivationCoverage(LitActCallback):
                              "adapter=BatchAdapter(targets_fn=lambda batch: ...), or probe=None, every_n_steps=None")
         try:
             with self.quiet_pass(pl_module):
-                self.me.products(self.model, batch)
+                logits = self.me.products(self.model, batch).logits
+            targets = self.adapter.targets(batch)
+            if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+                raise ValueError(f"NAC needs one logit row per sample: logits {tuple(logits.shape)} do not match "
+                                 f"targets {tuple(targets.shape)} (a per-token output such as (batch * tokens, "
+                                 "vocab) has no class per sample)")
         except (TypeError, ValueError, RuntimeError) as err:
             raise type(err)(f"NeuronActivationCoverage dry run on the first training batch failed: {err}. Fix: "
                             "pass adapter=BatchAdapter(forward_fn=..., logits_fn=...) so the model maps a batch "

@@ -202,8 +202,9 @@ def as_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
 def pooled(x: Tensor, module: nn.Module, batch_size: int, neuron_dim: int | None = None,
            mask: Tensor | None = None, name: str = "") -> Tensor:
     """``(batch, neurons)``: ``x`` summed over every non-batch, non-neuron position (conv maps over H x W); with a
-    ``(B, T)`` token ``mask`` over the real tokens only."""
-    if mask is not None:
+    ``(B, T)`` token ``mask`` over the real tokens only (a per-sequence ``(B, N)`` output, e.g. a pooler, has no token
+    axis and so no padding)."""
+    if mask is not None and not (x.dim() == 2 and mask.dim() == 2 and x.shape[0] == mask.shape[0]):
         check_mask(name, x, mask)
         x = x * mask.to(x.device).reshape(*mask.shape, *([1] * (x.dim() - mask.dim()))).to(x.dtype)
     view = neuron_view(x, module, neuron_dim)

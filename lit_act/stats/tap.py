@@ -194,12 +194,13 @@ def _input_hook(name: str, fn: Callable[[str, nn.Module, Tensor], None], owner: 
 
 def valid_tokens(name: str, x: Tensor, mask: Tensor | None) -> Tensor:
     """``x`` restricted to the real tokens of a ``(B, T)`` boolean token ``mask``: ``(n_valid, ...)`` for an output
-    ``(B, T, ...)``; ``x`` itself when ``mask`` is ``None``.
+    ``(B, T, ...)``; ``x`` itself when ``mask`` is ``None`` or when ``x`` is a per-sequence ``(B, N)`` output with no
+    token axis (a pooler, a classification head: it holds no padding).
 
     Raises:
         ValueError: naming the module and both shapes, when ``x`` does not start with the mask's ``(B, T)``.
     """
-    if mask is None:
+    if mask is None or (x.dim() == 2 and mask.dim() == 2 and x.shape[0] == mask.shape[0]):
         return x
     check_mask(name, x, mask)
     return x[mask.to(x.device)]
