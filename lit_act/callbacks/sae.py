@@ -27,8 +27,8 @@ from lit_act.callbacks.base import ActivationStatisticCallback
 from lit_act.sae.buffer import ActivationBuffer
 from lit_act.sae.metrics import AdapterLoss, SAEMetrics, decoder_epsilon, density_bin_edges, loss_recovered
 from lit_act.sae.training import SAEConfig, SAETrainer
-from lit_act.selection import default_preset, select_sites
-from lit_act.stats.tap import ModuleSelector, neuron_view, require_uncompiled, site_of
+from lit_act.selection import default_preset
+from lit_act.stats.tap import ModuleSelector, neuron_view
 from lit_act.utils import validate as v
 from lit_act.utils.schedule import due, is_real_run
 
@@ -157,16 +157,10 @@ class SparseAutoencoderTrainer(ActivationStatisticCallback):
                                         d_latent=self.config.d_latent, k=self.config.k)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        require_uncompiled(pl_module, type(self).__name__)
-        if isinstance(self.modules, dict):
-            for value in self.modules.values():
-                site_of(value)  # validates
-            self.selected = dict(self.modules)
-        else:
-            self.selected = select_sites(pl_module, self.modules, default=default_preset(pl_module))
-        self.warn_if_idle(trainer, stage)
+    def default_selection(self, pl_module: LightningModule) -> str:
+        """``"mlp_hidden"`` on transformer-like models (what feeds each MLP's down-projection), else every activation
+        module (:func:`lit_act.selection.default_preset`)."""
+        return default_preset(pl_module)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
