@@ -75,7 +75,14 @@ from lit_act.callbacks.core import (
     reduced_states,
 )
 from lit_act.selection import select_sites
-from lit_act.stats.tap import ModuleSelector, require_uncompiled, site_of, tap, valid_tokens
+from lit_act.stats.tap import (
+    ModuleSelector,
+    clear_token_cache,
+    require_uncompiled,
+    site_of,
+    tap,
+    valid_tokens,
+)
 from lit_act.utils import validate as v
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n, validation_enabled
 
@@ -310,6 +317,7 @@ class ActivationStatisticCallback(LitActCallback):
     def _stop(self) -> None:
         self._taps.close()
         self._collecting = None
+        clear_token_cache()  # free the shared x[mask] copy of the last observed output
 
     def _observe(self, stage: str, name: str, module: nn.Module, x: Tensor) -> None:
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):

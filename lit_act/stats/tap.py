@@ -202,8 +202,35 @@ def valid_tokens(name: str, x: Tensor, mask: Tensor | None) -> Tensor:
     """
     if mask is None or (x.dim() == 2 and mask.dim() == 2 and x.shape[0] == mask.shape[0]):
         return x
+    cacheable = not (x.is_inference() or mask.is_inference())  # inference tensors have no version counter
+    if cacheable and _TokenCache.holds(x, mask):
+        return _TokenCache.last[3]
     check_mask(name, x, mask)
-    return x[mask.to(x.device)]
+    tokens = x[mask.to(x.device)]
+    _TokenCache.last = (x, mask, (x._version, mask._version), tokens) if cacheable else None
+    return tokens
+
+
+class _TokenCache:
+    """The last :func:`valid_tokens` result ``(x, mask, their versions, x[mask])``, shared by every callback observing
+    the same output ``x`` (the same tensor object, not modified since) with a mask equal to the cached one (itself not
+    modified since): several callbacks on one site copy ``x[mask]`` once. One entry (at most one extra copy alive),
+    dropped by :func:`clear_token_cache` when a callback stops collecting. Callers treat the result as read-only."""
+
+    last: tuple[Tensor, Tensor, tuple[int, int], Tensor] | None = None
+
+    @classmethod
+    def holds(cls, x: Tensor, mask: Tensor) -> bool:
+        if cls.last is None:
+            return False
+        cached_x, cached_mask, versions, _ = cls.last
+        return (cached_x is x and versions == (x._version, cached_mask._version) and cached_mask.shape == mask.shape
+                and cached_mask.device == mask.device and (cached_mask is mask or torch.equal(cached_mask, mask)))
+
+
+def clear_token_cache() -> None:
+    """Drop the tensors held by :func:`valid_tokens`' one-entry cache."""
+    _TokenCache.last = None
 
 
 def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
