@@ -125,10 +125,11 @@ def test_exact_diagonals_match_dense(activation, loss):
 
 
 def test_exact_diagonal_of_deeper_chain_with_other_activations():
-    """Four Linear layers (residual factors expanded after two layers), GELU through nested jvp, sigmoid, MSE."""
+    """Five Linear layers (residual factors expanded after two layers), GELU and SiLU through double backward (SiLU
+    has no forward-mode derivative of its backward), sigmoid, MSE."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 7), nn.GELU(), nn.Linear(7, 6), nn.Sigmoid(), nn.Linear(6, 5), nn.Tanh(),
-                          nn.Flatten(), nn.Linear(5, 3)).double()
+                          nn.Flatten(), nn.Linear(5, 4), nn.SiLU(), nn.Linear(4, 3)).double()
     batches = make_batches("mse")
     reference = dense_hessian(model, batches, "mse").diagonal()
     res = exact_diagonal(model, batches, loss="mse")

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp
 
 from lit_act.hessian.losses import (
     output_gradient,
@@ -142,8 +141,9 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
 
 
 def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``(phi'(h), phi''(h))``: closed forms for ReLU/tanh/sigmoid from the recorded output ``a``, nested ``jvp``
-    (exact forward-mode derivatives of the module itself) for every other elementwise module."""
+    """``(phi'(h), phi''(h))``: closed forms for ReLU/tanh/sigmoid from the recorded output ``a``; for every other
+    elementwise module its exact derivatives by double backward of ``sum(phi(x))`` (elementwise, so the gradient of the
+    sum is the derivative at each entry; forward-mode AD is not used: e.g. ``aten::silu_backward`` has none)."""
     if isinstance(module, nn.ReLU):
         return (h > 0).to(h.dtype), torch.zeros_like(h)
     if isinstance(module, nn.Tanh):
@@ -152,12 +152,11 @@ def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[T
     if isinstance(module, nn.Sigmoid):
         d1 = a * (1 - a)
         return d1, d1 * (1 - 2 * a)
-    ones = torch.ones_like(h)
-
-    def first(x: Tensor) -> Tensor:
-        return jvp(module, (x,), (ones,))[1]
-
-    return jvp(first, (h,), (ones,))
+    with torch.enable_grad():
+        x = h.detach().requires_grad_(True)
+        (d1,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
+        d2 = torch.autograd.grad(d1.sum(), x)[0] if d1.requires_grad else torch.zeros_like(h)
+    return d1.detach(), d2
 
 
 @dataclass
