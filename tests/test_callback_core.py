@@ -108,12 +108,17 @@ def _trainer(tmp_path, callbacks, **kw):
 GELU = "model.bert.encoder.layer.*.intermediate.intermediate_act_fn"
 
 
-def _outputs(model, names, loader):
-    """Direct computation: eval-mode outputs of ``names`` and the attention masks, batch by batch."""
+def _outputs(model, names, loader, port="output"):
+    """Direct computation: eval-mode outputs (or, ``port="input"``, first inputs) of ``names`` and the attention
+    masks, batch by batch."""
     modules = dict(model.named_modules())
     seen = {n: [] for n in names}
-    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen[n].append(out.detach()))
-               for n in names]
+    if port == "input":
+        handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach()))
+                   for n in names]
+    else:
+        handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen[n].append(out.detach()))
+                   for n in names]
     masks = []
     model.eval()
     with torch.no_grad():
@@ -212,20 +217,7 @@ def _llama():
 def _down_proj_inputs(model, names, loader):
     """Direct computation: eval-mode inputs of the down-projections ``names`` (``act_fn(gate) * up``) on real
     tokens, ``{name: (real tokens, hidden)}``."""
-    modules = dict(model.named_modules())
-    seen = {n: [] for n in names}
-    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach()))
-               for n in names]
-    masks = []
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            masks.append(batch["attention_mask"].bool())
-            model(**batch)
-    for h in handles:
-        h.remove()
-    mask = torch.cat(masks)
-    return {n: torch.cat(v)[mask] for n, v in seen.items()}
+    return _module_inputs(model, names, loader, "input")
 
 
 def test_llama_defaults_observe_the_gated_down_projection_input(tmp_path):
@@ -254,9 +246,7 @@ def test_llama_defaults_observe_the_gated_down_projection_input(tmp_path):
 
 def _module_inputs(model, names, loader, port):
     """Direct computation: eval-mode inputs (``port="input"``) or outputs of ``names`` on real tokens."""
-    if port == "input":
-        return _down_proj_inputs(model, names, loader)
-    seen, masks = _outputs(model, names, loader)
+    seen, masks = _outputs(model, names, loader, port)
     mask = torch.cat(masks)
     return {n: torch.cat(v)[mask] for n, v in seen.items()}
 
