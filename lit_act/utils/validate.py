@@ -88,22 +88,22 @@ def _range_text(low: float | None, high: float | None, low_open: bool, high_open
     return ""
 
 
-def positive_int(name: str, value: Any, high: int | None = None) -> int:
-    """An integer ``>= 1`` (and ``<= high`` when given); integral floats and digit strings are converted."""
-    expected = "a positive integer" + (f" <= {high}" if high is not None else "")
+def _bounded_int(name: str, value: Any, low: int, what: str, high: int | None) -> int:
+    expected = what + (f" <= {high}" if high is not None else "")
     out = _to_int(name, value, expected)
-    if out < 1 or (high is not None and out > high):
+    if out < low or (high is not None and out > high):
         raise _fail(name, value, expected)
     return out
+
+
+def positive_int(name: str, value: Any, high: int | None = None) -> int:
+    """An integer ``>= 1`` (and ``<= high`` when given); integral floats and digit strings are converted."""
+    return _bounded_int(name, value, 1, "a positive integer", high)
 
 
 def non_negative_int(name: str, value: Any, high: int | None = None) -> int:
     """An integer ``>= 0`` (and ``<= high`` when given)."""
-    expected = "a non-negative integer" + (f" <= {high}" if high is not None else "")
-    out = _to_int(name, value, expected)
-    if out < 0 or (high is not None and out > high):
-        raise _fail(name, value, expected)
-    return out
+    return _bounded_int(name, value, 0, "a non-negative integer", high)
 
 
 def finite_float(name: str, value: Any, low: float | None = None, high: float | None = None,
