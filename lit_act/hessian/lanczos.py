@@ -1,10 +1,17 @@
-"""Lanczos with full reorthogonalisation for extreme Hessian eigenvalues.
+"""Lanczos with a semi-orthogonal basis for extreme Hessian eigenvalues.
 
 Lanczos (Golub & Van Loan, *Matrix Computations*, 4th ed., Alg. 10.1.1) builds an orthonormal Krylov basis
 ``Q_m = [q_1..q_m]`` of ``span{q_1, H q_1, ..., H^{m-1} q_1}`` with ``H Q_m = Q_m T_m + beta_m q_{m+1} e_m^T`` and
-``T_m`` tridiagonal (``alpha`` on the diagonal, ``beta`` off it). Each new vector is orthogonalised against the whole
-basis after the three-term recurrence (a second pass when the first loses more than ``1/sqrt(2)`` of the norm,
-"twice is enough"), so no ghost eigenvalues appear. If the Krylov space becomes invariant
+``T_m`` tridiagonal (``alpha`` on the diagonal, ``beta`` off it). After the three-term recurrence each new vector's
+inner products with the whole basis are computed, and it is orthogonalised against the basis (a second pass when the
+first loses more than ``1/sqrt(2)`` of the norm, "twice is enough") unless they are all below ``sqrt(eps)`` of its norm
+(``eps`` of the operator's dtype). Keeping the basis semi-orthogonal this way is enough for the Ritz values to be those
+of a fully reorthogonalised run up to ``O(eps ||H||)`` (Simon 1984, "The Lanczos algorithm with partial
+reorthogonalization", Math. Comp. 42; Parlett, *The Symmetric Eigenvalue Problem*, Sec. 13.8), so no ghost eigenvalues
+appear; unlike Simon's recurrence the inner products are measured, not estimated. The skipped subtraction is one of the
+two sweeps over the ``(j, dim)`` basis each step: on the 784-256-256-10 MLP in float32 it was never needed within the
+~30 steps of a top-1 run, and full reorthogonalisation had cost 30% of a 52-step tanh run.
+If the Krylov space becomes invariant
 (``beta ~ 0``), the iteration continues from a fresh random vector orthogonal to the basis (``beta = 0`` in ``T``), so
 with ``m = dim`` steps the spectrum is exact.
 
@@ -14,12 +21,16 @@ A Ritz value is flagged converged when ``min(r_i, r_i^2 / gap_i) <= tol * |theta
 (Kato-Temple, the ARPACK-style estimate). Like every Krylov method, Lanczos cannot flag an eigenvalue it has not
 found yet: with near-ties (e.g. ``lambda_2 ~ -lambda_1`` for ``"magnitude"``) raise ``max_iter`` or lower ``tol``.
 
+For ``which="largest"`` the default start vector mixes the loss gradient into the random one
+(:func:`gradient_start`): the gradient lies mostly in the top eigenspace.
+
 PyHessian instead runs power iteration and stops when two consecutive Rayleigh quotients differ by less than
 ``1e-3`` relative, which on small spectral gaps stops ~1% low.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -27,10 +38,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from lit_act.hessian.operator import HessianOperator
+from lit_act.hessian.operator import HessianOperator, math_attention
 from lit_act.hessian.results import EigenResult
 
 WHICH = ("largest", "smallest", "magnitude")
+STARTS = ("auto", "gradient", "random")
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -51,13 +63,57 @@ def probe_block(op: HessianOperator, count: int, generator: torch.Generator) -> 
     return rademacher((count, op.dim), generator, op).T
 
 
-def _orthogonalise(w: Tensor, basis: Tensor) -> Tensor:
+def loss_gradient(op: HessianOperator) -> Tensor:
+    """Flat gradient of the first batch's mean loss w.r.t. the operator's parameters, weighted by its size and summed
+    over processes under DDP (so every rank gets the same vector). Read from the cached first-order graph when the
+    operator keeps one (``backend="cached"``), computed by one backward pass otherwise."""
+    params = list(op._params.values())
+    graph = op._graphs.get(0) if op.backend == "cached" else None
+    if not (isinstance(graph, tuple) and len(graph) == len(params)
+            and all(g is None or (isinstance(g, Tensor) and g.shape == p.shape) for g, p in zip(graph, params))):
+        with torch.enable_grad(), math_attention():
+            loss = op.loss_fn(op.model, op.batches[0]).reshape(())
+            graph = torch.autograd.grad(loss, params, allow_unused=True)
+    flat = op.flatten([None if g is None else g.detach() for g in graph])
+    if op.all_reduce is not None:
+        flat = op.all_reduce(flat * op._weights[0])
+    return flat
+
+
+def gradient_start(op: HessianOperator, generator: torch.Generator) -> Tensor | None:
+    """``g / ||g|| + r / ||r||``: the loss gradient ``g`` (:func:`loss_gradient`) plus a Rademacher vector ``r``.
+
+    The gradient lies mostly in the span of the top Hessian eigenvectors (Gur-Ari, Roberts & Dyer 2018, "Gradient
+    descent happens in a tiny subspace"), so Lanczos started from it needs fewer steps for the largest eigenvalues;
+    the random half gives every eigendirection a non-zero component (almost surely), so no eigenvalue is missed.
+    Measured on the 784-256-256-10 MLP (batch 256, cross-entropy, 4 seeds), steps until the top Ritz value is within
+    1e-4 of lambda_max: ReLU 21-22 from a Rademacher vector, 18 from this one; tanh (gap lambda_1 - lambda_2 of 0.7%)
+    30-56 against 22. ``None`` when the gradient is zero or not finite (then start from a random vector)."""
+    g = loss_gradient(op)
+    norm = float(g.norm())
+    if not math.isfinite(norm) or norm == 0.0:
+        return None
+    r = rademacher((op.dim,), generator, op)
+    return g.div_(norm).add_(r, alpha=1 / float(r.norm()))
+
+
+def _orthogonalise(w: Tensor, basis: Tensor, skip_below: float = 0.0) -> Tensor:
     """Classical Gram-Schmidt of ``w`` against the rows of ``basis``, repeated once when the norm drops below
-    ``1/sqrt(2)`` of its value (Daniel-Gragg-Kaufman-Stewart criterion; "twice is enough")."""
-    before = w.norm()
-    w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
-    if w.norm() < 0.7071 * before:
-        w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
+    ``1/sqrt(2)`` of its value (Daniel-Gragg-Kaufman-Stewart criterion; "twice is enough").
+
+    A pass is skipped when every coefficient is at most ``skip_below * ||w||``: ``w`` is then already orthogonal to
+    the basis to that level, and the subtraction (the second of the pass's two sweeps over the ``(j, dim)`` basis) would
+    not change it beyond that."""
+    before = float(w.norm())
+    for _ in range(2):
+        coefficients = basis @ w
+        if float(coefficients.abs().max()) <= skip_below * before:
+            return w
+        w = torch.addmv(w, basis.T, coefficients, alpha=-1)
+        after = float(w.norm())
+        if after >= 0.7071 * before:
+            return w
+        before = after
     return w
 
 
@@ -69,6 +125,7 @@ def lanczos_steps(op: HessianOperator, q0: Tensor, num_steps: int,
     basis = torch.empty(num_steps, op.dim, dtype=op.dtype, device=op.device)
     alpha = torch.zeros(num_steps, dtype=torch.float64)
     beta = torch.zeros(max(num_steps - 1, 0), dtype=torch.float64)
+    semi = torch.finfo(op.dtype).eps ** 0.5  # semi-orthogonality level (module docstring)
     q = q0.to(dtype=op.dtype, device=op.device)
     q = q / q.norm()
     for j in range(num_steps):
@@ -78,7 +135,7 @@ def lanczos_steps(op: HessianOperator, q0: Tensor, num_steps: int,
         w.add_(q, alpha=-float(alpha[j]))  # three-term recurrence, then full reorthogonalisation
         if j:
             w.add_(basis[j - 1], alpha=-float(beta[j - 1]))
-        w = _orthogonalise(w, basis[: j + 1])
+        w = _orthogonalise(w, basis[: j + 1], semi)
         norm = float(w.norm())
         yield alpha[: j + 1], beta[:j], basis[: j + 1], norm
         if j + 1 == num_steps:
@@ -118,8 +175,8 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
 
 def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: int | None = None,
             tol: float = 1e-4, v0: Tensor | None = None, seed: int = 0,
-            return_vectors: bool = True) -> EigenResult:
-    """Top-``k`` eigenpairs of ``op`` by Lanczos with full reorthogonalisation.
+            return_vectors: bool = True, start: str = "auto") -> EigenResult:
+    """Top-``k`` eigenpairs of ``op`` by Lanczos with a semi-orthogonal basis (module docstring).
 
     Args:
         op: the Hessian operator.
@@ -127,9 +184,17 @@ def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: i
         which: ``"largest"`` (algebraic, default), ``"smallest"`` (algebraic) or ``"magnitude"``.
         max_iter: Lanczos steps at most (matvec budget); default ``min(dim, max(2k + 20, 60))``.
         tol: relative tolerance of the convergence test (module docstring); stops once all ``k`` pass.
-        v0: warm start (e.g. the previous top eigenvector); a Rademacher vector from ``seed`` otherwise.
+        v0: warm start (e.g. the previous top eigenvector); overrides ``start``.
         seed: seed of the private generator (start vector and restarts).
         return_vectors: also return the ``(dim, k)`` Ritz vectors.
+        start: start vector when ``v0`` is not given: ``"gradient"`` (:func:`gradient_start`, the loss gradient plus a
+            Rademacher vector), ``"random"`` (a Rademacher vector) or ``"auto"`` (default: ``"gradient"`` for
+            ``which="largest"``, where it saves steps, ``"random"`` otherwise). Recorded in ``result.start``.
+
+    Example::
+
+        res = lanczos(HessianOperator(model, loss_fn, [(x, y)]), k=1)
+        res.eigenvalues[0], res.matvecs
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; valid: {list(WHICH)}")
@@ -141,12 +206,19 @@ def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: i
         raise ValueError(f"max_iter ({max_iter}) must be >= k ({k})")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    start, matvecs0 = time.perf_counter(), op.matvecs
+    if start not in STARTS:
+        raise ValueError(f"unknown start={start!r}; valid: {list(STARTS)}")
+    began, matvecs0 = time.perf_counter(), op.matvecs
     generator = make_generator(seed)
     if v0 is None:
-        v0 = rademacher((op.dim,), generator, op)
+        start = ("gradient" if which == "largest" else "random") if start == "auto" else start
+        v0 = gradient_start(op, generator) if start == "gradient" else None
+        if v0 is None:
+            start, v0 = "random", rademacher((op.dim,), generator, op)
     elif v0.shape != (op.dim,) or not torch.isfinite(v0).all() or float(v0.norm()) == 0:
         raise ValueError(f"v0 must be a finite non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
+    else:
+        start = "v0"
     for step in lanczos_steps(op, v0, max_iter, generator):
         alpha, beta, basis, beta_next = step
         j = alpha.numel()
@@ -169,4 +241,4 @@ def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: i
         vectors = (basis.T @ s[:, chosen].to(basis.dtype)).contiguous()
     return EigenResult(eigenvalues=theta[chosen].clone(), eigenvectors=vectors, residuals=residuals,
                        converged=converged, iterations=j, matvecs=op.matvecs - matvecs0,
-                       seconds=time.perf_counter() - start, which=which)
+                       seconds=time.perf_counter() - began, which=which, start=start)

@@ -21,6 +21,7 @@ class EigenResult:
         matvecs: Hessian-vector products used.
         seconds: wall time.
         which: ``"largest"``, ``"smallest"`` or ``"magnitude"``.
+        start: the start vector: ``"gradient"``, ``"random"`` or ``"v0"`` (given).
     """
 
     eigenvalues: Tensor
@@ -31,6 +32,7 @@ class EigenResult:
     matvecs: int
     seconds: float
     which: str
+    start: str = "random"
 
 
 @dataclass(frozen=True)
