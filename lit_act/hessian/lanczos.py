@@ -126,13 +126,13 @@ def lanczos_steps(op: HessianOperator, q0: Tensor, num_steps: int,
     alpha = torch.zeros(num_steps, dtype=torch.float64)
     beta = torch.zeros(max(num_steps - 1, 0), dtype=torch.float64)
     semi = torch.finfo(op.dtype).eps ** 0.5  # semi-orthogonality level (module docstring)
-    q = q0.to(dtype=op.dtype, device=op.device)
-    q = q / q.norm()
+    q0 = q0.to(dtype=op.dtype, device=op.device)
+    torch.div(q0, q0.norm(), out=basis[0])
     for j in range(num_steps):
-        basis[j] = q
+        q = basis[j]  # each new vector is written straight into its basis row: no per-step copy
         w = op.matvec(q)
         alpha[j] = float(torch.dot(w, q))
-        w.add_(q, alpha=-float(alpha[j]))  # three-term recurrence, then full reorthogonalisation
+        w.add_(q, alpha=-float(alpha[j]))  # three-term recurrence, then reorthogonalisation
         if j:
             w.add_(basis[j - 1], alpha=-float(beta[j - 1]))
         w = _orthogonalise(w, basis[: j + 1], semi)
@@ -144,12 +144,11 @@ def lanczos_steps(op: HessianOperator, q0: Tensor, num_steps: int,
         if norm <= 1e-6 * scale:  # invariant subspace: restart with a fresh orthogonal direction
             w = _orthogonalise(torch.randn(op.dim, generator=generator).to(op.dtype).to(op.device),
                                basis[: j + 1])
-            norm_fresh = float(w.norm())
             beta[j] = 0.0
-            q = w / norm_fresh
+            torch.div(w, w.norm(), out=basis[j + 1])
         else:
             beta[j] = norm
-            q = w / norm
+            torch.div(w, norm, out=basis[j + 1])
 
 
 def lanczos_tridiagonal(op: HessianOperator, q0: Tensor, num_steps: int,
