@@ -20,6 +20,12 @@ A Ritz value is flagged converged when ``min(r_i, r_i^2 / gap_i) <= tol * |theta
 ``r_i`` of ``theta_i`` (Bauer-Fike/Weyl), and within ``r_i^2 / gap_i`` when the other Ritz values estimate the gap
 (Kato-Temple, the ARPACK-style estimate). Like every Krylov method, Lanczos cannot flag an eigenvalue it has not
 found yet: with near-ties (e.g. ``lambda_2 ~ -lambda_1`` for ``"magnitude"``) raise ``max_iter`` or lower ``tol``.
+Measured against the actual error on the 784-256-256-10 MLP (float32, gradient start, ``tol=1e-4``): ReLU reaches
+1e-4 at step 18 and the test stops at 22 (error 2.5e-6, bound 4e-5: the residual is dominated by eigenvalues far from
+``theta``, so ``r^2 / gap`` is ~15x pessimistic); tanh (``lambda_1 - lambda_2`` = 0.7%) reaches 1e-4 at step 22-23
+and stops at 27-28 (error 3.3-3.9e-5, the second Ritz value still 2% below ``lambda_2``, so the gap is over-estimated)
+or at 38 once the second Ritz value has converged (error 3e-6). The tridiagonal ``eigh`` of every step costs ~0.3 ms,
+under 3% of a product.
 
 For ``which="largest"`` the default start vector mixes the loss gradient into the random one
 (:func:`gradient_start`): the gradient lies mostly in the top eigenspace.
