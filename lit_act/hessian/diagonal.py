@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.hessian.losses import (
@@ -49,9 +50,17 @@ from lit_act.hessian.results import DiagonalResult
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.CELU, nn.SELU,
                nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardswish,
                nn.Hardsigmoid)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)  # zero second derivative almost everywhere
+CONVS = (nn.Conv1d, nn.Conv2d)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_ONE_D = (nn.Conv1d, nn.MaxPool1d, nn.AdaptiveMaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
+_SPATIAL = ("conv", "maxpool", "avgpool")
 DIAGONAL_CURVATURES = ("hessian", "ggn")
 ON_UNCOVERED = ("error", "partial")
-COVERED = "nn.Linear, parameter-free elementwise activations, nn.Identity, nn.Dropout in eval mode, nn.Flatten"
+COVERED = ("nn.Linear, nn.Conv1d/nn.Conv2d with zero padding, parameter-free elementwise activations, max and average "
+           "pooling (1d/2d, adaptive), nn.Flatten, nn.Identity, dropout in eval mode")
+_BLOCK_ELEMENTS = 1 << 24  # largest backpropagated factor block (columns are drained in chunks beyond it)
 
 
 class UncoveredModuleError(ValueError):
@@ -79,12 +88,38 @@ class Chain:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, CONVS) and module.padding_mode == "zeros":
+        return "conv"
     if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
         return "elementwise"
-    if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and (not module.training or module.p == 0)):
+    if isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd)
+                                           and (not module.training or module.p == 0)):
         return "identity"
     if isinstance(module, nn.Flatten):
         return "flatten"
+    if isinstance(module, MAX_POOLS) and not module.return_indices:
+        return "maxpool"
+    if isinstance(module, AVG_POOLS):
+        return "avgpool"
+    return None
+
+
+def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatial_after: bool) -> str | None:
+    """Why ``call`` cannot join the chain (``None`` if it can); ``spatial_after``: a convolution, pooling or reshaping
+    flatten comes later in the forward pass (its factor then has one block per example, not per row)."""
+    if kind is None:
+        return "is not covered"
+    if calls > 1:
+        return "is called more than once"
+    if shared:
+        return "shares a parameter (tied weights)"
+    batched = 3 if isinstance(call.module, _ONE_D) else 4
+    if kind in _SPATIAL and call.input.ndim != batched:
+        return f"has a {call.input.ndim}-D input (only batched {batched}-D inputs are covered)"
+    if kind == "flatten" and call.output.shape[:1] != call.input.shape[:1]:
+        return "flattens the batch dimension"
+    if kind == "linear" and spatial_after and call.input.ndim > 2:
+        return f"acts on a {call.input.ndim}-D input before a convolution, pooling or flatten layer"
     return None
 
 
@@ -114,7 +149,7 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{module_name}.{pname}" if module_name else pname)
     tail: list[_Call] = []
-    current, stop = outputs, None
+    current, stop, spatial = outputs, None, False
     for call in reversed(calls):
         if call.output is None or call.output is not current:
             if tail:
@@ -127,12 +162,11 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
             break
         kind = _kind(call.module)
         shared = any(len(owners.get(id(p), [])) > 1 for p in call.module.parameters())
-        if kind is None or counts[id(call.module)] > 1 or shared or (
-                kind == "flatten" and call.input.shape != call.output.shape):
-            why = ("is called more than once" if counts[id(call.module)] > 1 else "shares a parameter (tied weights)"
-                   if shared else "changes the shape" if kind == "flatten" else "is not covered")
-            stop = (f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}")
+        why = _not_covered(call, kind, counts[id(call.module)], shared, spatial)
+        if why is not None:
+            stop = f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}"
             break
+        spatial = spatial or kind in _SPATIAL or (kind == "flatten" and call.input.shape != call.output.shape)
         tail.append(call)
         current = call.input
     tail.reverse()
@@ -161,10 +195,15 @@ def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[T
 
 @dataclass
 class _Factor:
-    """A signed factor ``sign * S S^T`` of the per-row Hessian w.r.t. the current layer's output, with
-    ``S[r, k, i]`` stored in one of three forms: ``dense`` ``(R, K, d)``; ``diag`` ``(R, d)`` for ``diag(D)`` (a
-    residual term); or ``D[r, k] M[k, i] E[r, i]`` (``diag``, ``scale`` ``(K, d)`` = a weight, ``gain`` ``(R, d)``):
-    a residual term after one Linear layer, kept unexpanded until another Linear layer needs it."""
+    """A signed factor ``sign * S S^T`` of the Hessian w.r.t. the tensor ``X`` the pass has reached, ``S[r, k, ...]``
+    stored in one of three forms:
+
+    * ``dense`` ``(R, K, *feat)``, ``K`` columns per block, in the *row* layout (``R = prod(X.shape[:-1])``,
+      ``feat = X.shape[-1:]``: every position of a sequence is its own block, enough for Linear chains) or the
+      *example* layout (``R = X.shape[0]``, ``feat = X.shape[1:]``: convolutions and pooling mix positions);
+    * ``diag`` shaped like ``X``: ``diag(D)`` (a residual term);
+    * ``D[r, k] M[k, i] E[r, i]`` (``diag`` ``(R, d_out)``, ``scale`` ``(d_out, d_in)`` = a Linear weight, ``gain``
+      ``(R, d_in)``): a residual term after one Linear layer, kept unexpanded until another layer needs it."""
 
     sign: float
     dense: Tensor | None = None
@@ -172,12 +211,12 @@ class _Factor:
     scale: Tensor | None = None
     gain: Tensor | None = None
 
-    def squares(self) -> Tensor:
-        """``sum_k S[r, k, i]^2``, ``(R, d)``."""
+    def squares(self, width: int) -> Tensor:
+        """``sum_k S[r, k, i]^2`` in the row layout, ``(R, width)``."""
         if self.dense is not None:
             return self.dense.square().sum(1)
         if self.scale is None:
-            return self.diag.square()
+            return self.diag.reshape(-1, width).square()
         out = self.diag.square() @ self.scale.square()
         return out if self.gain is None else out.mul_(self.gain.square())
 
@@ -187,57 +226,275 @@ class _Factor:
         out = self.diag[:, :, None] * self.scale
         return out if self.gain is None else out.mul_(self.gain[:, None, :])
 
+    def examples(self, shape: torch.Size) -> _Factor:
+        """The example layout for ``X.shape == shape`` (row blocks become one block-diagonal block per example)."""
+        if self.diag is not None and self.scale is None:
+            return self
+        dense = self.expanded()
+        n = shape[0]
+        if dense.shape[0] == n and dense.shape[2:] == shape[1:]:
+            return _Factor(self.sign, dense=dense)
+        rows, k, d = dense.shape
+        t = rows // n
+        blocks = dense.new_zeros(n, t, k, t, d)
+        index = torch.arange(t, device=dense.device)
+        blocks[:, index, :, index, :] = dense.reshape(n, t, k, d).transpose(0, 1)
+        return _Factor(self.sign, dense=blocks.reshape(n, t * k, *shape[1:]))
+
     def through_linear(self, weight: Tensor) -> _Factor:
         if self.dense is None and self.scale is None:
-            return _Factor(self.sign, diag=self.diag, scale=weight)
+            return _Factor(self.sign, diag=self.diag.reshape(-1, weight.shape[0]), scale=weight)
         f = self.expanded()
         return _Factor(self.sign, dense=(f.reshape(-1, f.shape[-1]) @ weight).reshape(f.shape[0], f.shape[1], -1))
 
     def through_elementwise(self, d1: Tensor) -> _Factor:
+        """``d1 = phi'(h)`` shaped like ``X``."""
         if self.dense is not None:
-            return _Factor(self.sign, dense=self.dense * d1[:, None, :])
+            example = self.dense.shape[0] == d1.shape[0] and self.dense.shape[2:] == d1.shape[1:]
+            return _Factor(self.sign, dense=self.dense * (d1[:, None] if example else d1.reshape(-1, 1, d1.shape[-1])))
         if self.scale is None:
             return _Factor(self.sign, diag=self.diag * d1)
+        d1 = d1.reshape(self.diag.shape[0], -1)
         return _Factor(self.sign, diag=self.diag, scale=self.scale, gain=d1 if self.gain is None else self.gain * d1)
+
+
+def _nonzero_columns(diag: Tensor) -> tuple[Tensor, Tensor]:
+    """The columns of ``diag(D)`` per example that are not zero: ``(index, value)``, both ``(N, K)`` with ``K`` the
+    largest count (shorter lists padded with zero columns)."""
+    flat = diag.reshape(diag.shape[0], -1)
+    nonzero = flat.ne(0)
+    k = int(nonzero.sum(1).max())
+    order = torch.sort(nonzero.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, :k]
+    return order, flat.gather(1, order)
+
+
+@dataclass
+class _ConvGeometry:
+    """A Conv1d/Conv2d call as a 2-D convolution (Conv1d has height 1) with explicit zero padding."""
+
+    weight: Tensor  # (C_out, C_in / groups, kh, kw)
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padded: tuple[int, int]  # padded input height and width
+
+    @staticmethod
+    def of(module: nn.Module, x: Tensor) -> _ConvGeometry:
+        one_d = isinstance(module, nn.Conv1d)
+        weight = module.weight.unsqueeze(2) if one_d else module.weight
+        kernel = module.weight.shape[2:]
+        if isinstance(module.padding, str):  # "valid", or "same": the extra padding of an odd total on the right
+            totals = [0 if module.padding == "valid" else d * (k - 1) for d, k in zip(module.dilation, kernel)]
+            pairs = [(t // 2, t - t // 2) for t in totals]
+        else:
+            pairs = [(p, p) for p in module.padding]
+        pairs = [(0, 0), *pairs] if one_d else pairs
+        spatial = x.shape[2:] if not one_d else (1, x.shape[2])
+        return _ConvGeometry(weight, (*pairs[1], *pairs[0]), (1, *module.stride) if one_d else tuple(module.stride),
+                             (1, *module.dilation) if one_d else tuple(module.dilation), module.groups,
+                             (spatial[0] + sum(pairs[0]), spatial[1] + sum(pairs[1])))
+
+    def unfold(self, x: Tensor) -> Tensor:
+        """Patches ``(N, groups, C_in / groups * kh * kw, P)`` of the 3-D or 4-D input ``x``."""
+        x4 = x.unsqueeze(2) if x.ndim == 3 else x
+        cols = F.unfold(F.pad(x4, self.pad), self.weight.shape[2:], dilation=self.dilation, stride=self.stride)
+        return cols.reshape(x.shape[0], self.groups, -1, cols.shape[-1])
+
+    def transpose(self, s: Tensor, in_shape: torch.Size) -> Tensor:
+        """The adjoint of the convolution (no bias) applied to ``s`` ``(B, C_out, *out)``: ``(B, *in_shape)``."""
+        s4 = s.unsqueeze(2) if s.ndim == 3 else s
+        kernel = self.weight.shape[2:]
+        extra = [size - ((o - 1) * st + d * (k - 1) + 1)
+                 for size, o, st, d, k in zip(self.padded, s4.shape[2:], self.stride, self.dilation, kernel)]
+        out = F.conv_transpose2d(s4, self.weight, None, self.stride, 0, extra, self.groups, self.dilation)
+        left, right, top, bottom = self.pad
+        out = out[:, :, top:self.padded[0] - bottom, left:self.padded[1] - right]
+        return out.reshape(s.shape[0], *in_shape)
+
+
+class _Backprop:
+    """One batch's extended backward pass over ``chain`` (state shared with the column chunks drained separately).
+
+    ``run(i, factors, grad)`` processes calls ``i, i-1, ..., 0``: the factors and ``grad = dL/dX`` are w.r.t. the
+    output ``X`` of call ``i``. A Linear or Conv layer adds ``sum_k (J_k)^2`` of each factor's columns to its
+    parameters' diagonals; every call then maps the factors to its input (its transposed Jacobian); a curved
+    elementwise activation adds its residual factors (Hessian only). A factor whose mapped block would exceed
+    ``_BLOCK_ELEMENTS`` is split into column chunks, each run to the input on its own (the diagonal is a sum over
+    columns), so the memory stays bounded."""
+
+    def __init__(self, chain: Chain, curvature: str) -> None:
+        self.calls = chain.calls
+        self.kinds = [_kind(c.module) for c in self.calls]
+        self.params_before = [any(k in ("linear", "conv") for k in self.kinds[:i]) for i in range(len(self.calls))]
+        self.curved = [curvature == "hessian" and k == "elementwise" and self.params_before[i]
+                       and not isinstance(c.module, PIECEWISE_LINEAR)
+                       for i, (k, c) in enumerate(zip(self.kinds, self.calls))]
+        self.grad_needed = [any(self.curved[:i + 1]) for i in range(len(self.calls))]
+        self.result: dict[str, Tensor] = {}
+        self._cache: dict[tuple[str, int], Any] = {}
+
+    def _cached(self, key: str, index: int, make: Callable[[], Any]) -> Any:
+        if (key, index) not in self._cache:
+            self._cache[key, index] = make()
+        return self._cache[key, index]
+
+    def run(self, index: int, factors: list[_Factor], grad: Tensor | None) -> None:
+        for i in range(index, -1, -1):
+            kind = self.kinds[i]
+            if kind in ("linear", "conv"):
+                self._accumulate(i, factors)
+            if not self.params_before[i]:
+                return
+            residual = []
+            if kind == "elementwise" and grad is not None and self.curved[i]:
+                res = self._derivatives(i)[1] * grad
+                if bool(res.ne(0).any()):
+                    residual = [_Factor(1.0, diag=res.clamp_min(0).sqrt()), _Factor(-1.0, diag=(-res).clamp_min(0).sqrt())]
+            factors = [g for f in factors for g in self._back(i, f)] + residual
+            if grad is not None:
+                grad = self._map_grad(i, grad) if self.grad_needed[i - 1] else None
+
+    def _derivatives(self, i: int) -> tuple[Tensor, Tensor]:
+        call = self.calls[i]
+        return self._cached("d", i, lambda: _elementwise_derivatives(call.module, call.input, call.output))
+
+    def _add(self, i: int, pname: str, value: Tensor) -> None:
+        name = f"{self.calls[i].name}.{pname}" if self.calls[i].name else pname
+        if name in self.result:
+            self.result[name].add_(value)
+        else:
+            self.result[name] = value
+
+    def _accumulate(self, i: int, factors: list[_Factor]) -> None:
+        """Adds the factors' ``sum_k (dX_k / dtheta)^2`` to the diagonal of call ``i``'s parameters."""
+        call = self.calls[i]
+        module = call.module
+        if self.kinds[i] == "linear":
+            width = call.output.shape[-1]
+            sq = sum(f.squares(width) * f.sign for f in factors)
+            a2 = self._cached("a2", i, lambda: call.input.reshape(-1, call.input.shape[-1]).square())
+            self._add(i, "weight", sq.T @ a2)
+            if module.bias is not None:
+                self._add(i, "bias", sq.sum(0))
+            return
+        geometry = self._geometry(i)
+        patches = self._cached("u", i, lambda: geometry.unfold(call.input))  # (N, G, J, P)
+        n, groups, p = patches.shape[0], geometry.groups, patches.shape[-1]
+        for f in factors:
+            f = f.examples(call.output.shape)
+            if f.dense is not None:  # per column: J = S_k U^T, summed squares
+                s = f.dense.reshape(n, f.dense.shape[1], groups, -1, p)
+                w = torch.einsum("nkgop,ngjp->nkgoj", s, patches).square().sum((0, 1))
+                b = s.sum(-1).square().sum((0, 1))
+            else:  # one (channel, position) entry per column
+                d2 = f.diag.square().reshape(n, groups, -1, p)
+                u2 = self._cached("u2", i, patches.square)
+                w, b = torch.einsum("ngop,ngjp->goj", d2, u2), d2.sum((0, 3))
+            self._add(i, "weight", w.reshape(module.weight.shape) * f.sign)
+            if module.bias is not None:
+                self._add(i, "bias", b.reshape(-1) * f.sign)
+
+    def _geometry(self, i: int) -> _ConvGeometry:
+        return self._cached("g", i, lambda: _ConvGeometry.of(self.calls[i].module, self.calls[i].input))
+
+    def _map(self, i: int, s: Tensor) -> Tensor:
+        """The transposed Jacobian of the linear (at the recorded input) spatial call ``i`` on ``s``
+        ``(N, K, *out)``: ``(N, K, *in)``."""
+        call = self.calls[i]
+        x, module = call.input, call.module
+        n, k = s.shape[:2]
+        flat = s.reshape(n * k, *s.shape[2:])
+        if self.kinds[i] == "conv":
+            out = self._geometry(i).transpose(flat, x.shape[1:])
+        elif self.kinds[i] == "maxpool":
+            index = self._cached("idx", i, lambda: _max_pool_indices(module, x))  # (N, C, P_out) into (N, C, P_in)
+            channels = x.shape[1]
+            out = s.new_zeros(n, k, channels, x[0, 0].numel()).scatter_add_(
+                3, index[:, None].expand(n, k, *index.shape[1:]), s.reshape(n, k, channels, -1))
+        else:  # average pooling is linear: its adjoint is its gradient
+            with torch.enable_grad():
+                z = torch.zeros((n * k, *x.shape[1:]), dtype=s.dtype, device=s.device, requires_grad=True)
+                (out,) = torch.autograd.grad(module.forward(z), z, flat)
+        return out.reshape(n, k, *x.shape[1:])
+
+    def _back(self, i: int, f: _Factor) -> list[_Factor]:
+        """``f`` mapped to the input of call ``i`` (``[]`` when its columns were drained in chunks)."""
+        call, kind = self.calls[i], self.kinds[i]
+        if kind == "identity" or (kind == "flatten" and call.input.shape == call.output.shape):
+            return [f]
+        if kind == "elementwise":
+            return [f.through_elementwise(self._derivatives(i)[0])]
+        if kind == "linear":
+            return [f.through_linear(call.module.weight)]
+        f = f.examples(call.output.shape)
+        if kind == "flatten":
+            return [_Factor(f.sign, diag=f.diag.reshape(call.input.shape)) if f.dense is None else
+                    _Factor(f.sign, dense=f.dense.reshape(*f.dense.shape[:2], *call.input.shape[1:]))]
+        if kind == "maxpool" and f.dense is None:  # P^T diag(D^2) P is diagonal: each output picks one input entry
+            x = call.input
+            index = self._cached("idx", i, lambda: _max_pool_indices(call.module, x))
+            d2 = f.diag.square().reshape(*index.shape)
+            return [_Factor(f.sign, diag=d2.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, index, d2)
+                            .sqrt_().reshape(x.shape))]
+        if f.dense is not None:
+            columns = f.dense.shape[1]
+
+            def block(lo: int, hi: int) -> Tensor:
+                return f.dense[:, lo:hi]
+        else:  # a diagonal factor becomes one dense column per nonzero entry
+            index, value = _nonzero_columns(f.diag)
+            columns = index.shape[1]
+
+            def block(lo: int, hi: int) -> Tensor:
+                out = value.new_zeros(value.shape[0], hi - lo, f.diag[0].numel())
+                out.scatter_(2, index[:, lo:hi, None], value[:, lo:hi, None])
+                return out.reshape(value.shape[0], hi - lo, *f.diag.shape[1:])
+        size = call.input.shape[0] * max(call.input[0].numel(), call.output[0].numel())
+        chunk = max(1, _BLOCK_ELEMENTS // size)
+        if columns <= chunk:
+            return [_Factor(f.sign, dense=self._map(i, block(0, columns)))] if columns else []
+        for lo in range(0, columns, chunk):
+            self.run(i - 1, [_Factor(f.sign, dense=self._map(i, block(lo, min(lo + chunk, columns))))], None)
+        return []
+
+    def _map_grad(self, i: int, grad: Tensor) -> Tensor:
+        """``dL/d(input of call i)`` from ``grad = dL/d(output)``."""
+        call, kind = self.calls[i], self.kinds[i]
+        if kind == "identity":
+            return grad
+        if kind == "elementwise":
+            return grad * self._derivatives(i)[0]
+        if kind == "linear":
+            return grad @ call.module.weight
+        if kind == "flatten":
+            return grad.reshape(call.input.shape)
+        return self._map(i, grad[:, None])[:, 0]
+
+
+def _max_pool_indices(module: nn.Module, x: Tensor) -> Tensor:
+    """``(N, C, P_out)`` flat indices of the maxima in each input plane (as ``return_indices=True`` gives them)."""
+    if isinstance(module, nn.AdaptiveMaxPool1d):
+        _, index = F.adaptive_max_pool1d(x, module.output_size, return_indices=True)
+    elif isinstance(module, nn.AdaptiveMaxPool2d):
+        _, index = F.adaptive_max_pool2d(x, module.output_size, return_indices=True)
+    else:
+        pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+        _, index = pool(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+                        return_indices=True)
+    return index.reshape(*x.shape[:2], -1)
 
 
 def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
                     curvature: str) -> dict[str, Tensor]:
-    """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters.
-
-    Dense factors are stored as ``(R, K, d)`` (columns first) so that propagating through a Linear layer is one GEMM
-    ``(R K, d_out) @ W``; residual factors stay diagonal or unexpanded (:class:`_Factor`) while they can."""
-    width = outputs.shape[-1] if outputs.ndim > 1 else 1
-    grad = output_gradient(loss, outputs, targets).reshape(-1, width)
-    factors = [_Factor(1.0, dense=output_hessian_factor(loss, outputs).transpose(1, 2))]
-    needs_factor = [any(_kind(c.module) == "linear" for c in chain.calls[:i]) for i in range(len(chain.calls))]
-    result: dict[str, Tensor] = {}
-    for index in range(len(chain.calls) - 1, -1, -1):
-        call = chain.calls[index]
-        kind = _kind(call.module)
-        if kind == "linear":
-            a = call.input.reshape(-1, call.input.shape[-1])
-            sq = factors[0].squares().mul_(factors[0].sign)
-            for factor in factors[1:]:
-                sq.add_(factor.squares(), alpha=factor.sign)
-            prefix = f"{call.name}." if call.name else ""
-            result[prefix + "weight"] = sq.T @ a.square()
-            if call.module.bias is not None:
-                result[prefix + "bias"] = sq.sum(0)
-            if needs_factor[index]:
-                factors = [f.through_linear(call.module.weight) for f in factors]
-                grad = grad @ call.module.weight
-        elif kind == "elementwise" and needs_factor[index]:
-            h, out = call.input.reshape(-1, call.input.shape[-1]), call.output.reshape(-1, call.input.shape[-1])
-            d1, d2 = _elementwise_derivatives(call.module, h, out)
-            factors = [f.through_elementwise(d1) for f in factors]
-            if curvature == "hessian" and not isinstance(call.module, nn.ReLU):
-                residual = d2 * grad
-                if bool(residual.ne(0).any()):
-                    factors += [_Factor(1.0, diag=residual.clamp_min(0).sqrt()),
-                                _Factor(-1.0, diag=(-residual).clamp_min(0).sqrt())]
-            grad = grad * d1
-    return result
+    """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters (:class:`_Backprop`)."""
+    if not chain.calls:
+        return {}
+    bp = _Backprop(chain, curvature)
+    last = len(chain.calls) - 1
+    grad = output_gradient(loss, outputs, targets) if bp.grad_needed[last] else None
+    bp.run(last, [_Factor(1.0, dense=output_hessian_factor(loss, outputs).transpose(1, 2))], grad)
+    return bp.result
 
 
 def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None = None, loss: str | None = None,
