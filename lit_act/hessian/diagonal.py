@@ -28,6 +28,7 @@ which :func:`lit_act.hessian.trace.trace` uses as a control variate.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class _Call:
     module: nn.Module
     input: Tensor
     output: Tensor
+    indices: Tensor | None = None  # a max pooling layer's argmax indices, recorded in the same forward
 
 
 @dataclass(frozen=True)
@@ -128,20 +130,31 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
     docstring) and the outputs."""
     calls: list[_Call] = []
     counts: dict[int, int] = {}
+    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    # max pooling layers without hooks of their own return their indices to our hook, which passes the output on
+    pools = [m for _, m in leaves if _kind(m) == "maxpool" and not m._forward_hooks]
+    with_indices = {id(m) for m in pools}
 
-    def record(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+    def record(name: str, module: nn.Module, args: tuple, output: Any) -> Any:
         counts[id(module)] = counts.get(id(module), 0) + 1
+        indices = None
+        if id(module) in with_indices:
+            output, indices = output
         if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-            calls.append(_Call(name, module, args[0], output))
+            calls.append(_Call(name, module, args[0], output, indices))
         else:
             calls.append(_Call(name, module, None, None))  # type: ignore[arg-type]
+        return output if indices is not None else None
 
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(lambda mod, args, out, n=n: record(n, mod, args, out)) for n, m in leaves]
     try:
+        for pool in pools:
+            pool.return_indices = True
         with torch.no_grad(), math_attention():
             outputs = model(inputs)
     finally:
+        for pool in pools:
+            pool.return_indices = False
         for handle in handles:
             handle.remove()
     owners: dict[int, list[str]] = {}
@@ -203,16 +216,24 @@ class _Factor:
       *example* layout (``R = X.shape[0]``, ``feat = X.shape[1:]``: convolutions and pooling mix positions);
     * ``diag`` shaped like ``X``: ``diag(D)`` (a residual term);
     * ``D[r, k] M[k, i] E[r, i]`` (``diag`` ``(R, d_out)``, ``scale`` ``(d_out, d_in)`` = a Linear weight, ``gain``
-      ``(R, d_in)``): a residual term after one Linear layer, kept unexpanded until another layer needs it."""
+      ``(R, d_in)``): a residual term after one Linear layer, kept unexpanded until another layer needs it;
+    * ``dense`` ``(N, K, C, Q)`` with ``index`` ``(N, C, Q)``: columns just mapped back through a max pooling layer,
+      kept at the pooled size (``S[n, k, c, index[n, c, q]] += dense[n, k, c, q]`` over ``X``'s flattened planes,
+      ``shape = X.shape[1:]``) so that an elementwise gain and the next convolution's weight diagonal work on ``Q``
+      instead of all positions; scattered when another layer needs it."""
 
     sign: float
     dense: Tensor | None = None
     diag: Tensor | None = None
     scale: Tensor | None = None
     gain: Tensor | None = None
+    index: Tensor | None = None
+    shape: tuple[int, ...] | None = None
 
     def squares(self, width: int) -> Tensor:
         """``sum_k S[r, k, i]^2`` in the row layout, ``(R, width)``."""
+        if self.index is not None:
+            return self.expanded().square().sum(1).reshape(-1, width)
         if self.dense is not None:
             return self.dense.square().sum(1)
         if self.scale is None:
@@ -221,10 +242,22 @@ class _Factor:
         return out if self.gain is None else out.mul_(self.gain.square())
 
     def expanded(self) -> Tensor:
+        if self.index is not None:
+            return self.columns(0, self.dense.shape[1])
         if self.dense is not None:
             return self.dense
         out = self.diag[:, :, None] * self.scale
         return out if self.gain is None else out.mul_(self.gain[:, None, :])
+
+    def columns(self, lo: int, hi: int) -> Tensor:
+        """Columns ``lo:hi`` of a dense factor in the example layout, ``(N, hi - lo, *feat)``."""
+        block = self.dense[:, lo:hi]
+        if self.index is None:
+            return block
+        n, k, c = block.shape[:3]
+        out = block.new_zeros(n, k, c, math.prod(self.shape[1:]))
+        out.scatter_add_(3, self.index[:, None].expand(n, k, *self.index.shape[1:]), block)
+        return out.reshape(n, k, *self.shape)
 
     def examples(self, shape: torch.Size) -> _Factor:
         """The example layout for ``X.shape == shape`` (row blocks become one block-diagonal block per example)."""
@@ -249,6 +282,9 @@ class _Factor:
 
     def through_elementwise(self, d1: Tensor) -> _Factor:
         """``d1 = phi'(h)`` shaped like ``X``."""
+        if self.index is not None:
+            gain = d1.reshape(*self.index.shape[:2], -1).gather(2, self.index)[:, None]
+            return _Factor(self.sign, dense=self.dense * gain, index=self.index, shape=self.shape)
         if self.dense is not None:
             example = self.dense.shape[0] == d1.shape[0] and self.dense.shape[2:] == d1.shape[1:]
             return _Factor(self.sign, dense=self.dense * (d1[:, None] if example else d1.reshape(-1, 1, d1.shape[-1])))
@@ -298,7 +334,11 @@ class _ConvGeometry:
     def unfold(self, x: Tensor) -> Tensor:
         """Patches ``(N, groups, C_in / groups * kh * kw, P)`` of the 3-D or 4-D input ``x``."""
         x4 = x.unsqueeze(2) if x.ndim == 3 else x
-        cols = F.unfold(F.pad(x4, self.pad), self.weight.shape[2:], dilation=self.dilation, stride=self.stride)
+        left, right, top, bottom = self.pad
+        if (left, top) == (right, bottom):  # padded by unfold itself, no padded copy
+            cols = F.unfold(x4, self.weight.shape[2:], self.dilation, (top, left), self.stride)
+        else:
+            cols = F.unfold(F.pad(x4, self.pad), self.weight.shape[2:], dilation=self.dilation, stride=self.stride)
         return cols.reshape(x.shape[0], self.groups, -1, cols.shape[-1])
 
     def transpose(self, s: Tensor, in_shape: torch.Size) -> Tensor:
@@ -307,9 +347,13 @@ class _ConvGeometry:
         kernel = self.weight.shape[2:]
         extra = [size - ((o - 1) * st + d * (k - 1) + 1)
                  for size, o, st, d, k in zip(self.padded, s4.shape[2:], self.stride, self.dilation, kernel)]
-        out = F.conv_transpose2d(s4, self.weight, None, self.stride, 0, extra, self.groups, self.dilation)
         left, right, top, bottom = self.pad
-        out = out[:, :, top:self.padded[0] - bottom, left:self.padded[1] - right]
+        if (left, top) == (right, bottom):  # cropped by conv_transpose2d itself
+            out = F.conv_transpose2d(s4, self.weight, None, self.stride, (top, left), extra, self.groups,
+                                     self.dilation)
+        else:
+            out = F.conv_transpose2d(s4, self.weight, None, self.stride, 0, extra, self.groups, self.dilation)
+            out = out[:, :, top:self.padded[0] - bottom, left:self.padded[1] - right]
         return out.reshape(s.shape[0], *in_shape)
 
 
@@ -342,6 +386,9 @@ class _Backprop:
     def run(self, index: int, factors: list[_Factor], grad: Tensor | None) -> None:
         for i in range(index, -1, -1):
             kind = self.kinds[i]
+            if kind == "conv":  # pooled columns are scattered once here unless the patches are gathered instead
+                factors = [f if f.index is None or self._gathers(i, f) else _Factor(f.sign, dense=f.expanded())
+                           for f in factors]
             if kind in ("linear", "conv"):
                 self._accumulate(i, factors)
             if not self.params_before[i]:
@@ -382,11 +429,24 @@ class _Backprop:
         patches = self._cached("u", i, lambda: geometry.unfold(call.input))  # (N, G, J, P)
         n, groups, p = patches.shape[0], geometry.groups, patches.shape[-1]
         for f in factors:
+            if f.index is not None:  # pooled columns (max pooling next): J = S_k[:, index] U[:, index]^T
+                gathered = self._cached("ug", i, lambda f=f: _gather_patches(patches, f.index))  # (N, C, Q, J)
+                w = torch.matmul(f.dense.transpose(1, 2), gathered).square().sum((0, 2))
+                b = f.dense.sum(-1).square().sum((0, 1))
+                self._add(i, "weight", w.reshape(module.weight.shape) * f.sign)
+                if module.bias is not None:
+                    self._add(i, "bias", b.reshape(-1) * f.sign)
+                continue
             f = f.examples(call.output.shape)
             if f.dense is not None:  # per column: J = S_k U^T, summed squares
-                s = f.dense.reshape(n, f.dense.shape[1], groups, -1, p)
-                w = torch.einsum("nkgop,ngjp->nkgoj", s, patches).square().sum((0, 1))
-                b = s.sum(-1).square().sum((0, 1))
+                k = f.dense.shape[1]
+                if groups == 1:
+                    w = torch.matmul(f.dense.reshape(n, -1, p), patches[:, 0].transpose(1, 2))
+                    w = w.square_().reshape(n, k, -1, w.shape[-1]).sum((0, 1))
+                else:
+                    s = f.dense.reshape(n, k, groups, -1, p)
+                    w = torch.einsum("nkgop,ngjp->nkgoj", s, patches).square_().sum((0, 1))
+                b = f.dense.reshape(n, k, -1, p).sum(-1).square_().sum((0, 1))
             else:  # one (channel, position) entry per column
                 d2 = f.diag.square().reshape(n, groups, -1, p)
                 u2 = self._cached("u2", i, patches.square)
@@ -394,6 +454,18 @@ class _Backprop:
             self._add(i, "weight", w.reshape(module.weight.shape) * f.sign)
             if module.bias is not None:
                 self._add(i, "bias", b.reshape(-1) * f.sign)
+
+    def _pool_indices(self, i: int) -> Tensor:
+        call = self.calls[i]
+        if call.indices is not None:
+            return call.indices.reshape(*call.input.shape[:2], -1)
+        return self._cached("idx", i, lambda: _max_pool_indices(call.module, call.input))
+
+    def _gathers(self, i: int, f: _Factor) -> bool:
+        """Whether conv call ``i`` takes the weight diagonal of pooled columns ``f`` from patches gathered at the
+        pooled positions (``J Q`` entries per channel) rather than from the scattered columns (``K P``)."""
+        patches = self._cached("u", i, lambda: self._geometry(i).unfold(self.calls[i].input))
+        return patches.shape[2] * f.dense.shape[-1] <= f.dense.shape[1] * patches.shape[-1]
 
     def _geometry(self, i: int) -> _ConvGeometry:
         return self._cached("g", i, lambda: _ConvGeometry.of(self.calls[i].module, self.calls[i].input))
@@ -408,7 +480,7 @@ class _Backprop:
         if self.kinds[i] == "conv":
             out = self._geometry(i).transpose(flat, x.shape[1:])
         elif self.kinds[i] == "maxpool":
-            index = self._cached("idx", i, lambda: _max_pool_indices(module, x))  # (N, C, P_out) into (N, C, P_in)
+            index = self._pool_indices(i)  # (N, C, P_out) into (N, C, P_in)
             channels = x.shape[1]
             out = s.new_zeros(n, k, channels, x[0, 0].numel()).scatter_add_(
                 3, index[:, None].expand(n, k, *index.shape[1:]), s.reshape(n, k, channels, -1))
@@ -427,21 +499,26 @@ class _Backprop:
             return [f.through_elementwise(self._derivatives(i)[0])]
         if kind == "linear":
             return [f.through_linear(call.module.weight)]
-        f = f.examples(call.output.shape)
+        if kind == "maxpool" and f.dense is not None and f.index is None:
+            f = f.examples(call.output.shape)
+            x = call.input
+            index = self._pool_indices(i)
+            return [_Factor(f.sign, dense=f.dense.reshape(*f.dense.shape[:3], -1), index=index, shape=x.shape[1:])]
+        if f.index is None:
+            f = f.examples(call.output.shape)
         if kind == "flatten":
-            return [_Factor(f.sign, diag=f.diag.reshape(call.input.shape)) if f.dense is None else
-                    _Factor(f.sign, dense=f.dense.reshape(*f.dense.shape[:2], *call.input.shape[1:]))]
+            if f.dense is None:
+                return [_Factor(f.sign, diag=f.diag.reshape(call.input.shape))]
+            dense = f.expanded()
+            return [_Factor(f.sign, dense=dense.reshape(*dense.shape[:2], *call.input.shape[1:]))]
         if kind == "maxpool" and f.dense is None:  # P^T diag(D^2) P is diagonal: each output picks one input entry
             x = call.input
-            index = self._cached("idx", i, lambda: _max_pool_indices(call.module, x))
+            index = self._pool_indices(i)
             d2 = f.diag.square().reshape(*index.shape)
             return [_Factor(f.sign, diag=d2.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, index, d2)
                             .sqrt_().reshape(x.shape))]
         if f.dense is not None:
-            columns = f.dense.shape[1]
-
-            def block(lo: int, hi: int) -> Tensor:
-                return f.dense[:, lo:hi]
+            columns, block = f.dense.shape[1], f.columns
         else:  # a diagonal factor becomes one dense column per nonzero entry
             index, value = _nonzero_columns(f.diag)
             columns = index.shape[1]
@@ -470,6 +547,16 @@ class _Backprop:
         if kind == "flatten":
             return grad.reshape(call.input.shape)
         return self._map(i, grad[:, None])[:, 0]
+
+
+def _gather_patches(patches: Tensor, index: Tensor) -> Tensor:
+    """``patches`` ``(N, G, J, P)`` at each output channel's pooled positions ``index`` ``(N, C, Q)``:
+    ``(N, C, Q, J)``."""
+    n, groups = patches.shape[:2]
+    c = index.shape[1]
+    rows = patches.transpose(2, 3).contiguous()  # (N, G, P, J): one gathered row per position
+    group = torch.arange(c, device=index.device) // (c // groups)
+    return rows[torch.arange(n, device=index.device)[:, None, None], group[None, :, None], index]
 
 
 def _max_pool_indices(module: nn.Module, x: Tensor) -> Tensor:
