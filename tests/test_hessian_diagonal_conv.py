@@ -155,6 +155,23 @@ def test_column_chunks_give_the_same_diagonal(monkeypatch):
     torch.testing.assert_close(with_hook, whole, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("pool", [True, False], ids=["max-pool", "no-pool"])
+def test_residuals_reach_the_first_conv_without_dense_columns(monkeypatch, pool):
+    """A curved activation after the second convolution: its residual reaches the first convolution's parameters
+    through the unfolded gains and patches (no dense columns); strided/dilated/padded geometry, bias on and off."""
+    torch.manual_seed(8)
+    middle = [nn.Tanh(), nn.MaxPool2d(2), nn.Sigmoid()] if pool else [nn.Sigmoid()]
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2 if not pool else 1, padding=1), *middle,
+                          nn.Conv2d(3, 4, 3, padding=2, dilation=2, bias=not pool), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).double().eval()
+    taken = []
+    direct = diagonal_module._Backprop._into_first_conv
+    monkeypatch.setattr(diagonal_module._Backprop, "_into_first_conv",
+                        lambda self, i, f: taken.append(direct(self, i, f)) or taken[-1])
+    assert_matches(model, batches_for((2, 8, 8)), "cross_entropy")
+    assert taken and all(taken)
+
+
 def test_auto_trace_of_cnn_is_exact():
     model = small_cnn(nn.Tanh, "avg", seed=6)
     batches = batches_for((2, 8, 8), sizes=(6,))

@@ -517,6 +517,8 @@ class _Backprop:
             d2 = f.diag.square().reshape(*index.shape)
             return [_Factor(f.sign, diag=d2.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, index, d2)
                             .sqrt_().reshape(x.shape))]
+        if kind == "conv" and f.dense is None and self._into_first_conv(i, f):
+            return []
         if f.dense is not None:
             columns, block = f.dense.shape[1], f.columns
         else:  # a diagonal factor becomes one dense column per nonzero entry
@@ -534,6 +536,62 @@ class _Backprop:
         for lo in range(0, columns, chunk):
             self.run(i - 1, [_Factor(f.sign, dense=self._map(i, block(lo, min(lo + chunk, columns))))], None)
         return []
+
+    def _into_first_conv(self, i: int, f: _Factor) -> bool:
+        """A diagonal factor at the output of conv call ``i`` whose only parametrised predecessor is conv call
+        ``m`` (elementwise layers and at most one max pooling in between, no groups): adds its whole contribution to
+        ``m``'s parameters without dense columns, and returns ``True`` (else ``False``, nothing done).
+
+        Column ``(n, o, p)`` is ``D[n, o, p] W_i[o, c, u]`` on input position ``q(p, u)`` of patch ``p``, so
+        ``dX_i[o, p] / dW_m[c, j] = D sum_u W_i[o, c, u] g[c, q(p, u)] U_m[j, r(c, q(p, u))]`` with ``g`` the
+        elementwise gains, ``r`` the max position (or ``q``) and ``U_m`` the patches of ``m``: unfolding the gains and
+        the (gathered) patches with ``i``'s geometry costs ``O(C_out C_in J k^2 P)`` per example instead of a dense
+        column of the whole input per ``(o, p)``."""
+        before, after, pool, m = [], [], None, i - 1
+        while m >= 0 and self.kinds[m] not in ("linear", "conv"):
+            kind, call = self.kinds[m], self.calls[m]
+            if kind == "elementwise":
+                (before if pool is not None else after).append(self._derivatives(m)[0])
+            elif kind == "maxpool" and pool is None:
+                pool = m
+            elif not (kind == "identity" or (kind == "flatten" and call.input.shape == call.output.shape)):
+                return False
+            m -= 1
+        if m < 0 or self.kinds[m] != "conv" or self.params_before[m] or self.calls[i].module.groups != 1 \
+                or self.calls[m].module.groups != 1:
+            return False
+        geometry, x = self._geometry(i), self.calls[i].input
+        n, channels = x.shape[:2]
+        patches = self._cached("u", m, lambda: self._geometry(m).unfold(self.calls[m].input))  # (N, 1, J, P_m)
+        j = patches.shape[2]
+        gain = math.prod(after) if after else torch.ones_like(x)
+        if pool is not None:
+            index = self._pool_indices(pool)  # (N, C, Q)
+            if before:
+                gain = gain * math.prod(before).reshape(n, channels, -1).gather(2, index).reshape(x.shape)
+            image = self._cached("ug", m, lambda: _gather_patches(patches, index)).transpose(2, 3)  # (N, C, J, Q)
+            columns = geometry.unfold(image.reshape(n, channels * j, *x.shape[2:]))
+        else:
+            columns = geometry.unfold(patches.reshape(n, j, *x.shape[2:]))
+        p = columns.shape[-1]
+        columns = columns.reshape(n, -1, j, geometry.weight[0, 0].numel(), p)  # (N, C or 1, J, k^2, P)
+        gains = geometry.unfold(gain).reshape(n, channels, 1, -1, p)  # zero outside the input
+        weight = geometry.weight.reshape(geometry.weight.shape[0], channels, -1).transpose(0, 1)  # (C, O, k^2)
+        d2 = f.diag.square().reshape(n, weight.shape[1], p)
+        w, b = 0, 0
+        step = max(1, _BLOCK_ELEMENTS // (weight.shape[0] * weight.shape[1] * j * p))
+        for lo in range(0, n, step):  # M[c, o, n, j, p] = sum_u W_i[o, c, u] g U, a few examples at a time
+            a = (columns[lo:lo + step] * gains[lo:lo + step]).permute(1, 3, 0, 2, 4)  # (C, k^2, n, J, P)
+            mj = torch.bmm(weight, a.reshape(*a.shape[:2], -1)).reshape(*weight.shape[:2], -1, j, p)
+            w = w + torch.einsum("conjp,nop->cj", mj.square_(), d2[lo:lo + step])
+            g = gains[lo:lo + step, :, 0].permute(1, 2, 0, 3)  # (C, k^2, n, P)
+            mb = torch.bmm(weight, g.reshape(*g.shape[:2], -1)).reshape(*weight.shape[:2], -1, p)
+            b = b + torch.einsum("conp,nop->c", mb.square_(), d2[lo:lo + step])
+        module = self.calls[m].module
+        self._add(m, "weight", w.reshape(module.weight.shape) * f.sign)
+        if module.bias is not None:
+            self._add(m, "bias", b * f.sign)
+        return True
 
     def _map_grad(self, i: int, grad: Tensor) -> Tensor:
         """``dL/d(input of call i)`` from ``grad = dL/d(output)``."""
