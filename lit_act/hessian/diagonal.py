@@ -208,13 +208,14 @@ def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[T
 
 @dataclass
 class _Factor:
-    """A signed factor ``sign * S S^T`` of the Hessian w.r.t. the tensor ``X`` the pass has reached, ``S[r, k, ...]``
-    stored in one of three forms:
+    """A factor ``S diag(signs) S^T`` of the Hessian w.r.t. the tensor ``X`` the pass has reached (``signs`` ``(R, K)``
+    of +-1 per column, ``None`` for all +1), ``S[r, k, ...]`` stored in one of four forms:
 
     * ``dense`` ``(R, K, *feat)``, ``K`` columns per block, in the *row* layout (``R = prod(X.shape[:-1])``,
       ``feat = X.shape[-1:]``: every position of a sequence is its own block, enough for Linear chains) or the
       *example* layout (``R = X.shape[0]``, ``feat = X.shape[1:]``: convolutions and pooling mix positions);
-    * ``diag`` shaped like ``X``: ``diag(D)`` (a residual term);
+    * ``hessian`` shaped like ``X``: a diagonal Hessian (a residual term, signed entries, one factor column
+      ``sqrt|h|`` per entry with the sign of ``h``);
     * ``D[r, k] M[k, i] E[r, i]`` (``diag`` ``(R, d_out)``, ``scale`` ``(d_out, d_in)`` = a Linear weight, ``gain``
       ``(R, d_in)``): a residual term after one Linear layer, kept unexpanded until another layer needs it;
     * ``dense`` ``(N, K, C, Q)`` with ``index`` ``(N, C, Q)``: columns just mapped back through a max pooling layer,
@@ -222,23 +223,31 @@ class _Factor:
       ``shape = X.shape[1:]``) so that an elementwise gain and the next convolution's weight diagonal work on ``Q``
       instead of all positions; scattered when another layer needs it."""
 
-    sign: float
     dense: Tensor | None = None
+    signs: Tensor | None = None
+    hessian: Tensor | None = None
     diag: Tensor | None = None
     scale: Tensor | None = None
     gain: Tensor | None = None
     index: Tensor | None = None
     shape: tuple[int, ...] | None = None
 
+    def weighted(self, squares: Tensor) -> Tensor:
+        """``sum_k signs[r, k] squares[r, k, ...]`` (``squares`` ``(R, K, ...)``)."""
+        if self.signs is None:
+            return squares.sum(1)
+        return (squares * self.signs.reshape(*self.signs.shape, *[1] * (squares.ndim - 2))).sum(1)
+
     def squares(self, width: int) -> Tensor:
-        """``sum_k S[r, k, i]^2`` in the row layout, ``(R, width)``."""
+        """``sum_k signs_k S[r, k, i]^2`` in the row layout, ``(R, width)``."""
+        if self.hessian is not None:
+            return self.hessian.reshape(-1, width)
         if self.index is not None:
-            return self.expanded().square().sum(1).reshape(-1, width)
+            return self.weighted(self.expanded().square()).reshape(-1, width)
         if self.dense is not None:
-            return self.dense.square().sum(1)
-        if self.scale is None:
-            return self.diag.reshape(-1, width).square()
-        out = self.diag.square() @ self.scale.square()
+            return self.weighted(self.dense.square())
+        d2 = self.diag.square() if self.signs is None else self.diag.square() * self.signs
+        out = d2 @ self.scale.square()
         return out if self.gain is None else out.mul_(self.gain.square())
 
     def expanded(self) -> Tensor:
@@ -261,47 +270,51 @@ class _Factor:
 
     def examples(self, shape: torch.Size) -> _Factor:
         """The example layout for ``X.shape == shape`` (row blocks become one block-diagonal block per example)."""
-        if self.diag is not None and self.scale is None:
+        if self.hessian is not None:
             return self
         dense = self.expanded()
         n = shape[0]
         if dense.shape[0] == n and dense.shape[2:] == shape[1:]:
-            return _Factor(self.sign, dense=dense)
+            return _Factor(dense, self.signs)
         rows, k, d = dense.shape
         t = rows // n
         blocks = dense.new_zeros(n, t, k, t, d)
         index = torch.arange(t, device=dense.device)
         blocks[:, index, :, index, :] = dense.reshape(n, t, k, d).transpose(0, 1)
-        return _Factor(self.sign, dense=blocks.reshape(n, t * k, *shape[1:]))
+        signs = None if self.signs is None else self.signs.reshape(n, t * k)
+        return _Factor(blocks.reshape(n, t * k, *shape[1:]), signs)
 
     def through_linear(self, weight: Tensor) -> _Factor:
-        if self.dense is None and self.scale is None:
-            return _Factor(self.sign, diag=self.diag.reshape(-1, weight.shape[0]), scale=weight)
+        if self.hessian is not None:
+            h = self.hessian.reshape(-1, weight.shape[0])
+            return _Factor(signs=h.sign(), diag=h.abs().sqrt(), scale=weight)
         f = self.expanded()
-        return _Factor(self.sign, dense=(f.reshape(-1, f.shape[-1]) @ weight).reshape(f.shape[0], f.shape[1], -1))
+        return _Factor((f.reshape(-1, f.shape[-1]) @ weight).reshape(f.shape[0], f.shape[1], -1), self.signs)
 
     def through_elementwise(self, d1: Tensor) -> _Factor:
         """``d1 = phi'(h)`` shaped like ``X``."""
         if self.index is not None:
             gain = d1.reshape(*self.index.shape[:2], -1).gather(2, self.index)[:, None]
-            return _Factor(self.sign, dense=self.dense * gain, index=self.index, shape=self.shape)
+            return _Factor(self.dense * gain, self.signs, index=self.index, shape=self.shape)
         if self.dense is not None:
             example = self.dense.shape[0] == d1.shape[0] and self.dense.shape[2:] == d1.shape[1:]
-            return _Factor(self.sign, dense=self.dense * (d1[:, None] if example else d1.reshape(-1, 1, d1.shape[-1])))
-        if self.scale is None:
-            return _Factor(self.sign, diag=self.diag * d1)
+            return _Factor(self.dense * (d1[:, None] if example else d1.reshape(-1, 1, d1.shape[-1])), self.signs)
+        if self.hessian is not None:
+            return _Factor(hessian=self.hessian * d1.square())
         d1 = d1.reshape(self.diag.shape[0], -1)
-        return _Factor(self.sign, diag=self.diag, scale=self.scale, gain=d1 if self.gain is None else self.gain * d1)
+        return _Factor(signs=self.signs, diag=self.diag, scale=self.scale,
+                       gain=d1 if self.gain is None else self.gain * d1)
 
 
-def _nonzero_columns(diag: Tensor) -> tuple[Tensor, Tensor]:
-    """The columns of ``diag(D)`` per example that are not zero: ``(index, value)``, both ``(N, K)`` with ``K`` the
-    largest count (shorter lists padded with zero columns)."""
-    flat = diag.reshape(diag.shape[0], -1)
+def _nonzero_columns(hessian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The factor columns of ``diag(h)`` per example that are not zero: ``(index, value, sign)``, all ``(N, K)``
+    with ``K`` the largest count (shorter lists padded with zero columns)."""
+    flat = hessian.reshape(hessian.shape[0], -1)
     nonzero = flat.ne(0)
     k = int(nonzero.sum(1).max())
     order = torch.sort(nonzero.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, :k]
-    return order, flat.gather(1, order)
+    h = flat.gather(1, order)
+    return order, h.abs().sqrt(), h.sign()
 
 
 @dataclass
@@ -387,7 +400,7 @@ class _Backprop:
         for i in range(index, -1, -1):
             kind = self.kinds[i]
             if kind == "conv":  # pooled columns are scattered once here unless the patches are gathered instead
-                factors = [f if f.index is None or self._gathers(i, f) else _Factor(f.sign, dense=f.expanded())
+                factors = [f if f.index is None or self._gathers(i, f) else _Factor(f.expanded(), f.signs)
                            for f in factors]
             if kind in ("linear", "conv"):
                 self._accumulate(i, factors)
@@ -397,7 +410,7 @@ class _Backprop:
             if kind == "elementwise" and grad is not None and self.curved[i]:
                 res = self._derivatives(i)[1] * grad
                 if bool(res.ne(0).any()):
-                    residual = [_Factor(1.0, diag=res.clamp_min(0).sqrt()), _Factor(-1.0, diag=(-res).clamp_min(0).sqrt())]
+                    residual = [_Factor(hessian=res)]
             factors = [g for f in factors for g in self._back(i, f)] + residual
             if grad is not None:
                 grad = self._map_grad(i, grad) if self.grad_needed[i - 1] else None
@@ -419,7 +432,7 @@ class _Backprop:
         module = call.module
         if self.kinds[i] == "linear":
             width = call.output.shape[-1]
-            sq = sum(f.squares(width) * f.sign for f in factors)
+            sq = sum(f.squares(width) for f in factors)
             a2 = self._cached("a2", i, lambda: call.input.reshape(-1, call.input.shape[-1]).square())
             self._add(i, "weight", sq.T @ a2)
             if module.bias is not None:
@@ -431,29 +444,25 @@ class _Backprop:
         for f in factors:
             if f.index is not None:  # pooled columns (max pooling next): J = S_k[:, index] U[:, index]^T
                 gathered = self._cached("ug", i, lambda f=f: _gather_patches(patches, f.index))  # (N, C, Q, J)
-                w = torch.matmul(f.dense.transpose(1, 2), gathered).square().sum((0, 2))
-                b = f.dense.sum(-1).square().sum((0, 1))
-                self._add(i, "weight", w.reshape(module.weight.shape) * f.sign)
-                if module.bias is not None:
-                    self._add(i, "bias", b.reshape(-1) * f.sign)
-                continue
-            f = f.examples(call.output.shape)
-            if f.dense is not None:  # per column: J = S_k U^T, summed squares
+                w = f.weighted(torch.matmul(f.dense.transpose(1, 2), gathered).square_().transpose(1, 2)).sum(0)
+                b = f.weighted(f.dense.sum(-1).square_()).sum(0)
+            elif f.hessian is not None:  # one (channel, position) entry per column
+                h = f.hessian.reshape(n, groups, -1, p)
+                u2 = self._cached("u2", i, patches.square)
+                w, b = torch.einsum("ngop,ngjp->goj", h, u2), h.sum((0, 3))
+            else:  # per column: J = S_k U^T, summed squares
+                f = f.examples(call.output.shape)
                 k = f.dense.shape[1]
                 if groups == 1:
                     w = torch.matmul(f.dense.reshape(n, -1, p), patches[:, 0].transpose(1, 2))
-                    w = w.square_().reshape(n, k, -1, w.shape[-1]).sum((0, 1))
+                    w = f.weighted(w.square_().reshape(n, k, -1, w.shape[-1])).sum(0)
                 else:
                     s = f.dense.reshape(n, k, groups, -1, p)
-                    w = torch.einsum("nkgop,ngjp->nkgoj", s, patches).square_().sum((0, 1))
-                b = f.dense.reshape(n, k, -1, p).sum(-1).square_().sum((0, 1))
-            else:  # one (channel, position) entry per column
-                d2 = f.diag.square().reshape(n, groups, -1, p)
-                u2 = self._cached("u2", i, patches.square)
-                w, b = torch.einsum("ngop,ngjp->goj", d2, u2), d2.sum((0, 3))
-            self._add(i, "weight", w.reshape(module.weight.shape) * f.sign)
+                    w = f.weighted(torch.einsum("nkgop,ngjp->nkgoj", s, patches).square_()).sum(0)
+                b = f.weighted(f.dense.reshape(n, k, -1, p).sum(-1).square_()).sum(0)
+            self._add(i, "weight", w.reshape(module.weight.shape))
             if module.bias is not None:
-                self._add(i, "bias", b.reshape(-1) * f.sign)
+                self._add(i, "bias", b.reshape(-1))
 
     def _pool_indices(self, i: int) -> Tensor:
         call = self.calls[i]
@@ -503,38 +512,39 @@ class _Backprop:
             f = f.examples(call.output.shape)
             x = call.input
             index = self._pool_indices(i)
-            return [_Factor(f.sign, dense=f.dense.reshape(*f.dense.shape[:3], -1), index=index, shape=x.shape[1:])]
+            return [_Factor(f.dense.reshape(*f.dense.shape[:3], -1), f.signs, index=index, shape=x.shape[1:])]
         if f.index is None:
             f = f.examples(call.output.shape)
         if kind == "flatten":
-            if f.dense is None:
-                return [_Factor(f.sign, diag=f.diag.reshape(call.input.shape))]
+            if f.hessian is not None:
+                return [_Factor(hessian=f.hessian.reshape(call.input.shape))]
             dense = f.expanded()
-            return [_Factor(f.sign, dense=dense.reshape(*dense.shape[:2], *call.input.shape[1:]))]
-        if kind == "maxpool" and f.dense is None:  # P^T diag(D^2) P is diagonal: each output picks one input entry
+            return [_Factor(dense.reshape(*dense.shape[:2], *call.input.shape[1:]), f.signs)]
+        if kind == "maxpool" and f.hessian is not None:  # P^T diag(h) P is diagonal: each output picks one input entry
             x = call.input
             index = self._pool_indices(i)
-            d2 = f.diag.square().reshape(*index.shape)
-            return [_Factor(f.sign, diag=d2.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, index, d2)
-                            .sqrt_().reshape(x.shape))]
-        if kind == "conv" and f.dense is None and self._into_first_conv(i, f):
+            h = f.hessian.reshape(*index.shape)
+            return [_Factor(hessian=h.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, index, h)
+                            .reshape(x.shape))]
+        if kind == "conv" and f.hessian is not None and self._into_first_conv(i, f):
             return []
         if f.dense is not None:
-            columns, block = f.dense.shape[1], f.columns
-        else:  # a diagonal factor becomes one dense column per nonzero entry
-            index, value = _nonzero_columns(f.diag)
+            columns, block, signs = f.dense.shape[1], f.columns, f.signs
+        else:  # a diagonal Hessian becomes one dense column per nonzero entry
+            index, value, signs = _nonzero_columns(f.hessian)
             columns = index.shape[1]
 
             def block(lo: int, hi: int) -> Tensor:
-                out = value.new_zeros(value.shape[0], hi - lo, f.diag[0].numel())
+                out = value.new_zeros(value.shape[0], hi - lo, f.hessian[0].numel())
                 out.scatter_(2, index[:, lo:hi, None], value[:, lo:hi, None])
-                return out.reshape(value.shape[0], hi - lo, *f.diag.shape[1:])
+                return out.reshape(value.shape[0], hi - lo, *f.hessian.shape[1:])
         size = call.input.shape[0] * max(call.input[0].numel(), call.output[0].numel())
         chunk = max(1, _BLOCK_ELEMENTS // size)
         if columns <= chunk:
-            return [_Factor(f.sign, dense=self._map(i, block(0, columns)))] if columns else []
+            return [_Factor(self._map(i, block(0, columns)), signs)] if columns else []
         for lo in range(0, columns, chunk):
-            self.run(i - 1, [_Factor(f.sign, dense=self._map(i, block(lo, min(lo + chunk, columns))))], None)
+            hi = min(lo + chunk, columns)
+            self.run(i - 1, [_Factor(self._map(i, block(lo, hi)), None if signs is None else signs[:, lo:hi])], None)
         return []
 
     def _into_first_conv(self, i: int, f: _Factor) -> bool:
@@ -577,20 +587,23 @@ class _Backprop:
         columns = columns.reshape(n, -1, j, geometry.weight[0, 0].numel(), p)  # (N, C or 1, J, k^2, P)
         gains = geometry.unfold(gain).reshape(n, channels, 1, -1, p)  # zero outside the input
         weight = geometry.weight.reshape(geometry.weight.shape[0], channels, -1).transpose(0, 1)  # (C, O, k^2)
-        d2 = f.diag.square().reshape(n, weight.shape[1], p)
+        h = f.hessian.reshape(n, weight.shape[1], p).transpose(0, 1)[None]  # (1, O, N, P)
+        columns, gains = columns.permute(1, 3, 0, 2, 4), gains.permute(1, 3, 0, 2, 4)  # (C, k^2, N, J or 1, P)
         w, b = 0, 0
         step = max(1, _BLOCK_ELEMENTS // (weight.shape[0] * weight.shape[1] * j * p))
         for lo in range(0, n, step):  # M[c, o, n, j, p] = sum_u W_i[o, c, u] g U, a few examples at a time
-            a = (columns[lo:lo + step] * gains[lo:lo + step]).permute(1, 3, 0, 2, 4)  # (C, k^2, n, J, P)
-            mj = torch.bmm(weight, a.reshape(*a.shape[:2], -1)).reshape(*weight.shape[:2], -1, j, p)
-            w = w + torch.einsum("conjp,nop->cj", mj.square_(), d2[lo:lo + step])
-            g = gains[lo:lo + step, :, 0].permute(1, 2, 0, 3)  # (C, k^2, n, P)
-            mb = torch.bmm(weight, g.reshape(*g.shape[:2], -1)).reshape(*weight.shape[:2], -1, p)
-            b = b + torch.einsum("conp,nop->c", mb.square_(), d2[lo:lo + step])
+            hi = min(lo + step, n)
+            a = torch.mul(columns[:, :, lo:hi], gains[:, :, lo:hi],
+                          out=h.new_empty(channels, weight.shape[2], hi - lo, j, p))
+            mj = torch.bmm(weight, a.view(channels, weight.shape[2], -1)).view(channels, weight.shape[1], -1, j, p)
+            w = w + mj.square_().mul_(h[:, :, lo:hi, None]).sum((1, 2, 4))
+            g = gains[:, :, lo:hi, 0].reshape(channels, weight.shape[2], -1)
+            mb = torch.bmm(weight, g).view(channels, weight.shape[1], -1, p)
+            b = b + mb.square_().mul_(h[:, :, lo:hi]).sum((1, 2, 3))
         module = self.calls[m].module
-        self._add(m, "weight", w.reshape(module.weight.shape) * f.sign)
+        self._add(m, "weight", w.reshape(module.weight.shape))
         if module.bias is not None:
-            self._add(m, "bias", b * f.sign)
+            self._add(m, "bias", b)
         return True
 
     def _map_grad(self, i: int, grad: Tensor) -> Tensor:
@@ -638,7 +651,7 @@ def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
     bp = _Backprop(chain, curvature)
     last = len(chain.calls) - 1
     grad = output_gradient(loss, outputs, targets) if bp.grad_needed[last] else None
-    bp.run(last, [_Factor(1.0, dense=output_hessian_factor(loss, outputs).transpose(1, 2))], grad)
+    bp.run(last, [_Factor(output_hessian_factor(loss, outputs).transpose(1, 2))], grad)
     return bp.result
 
 
