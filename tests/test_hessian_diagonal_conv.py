@@ -40,7 +40,7 @@ def dense_hessian(model, batches, loss):
         values = _unflatten(params, flat)
         return sum(x.shape[0] * LOSSES[loss](functional_call(model, values, (x,)), y) for x, y in batches) / total
 
-    return torch.autograd.functional.hessian(objective, flat0)
+    return torch.autograd.functional.hessian(objective, flat0, vectorize=True)  # vmapped rows, same matrix
 
 
 def dense_ggn(model, batches, loss):

@@ -3,27 +3,38 @@
 Becker & LeCun (1988) backpropagate second derivatives through a layered network; BackPACK's ``DiagHessian`` and
 ``DiagGGNExact`` (Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop", ICLR 2020, Sec. 2 and App. A)
 make it exact by backpropagating a symmetric factorisation of the Hessian w.r.t. each layer's output instead of its
-diagonal. For one row ``r`` (an example, or a position of a sequence model) and a chain ``f = m_L o ... o m_1``:
+diagonal. For one block ``r`` (a row: an example, or a position of a sequence model; an example once convolutions or
+pooling mix positions) and a chain ``f = m_L o ... o m_1``:
 
 * at the outputs, ``d2L/df_r^2 = S_r S_r^T`` (:func:`lit_act.hessian.losses.output_hessian_factor`; for
   cross-entropy the exact square root of ``diag(p) - p p^T``);
 * through ``z = a W^T + b``: ``diag_W += sum_r (sum_k S_r[:,k]^2) (a_r^2)^T``, ``diag_b += sum_r sum_k S_r[:,k]^2``,
   and ``S <- W^T S``;
+* through a convolution (BackPACK's ``DiagHConv2d``: weight sharing over positions makes the column's Jacobian a
+  sum): with the patches ``U_r`` (``F.unfold``, ``(C_in k^2, P)``), ``diag_W += sum_{r,k} (S_r[k] U_r^T)^2``,
+  ``diag_b += sum_{r,k} (sum_p S_r[k, :, p])^2``, and ``S <- conv_transpose(S)``;
+* through max pooling ``S`` is scattered to the max positions (kept at the pooled size until a layer needs it, so
+  the next convolution gathers only those patches); average pooling, flatten: their transposed Jacobians;
 * through an elementwise ``a = phi(h)``: ``S <- phi'(h) S``, and for the Hessian (not the GGN) the residual
-  ``diag(phi''(h) * dL/da)`` joins as two more (diagonal) factors, ``+sqrt(max(res, 0))`` and ``-sqrt(max(-res, 0))``,
-  which the earlier layers propagate like the others (signed factors).
+  ``diag(phi''(h) * dL/da)`` joins as a diagonal Hessian: one column ``sqrt|res_i|`` per entry with the sign of
+  ``res_i`` (BackPACK splits it into ``+`` and ``-`` halves, twice the columns), propagated like the others.
+  A residual at a convolution's output that reaches the first convolution (through elementwise layers and at most
+  one max pooling) is contracted there from the unfolded gains and patches, without a dense column per entry
+  (BackPACK builds a dense ``[V, N, V]`` tensor, ``V`` = the activation's size per example).
 
 So ``diag(H)`` (and the GGN's) for every parameter of the chain costs one forward and roughly one backward per
-factor column (``C`` columns for ``C`` classes, plus ``d`` per hidden width with curved activations). For ReLU
-(``phi'' = 0``) there is no residual and the Hessian diagonal is the GGN's.
+factor column (``C`` columns for ``C`` classes, plus one per entry of each curved activation after a second
+parametrised layer). Column blocks larger than ``_BLOCK_ELEMENTS`` are run to the input one chunk at a time, so the
+memory stays bounded. For ReLU (``phi'' = 0``) there is no residual and the Hessian diagonal is the GGN's.
 
 The chain is found from the modules, not assumed: one forward with hooks on the leaf modules records their calls, then
 walking back from the model's output, each call must have produced exactly the tensor the next one consumed. The
-covered modules are ``nn.Linear``, parameter-free elementwise activations (:data:`ELEMENTWISE`), ``nn.Identity``,
-``nn.Dropout`` in eval mode and a shape-preserving ``nn.Flatten``. The walk stops at the first module outside these
-rules or the first functional op / residual connection; parameters before it are "uncovered".
-:func:`exact_diagonal` raises naming that module, or (``on_uncovered="partial"``) returns the covered blocks only,
-which :func:`lit_act.hessian.trace.trace` uses as a control variate.
+covered modules are ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (zero padding; stride, dilation, groups, ``"same"``),
+parameter-free elementwise activations (:data:`ELEMENTWISE`), max and average pooling (1d/2d, adaptive),
+``nn.Identity``, dropout in eval mode and ``nn.Flatten``. The walk stops at the first module outside these rules or
+the first functional op / residual connection; parameters before it are "uncovered". :func:`exact_diagonal` raises
+naming that module, or (``on_uncovered="partial"``) returns the covered blocks only, which
+:func:`lit_act.hessian.trace.trace` uses as a control variate.
 """
 
 from __future__ import annotations
