@@ -122,6 +122,21 @@ def test_conv_geometries_stride_padding_dilation_groups():
     assert_matches(model, batches, "cross_entropy", "ggn")
 
 
+def test_pooled_columns_gathered_or_scattered_agree(monkeypatch):
+    """After max pooling the next convolution either gathers its patches at the max positions or scatters the
+    columns (whichever is smaller): both give the dense-checked diagonal, with groups and overlapping windows."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.MaxPool2d(3, stride=2, padding=1),
+                          nn.Conv2d(4, 4, 2, groups=2), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    batches = batches_for((2, 9, 9), sizes=(4,))
+    _, reference = assert_matches(model, batches, "cross_entropy")
+    for gather in (True, False):
+        monkeypatch.setattr(diagonal_module._Backprop, "_gathers", lambda self, i, f, g=gather: g)
+        res = exact_diagonal(model, batches, loss="cross_entropy")
+        assert float((res.diagonal - reference).abs().max()) <= 1e-8 * float(reference.abs().max())
+
+
 def test_conv1d_adaptive_max_pool_and_mse_on_conv_outputs():
     """Conv1d with stride and padding, adaptive max pooling, and an MSE loss on convolutional outputs (the output
     Hessian's row blocks become one block per example)."""
