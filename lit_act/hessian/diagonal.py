@@ -598,19 +598,19 @@ class _Backprop:
         columns = columns.reshape(n, -1, j, geometry.weight[0, 0].numel(), p)  # (N, C or 1, J, k^2, P)
         gains = geometry.unfold(gain).reshape(n, channels, 1, -1, p)  # zero outside the input
         weight = geometry.weight.reshape(geometry.weight.shape[0], channels, -1).transpose(0, 1)  # (C, O, k^2)
-        h = f.hessian.reshape(n, weight.shape[1], p).transpose(0, 1)[None]  # (1, O, N, P)
-        columns, gains = columns.permute(1, 3, 0, 2, 4), gains.permute(1, 3, 0, 2, 4)  # (C, k^2, N, J or 1, P)
+        h = f.hessian.reshape(n, weight.shape[1], p).transpose(0, 1)  # (O, N, P)
+        columns, gains = columns.permute(1, 3, 0, 4, 2), gains.permute(1, 3, 0, 4, 2)  # (C, k^2, N, P, J or 1)
         w, b = 0, 0
         step = max(1, _BLOCK_ELEMENTS // (weight.shape[0] * weight.shape[1] * j * p))
-        for lo in range(0, n, step):  # M[c, o, n, j, p] = sum_u W_i[o, c, u] g U, a few examples at a time
+        for lo in range(0, n, step):  # M[c, o, n, p, j] = sum_u W_i[o, c, u] g U, a few examples at a time
             hi = min(lo + step, n)
+            hv = h[:, lo:hi].reshape(1, 1, -1).expand(channels, 1, -1)  # (C, 1, O n P)
             a = torch.mul(columns[:, :, lo:hi], gains[:, :, lo:hi],
-                          out=h.new_empty(channels, weight.shape[2], hi - lo, j, p))
-            mj = torch.bmm(weight, a.view(channels, weight.shape[2], -1)).view(channels, weight.shape[1], -1, j, p)
-            w = w + mj.square_().mul_(h[:, :, lo:hi, None]).sum((1, 2, 4))
-            g = gains[:, :, lo:hi, 0].reshape(channels, weight.shape[2], -1)
-            mb = torch.bmm(weight, g).view(channels, weight.shape[1], -1, p)
-            b = b + mb.square_().mul_(h[:, :, lo:hi]).sum((1, 2, 3))
+                          out=h.new_empty(channels, weight.shape[2], hi - lo, p, j))
+            mj = torch.bmm(weight, a.view(channels, weight.shape[2], -1)).square_()
+            w = w + torch.bmm(hv, mj.view(channels, -1, j))[:, 0]  # sum_{o, n, p} h M^2
+            g = gains[:, :, lo:hi, :, 0].reshape(channels, weight.shape[2], -1)
+            b = b + torch.bmm(hv, torch.bmm(weight, g).square_().view(channels, -1, 1))[:, 0, 0]
         module = self.calls[m].module
         self._add(m, "weight", w.reshape(module.weight.shape))
         if module.bias is not None:
