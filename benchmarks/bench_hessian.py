@@ -425,6 +425,8 @@ def main() -> None:
     if not only_residual:
         print()
         transformer_section()
+        print()
+        blocks_section(quick)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,10 @@ def test_convergence_flags_per_block():
     assert all(bool(r.converged[0]) for r in full.values())
     # each block stops on its own test: the blocks need different numbers of steps
     assert len({r.iterations for r in full.values()}) > 1
+    # two identical "ranks": numerator and batch weight both summed, the same operator
+    doubled = block_eigenvalues(HessianOperator(model, ce_loss, batches, all_reduce=lambda t: 2 * t), k=1, tol=1e-6)
+    for name, res in doubled.items():
+        assert torch.allclose(res.eigenvalues, full[name].eigenvalues, rtol=1e-10)
     only_head = block_eigenvalues(HessianOperator(model, ce_loss, batches, params=["4.*"]), k=1, tol=1e-6)
     assert list(only_head) == ["4"] and only_head["4"].iterations == full["4"].iterations
 
