@@ -197,3 +197,36 @@ def test_callback_logs_block_eigenvalues_matching_a_direct_computation(tmp_path)
             value = logged[f"train/hessian/block_top{i}/{b}"]
             assert math.isclose(value, float(direct[b].eigenvalues[i - 1]), rel_tol=1e-6)
             assert math.isclose(value, float(exact[b][-i]), rel_tol=1e-3)
+
+
+def test_non_finite_block_product_raises_floating_point_error():
+    model, batches = small_mlp()
+    op = HessianOperator(model, lambda m, b: ce_loss(m, b) * float("nan"), batches)
+    with pytest.raises(FloatingPointError, match="NaN/Inf in a block Hessian-vector product"):
+        block_eigenvalues(op)
+
+
+@pytest.mark.slow
+def test_ddp_block_eigenvalues_match_single_process(tmp_path):
+    from lightning import Trainer
+
+    from tests.test_hessian_callback import TinyClassifier, _Record
+
+    data = make_data(64)
+    seed_everything(0)
+    model = TinyClassifier()
+    settings = dict(top_k=1, lambda_min=False, trace_budget=0, slq_iter=0, per_block_top_k=2, progress=False)
+    cb = HessianSpectrum(every_n_epochs=1, num_batches=2, **settings)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, callbacks=[cb, _Record(tmp_path)])
+    trainer.fit(model, DataLoader(data, batch_size=16, shuffle=False))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    keys = [k for k in rank0 if "/block_top" in k]
+    assert len(keys) == 2 * 3  # net.0, net.1 (BatchNorm), net.3
+    assert all(rank0[k] == rank1[k] for k in keys)  # identical on every rank
+    x, y = data.tensors  # DistributedSampler without shuffle: rank r gets samples r::2
+    batches = [(x[r::2][i * 16:(i + 1) * 16], y[r::2][i * 16:(i + 1) * 16]) for r in (0, 1) for i in range(2)]
+    single, _ = HessianSpectrum(num_batches=4, **settings).compute(model, batches)
+    for key in keys:
+        assert math.isclose(rank0[key], single[key], rel_tol=1e-5, abs_tol=1e-7), key
