@@ -23,13 +23,12 @@ The block products ``H_BB v_B = d(g_B . v_B)/dtheta_B`` of one lockstep iteratio
   Hessian-vector product (no row can be pruned), so it does ``#blocks`` full products' work in one call.
 
 Measured (``python -m benchmarks.bench_hessian --only blocks``, CPU, 1 thread, top-1 per block, setup included,
-ratio = the naive loop of one ``lanczos`` per ``HessianOperator.blocks`` operator / ours): ``"per_block"`` 1.04-1.05x on the
-784-256-256-10 MLP (3 blocks) and 1.09-1.26x on the benchmark TransformerLM (16 blocks) over two runs; ``"batched"``
-0.50x and 0.34-0.37x
-(the work of ``#blocks`` full products per iteration against the few above; vmapping buys no speed at 1 thread). So
-``"per_block"`` is the default: the naive loop's products from one first-order graph instead of one per block (its
-setup and the memory of the other graphs saved). ``"batched"`` is for accelerators, where one wide call may beat many
-small ones; it has not been measured on a GPU.
+ratio = the naive loop of one ``lanczos`` per ``HessianOperator.blocks`` operator / ours, two runs):
+``"per_block"`` 1.04-1.05x on the 784-256-256-10 MLP (3 blocks) and 1.09-1.26x on the benchmark TransformerLM (16
+blocks); ``"batched"`` 0.50x and 0.34-0.37x (the work of ``#blocks`` full products per iteration against the few
+above; vmapping buys no speed at 1 thread). So ``"per_block"`` is the default: the naive loop's products from one
+first-order graph instead of one per block (its setup and the memory of the other graphs saved). ``"batched"`` is for
+accelerators, where one wide call may beat many small ones; it has not been measured on a GPU.
 
 Example::
 
