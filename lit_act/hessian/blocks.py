@@ -225,7 +225,8 @@ class _BlockProducts:
                                      allow_unused=True, is_grads_batched=True)
         parts: dict[str, list[Tensor]] = {block: [] for block in vectors}
         for (name, piece), h in zip(pieces.items(), hv):
-            parts[order[rows[name]]].append(torch.zeros_like(piece).reshape(-1) if h is None else h[rows[name]].reshape(-1))
+            row = rows[name]
+            parts[order[row]].append(torch.zeros_like(piece).reshape(-1) if h is None else h[row].reshape(-1))
         return {block: torch.cat(p) for block, p in parts.items()}
 
 
