@@ -22,9 +22,14 @@ Models: the 784-256-256-10 MLP with ReLU and with tanh, one random batch of 256,
 6. TransformerLM (2 layers, d_model 64, batch 16x64): one evaluation (top-3 and trace) in training steps.
 5. Density: our SLQ (64 steps) against curvlinops' ``lanczos_approximate_spectrum`` (ncv 64), with its boundary
    estimation.
-7. CNNs (``--only conv``): ``exact_diagonal`` against BackPACK's ``DiagHessian`` and ``DiagGGNExact`` on a ReLU CNN
-   (3x32x32, batch 64) and a tanh CNN (3x16x16, batch 16): agreement in float64, interleaved float32 medians; and the
-   method ``trace(op, 30, method="auto")`` picks.
+7. Per-block top-1 eigenvalues (``--only blocks``: this section alone) on the ReLU MLP and the TransformerLM of 6 (one
+   block per layer): ``block_eigenvalues`` (lockstep Lanczos on one cached graph; ``"per_block"`` and ``"batched"``
+   products) against the naive loop of one ``lanczos`` per ``HessianOperator.blocks`` operator (setup included on
+   both sides), interleaved. Ratio = naive median time / ours.
+8. CNNs (``--only conv``: this section alone): ``exact_diagonal`` against BackPACK's ``DiagHessian`` and
+   ``DiagGGNExact`` on a ReLU CNN (3x32x32, batch 64) and tanh CNNs (3x16x16, batch 16; 3x32x32, batch 64, where only
+   ``DiagGGNExact`` fits in memory): agreement in float64, interleaved float32 medians; and the method
+   ``trace(op, 30, method="auto")`` picks, with its time in Hessian-vector products.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_act.hessian import HessianOperator, exact_diagonal, hutchpp, lanczos, slq, trace
+from lit_act.hessian import HessianOperator, block_eigenvalues, exact_diagonal, hutchpp, lanczos, slq, trace
 from lit_act.hessian.operator import math_attention
 
 
@@ -357,6 +362,46 @@ def transformer_section() -> None:
           f"= {t_eval / t_step:.1f}x one training step (goal <= 20)")
 
 
+def blocks_case(name: str, model: nn.Module, loss_fn, batch, repeats: int) -> None:
+    """One model of the per-block section: median times over interleaved repeats, ratio naive / ours."""
+    def naive():
+        with math_attention():
+            ops = HessianOperator.blocks(model, loss_fn, [batch])
+            return {b: lanczos(o, k=1, return_vectors=False) for b, o in ops.items()}
+
+    def ours(products):
+        return block_eigenvalues(HessianOperator(model, loss_fn, [batch]), k=1, products=products)
+
+    runs = {"naive": naive, "per_block": lambda: ours("per_block"), "batched": lambda: ours("batched")}
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    results = {}
+    for _ in range(repeats):  # interleaved: the machine's load varies
+        for key, run in runs.items():
+            seconds, results[key] = timed(run)
+            times[key].append(seconds)
+    ref = results["naive"]
+    products = sum(r.matvecs for r in ref.values())
+    print(f"[{name}] {len(ref)} blocks, {products} block products, naive loop {median(times['naive']):.2f} s")
+    for key in ("per_block", "batched"):
+        err = max(abs(float(results[key][b].eigenvalues[0] - r.eigenvalues[0])) / abs(float(r.eigenvalues[0]))
+                  for b, r in ref.items())
+        print(f"  block_eigenvalues(products={key!r}): {median(times[key]):.2f} s, max rel. diff to naive "
+              f"{err:.1e}; RATIO naive/ours {median(times['naive']) / median(times[key]):.2f}x")
+
+
+def blocks_section(quick: bool) -> None:
+    """Per-block top-1 eigenvalues: lockstep ``block_eigenvalues`` against one ``lanczos`` per block operator."""
+    from lit_act.models import TransformerLM
+
+    gen = torch.Generator().manual_seed(0)
+    mlp_batch = (torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen))
+    blocks_case("ReLU MLP 784-256-256-10, batch 256", mlp(nn.ReLU), ce_loss, mlp_batch, 2 if quick else 5)
+    torch.manual_seed(0)
+    lm = TransformerLM(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4).eval()
+    lm_batch = (torch.randint(0, 65, (16, 64), generator=gen), torch.randint(0, 65, (16, 64), generator=gen))
+    blocks_case("TransformerLM 2x64, batch 16x64", lm, None, lm_batch, 1 if quick else 3)
+
+
 # ---------------------------------------------------------------------------------------------------- conv
 def cnn(activation: type[nn.Module], shape=(3, 32, 32), channels=(16, 32), hidden: int = 128, seed: int = 0):
     """conv-act-pool-conv-act-pool-flatten-linear-act-linear (3x3 convolutions with padding 1, 2x2 max pooling)."""
@@ -442,6 +487,10 @@ def conv_case(bp, model, x, y, runs: int, diag_hessian: bool = True) -> None:
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1:][:1] == ["blocks"]:
+        torch.set_num_threads(1)
+        blocks_section(quick)
+        return
     only_residual = "--residual" in sys.argv
     torch.set_num_threads(1)
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
@@ -467,6 +516,8 @@ def main() -> None:
     if not only_residual:
         print()
         transformer_section()
+        print()
+        blocks_section(quick)
         conv_section(bp, quick)
 
 
