@@ -229,6 +229,9 @@ def test_uncovered_modules_are_named():
     head = dense_hessian(residual, batches, "cross_entropy").diagonal()[-12:]
     torch.testing.assert_close(partial.diagonal[-12:], head, rtol=1e-9, atol=1e-12)
     assert torch.isnan(partial.diagonal[:-12]).all()
+    per_position = nn.Sequential(nn.Linear(6, 6), nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(48, 3)).double()
+    with pytest.raises(UncoveredModuleError, match=r"'0' \(Linear\) acts on a 4-D input before a convolution"):
+        exact_diagonal(per_position, batches, loss="cross_entropy")
     reflect = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
                             nn.Linear(108, 3)).double()
     with pytest.raises(UncoveredModuleError, match=r"'0' \(Conv2d\) is not covered.*zero padding"):
