@@ -142,8 +142,9 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
     calls: list[_Call] = []
     counts: dict[int, int] = {}
     leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-    # max pooling layers without hooks of their own return their indices to our hook, which passes the output on
-    pools = [m for _, m in leaves if _kind(m) == "maxpool" and not m._forward_hooks]
+    # max pooling layers without other forward hooks return their indices to our hook, which passes the output on
+    pools = [] if nn.modules.module._global_forward_hooks else [
+        m for _, m in leaves if _kind(m) == "maxpool" and not m._forward_hooks]
     with_indices = {id(m) for m in pools}
 
     def record(name: str, module: nn.Module, args: tuple, output: Any) -> Any:
