@@ -514,9 +514,9 @@ def main() -> None:
         blocks_section(quick)
         return
     only_residual = "--residual" in sys.argv
-    only_top1 = "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1:][:1] == ["top1"]
     torch.set_num_threads(1)
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    only_top1 = only == "top1"
     if only == "conv":
         conv_section(optional("backpack"), quick)
         return
