@@ -149,3 +149,32 @@ def test_bad_input_errors():
         ggn_control_variate(op, 1, "cross_entropy")
     with pytest.raises(ValueError, match="estimates the Hessian's trace"):
         ggn_control_variate(GGNOperator(model, None, batches, loss="cross_entropy"), 4, "cross_entropy")
+
+
+class _Double(torch.autograd.Function):
+    """No forward-mode derivative and no functorch support: the per-example rule cannot run through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class _DoubleModule(nn.Module):
+    def forward(self, x):
+        return _Double.apply(x)
+
+
+def test_per_example_rule_failure_falls_back_to_the_estimator():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), _DoubleModule(), nn.Linear(4, 3)).double().eval()
+    batches = residual_batches("cross_entropy")
+    op = HessianOperator(model, loss_fn_of("cross_entropy"), batches)
+    with pytest.warns(UserWarning, match="per-example diagonal rule failed"):
+        res = trace(op, 6, method="auto", loss="cross_entropy")
+    assert res.method == "control_variate+hutchinson" and res.matvecs == 6
+    assert math.isclose(res.exact_part, float(dense_hessian(model, batches, "cross_entropy").diagonal()[-15:].sum()),
+                        rel_tol=1e-9)

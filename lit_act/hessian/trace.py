@@ -202,8 +202,12 @@ def _add_example_rules(op: HessianOperator, diag: DiagonalResult, curvature: str
     from lit_act.hessian.example_diagonal import example_diagonal
 
     missing = [n for n in op.names if n not in diag.covered]
-    extra = example_diagonal(op.model, op.batches, loss, curvature=curvature, params=missing,
-                             all_reduce=op.all_reduce)
+    try:
+        extra = example_diagonal(op.model, op.batches, loss, curvature=curvature, params=missing,
+                                 all_reduce=op.all_reduce)
+    except (RuntimeError, NotImplementedError) as err:  # an op without forward-mode AD or a vmap rule
+        warnings.warn(f"per-example diagonal rule failed ({err}); those parameters are estimated", stacklevel=4)
+        return diag
     if not extra.values:
         return diag
     parts = dict(zip(op.names, diag.diagonal.split(op._numels)))
