@@ -22,8 +22,9 @@ standard error, optionally with the exactly computable blocks as a control varia
   ``C`` (exact diagonal) and the uncovered ``U``; the estimator runs on the ``U`` block only (probes zero on ``C``), so
   the variance of the ``C``-``C`` and ``C``-``U`` off-diagonal entries (``2 sum_{i != j} H_ij^2`` for Hutchinson) is
   gone. A diagonal control variate alone would not help Hutchinson: its Rademacher variance does not involve the
-  diagonal at all. On the benchmark's TransformerLM (only the LM head covered: its Linear layers see sequences) the
-  per-probe standard deviation drops from ~5.0 to ~2.9-3.9 (measured over 8-16 probes).
+  diagonal at all. On the benchmark's TransformerLM only the LM head is covered (its other Linear layers see
+  sequences); the head holds 99.5% of the trace but little of the variance: per-probe standard deviation 3.4 on the
+  rest (600 probes), about that of plain Hutchinson (``benchmarks/bench_hessian.py --transformer-trace``).
 * The GGN as a control variate (:func:`lit_act.hessian.ggn_diagonal.ggn_control_variate`: ``tr(G)`` exact, Hutchinson
   on ``H - G``) is not used by default: measured per-probe variance of ``H - G`` against ``H``: 158 against 202 on the
   residual MLP, and no lower on the TransformerLM's uncovered block (standard deviation 3.1 against 2.9; there
