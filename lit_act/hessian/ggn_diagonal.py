@@ -22,8 +22,8 @@ Control variate (:func:`ggn_control_variate`): ``tr(H) = tr(G) + tr(H - G)`` wit
 ``||G||_F = 5.90``, ``||H||_F = 10.2``), a 22% lower variance, but the Jacobians cost ~20 products: at the anchors'
 time 9 products are left and the median error is 8.2% against curvlinops Hutchinson's 6.7% (20 seeds), so it does not
 pay there and :func:`lit_act.hessian.trace.trace` does not use it by default (the per-example rule of
-:mod:`lit_act.hessian.example_diagonal` makes that model's trace exact anyway). It pays where the Gauss-Newton part
-dominates the curvature (ReLU networks near a minimum, where ``dL/df`` is small).
+:mod:`lit_act.hessian.example_diagonal` makes that model's trace exact anyway). It can only pay where the Gauss-Newton
+part carries most of the variance (small ``dL/df``: near a minimum); not measured here.
 """
 
 from __future__ import annotations
