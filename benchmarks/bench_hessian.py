@@ -1,7 +1,7 @@
 """lit_act.hessian against curvlinops, BackPACK and PyHessian, side by side in one run (CPU, 1 thread).
 
-Run: ``.venv/bin/python -m benchmarks.bench_hessian [--quick] [--residual] [--only top1]`` (``--residual``: section 4
-only; ``--only top1``: section 1 only) after ``make bench``'s installs
+Run: ``.venv/bin/python -m benchmarks.bench_hessian [--quick] [--only SECTION]`` (``SECTION`` one of
+``top1, mlp, residual, transformer-trace, transformer, blocks, conv``; default all) after ``make bench``'s installs
 (``pip install --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 pyhessian einops unfoldNd einconv
 linear_operator``); an anchor that cannot be imported is skipped with a message.
 
@@ -18,9 +18,14 @@ Models: the 784-256-256-10 MLP with ReLU and with tanh, one random batch of 256,
 3. Hutch++ at an equal budget (30 and 100 HVPs): ours against curvlinops' ``hutchpp_trace``; times and errors against the
    exact trace.
 4. Residual MLP with LayerNorm (32-dim inputs, width 32, two blocks ``x + tanh(W LN(x))``, LN, head; batch 256) at equal
-   wall time, 20 seeds: every anchor estimator (curvlinops Hutchinson, Hutch++, XTrace at 30 HVPs; PyHessian's trace)
-   against ours (``trace(method="auto")``: the covered head block exact, Hutch++ or Hutchinson on the rest; and the
-   plain estimators) given the best anchor's median time. Reference: the dense trace from ``dim`` products.
+   wall time, 20 seeds: every anchor estimator (curvlinops Hutchinson, Hutch++, XTrace; PyHessian's Hutchinson, all
+   at 30 HVPs) sets the time (the best median error's); ours (``trace(method="auto")``, exact here: the head by the
+   chain rule, the rest by the per-example rule; the previous head-only control variate; the GGN control variate;
+   plain Hutchinson) get budgets calibrated to that time and run interleaved with that anchor, seed by seed. An exact
+   method slower than the anchor has the anchor rerun with our time. Reference: the dense trace from ``dim``
+   products. Reported: median relative error ratio ours / best anchor, quartiles and ranges.
+4b. The same on the reference TransformerLM (2 layers, d_model 64, batch 16x64); reference: our unbiased estimate at
+   600 products (its standard error printed; no dense Hessian at 112k parameters).
 6. TransformerLM (2 layers, d_model 64, batch 16x64): one evaluation (top-3 and trace) in training steps.
 5. Density: our SLQ (64 steps) against curvlinops' ``lanczos_approximate_spectrum`` (ncv 64), with its boundary
    estimation.
@@ -48,7 +53,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_act.hessian import HessianOperator, block_eigenvalues, exact_diagonal, hutchpp, lanczos, slq, trace
+from lit_act.hessian import (
+    HessianOperator,
+    block_eigenvalues,
+    exact_diagonal,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    slq,
+    trace,
+)
+from lit_act.hessian.ggn_diagonal import ggn_control_variate
 from lit_act.hessian.operator import math_attention
 
 
@@ -268,7 +283,93 @@ def hutchpp_section(name, model, x, y, exact, seeds, cl) -> None:
         print(line)
 
 
+def percent(value: float) -> str:
+    return f"{value:.2%}" if value >= 1e-4 else f"{value:.1e}"
+
+
+def quartiles(values) -> str:
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return (f"median {percent(q2)} (quartiles {percent(q1)}-{percent(q3)}, range {percent(min(values))}-"
+            f"{percent(max(values))})")
+
+
+def trace_anchors(cl, ph, model: nn.Module, x, y) -> dict[str, Callable[[int, int], float]]:
+    """``{label: run(budget, seed) -> trace}`` for every installed anchor estimator (cross-entropy over the rows of
+    ``model(x)`` against ``y``; all under the math SDPA kernel)."""
+    anchors: dict[str, Callable[[int, int], float]] = {}
+    if cl is not None:
+        with math_attention():
+            cl_op = curvlinops_operator(cl, model, x, y)
+        for label, fn in (("curvlinops Hutchinson", cl.hutchinson_trace), ("curvlinops Hutch++", cl.hutchpp_trace),
+                          ("curvlinops XTrace", cl.xtrace)):
+            def run(budget, seed, fn=fn):
+                torch.manual_seed(seed)
+                with math_attention():
+                    return float(fn(cl_op, budget))
+            anchors[label] = run
+    if ph is not None:
+        def run_ph(budget, seed):
+            torch.manual_seed(seed)
+            with math_attention():
+                vhv = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(
+                    maxIter=budget, tol=float("-inf"))  # exactly `budget` probes (no early stop)
+            model.zero_grad(set_to_none=True)
+            return sum(vhv) / len(vhv)
+        anchors["PyHessian trace"] = run_ph
+    return anchors
+
+
+def equal_time_trace(exact: float, anchors, ours, seeds, budget: int = 30) -> None:
+    """Anchors at ``budget`` products over ``seeds``; the best (lowest median error) sets the time. Each of ``ours``
+    (``(label, run(budget, seed) -> TraceResult, budgeted)``) gets a budget calibrated to that time, then runs
+    interleaved with the best anchor, seed by seed (same load); an exact method that needs more time than the anchor
+    has the anchor rerun at the budget matching our time."""
+    rows: dict[str, tuple[list, list]] = {}
+    for label, run in anchors.items():
+        rows[label] = ([], [])
+        for seed in seeds:
+            dt, value = timed(lambda run=run, seed=seed: run(budget, seed))
+            rows[label][0].append(dt)
+            rows[label][1].append(abs(value - exact) / abs(exact))
+        print(f"  {label + f' ({budget} HVPs)':34s} median {median(rows[label][0]) * 1e3:7.0f} ms, error "
+              f"{quartiles(rows[label][1])}")
+    if not rows:
+        print("  no anchor installed: nothing to compare")
+        return
+    best = min(rows, key=lambda k: median(rows[k][1]))
+    best_run, best_err = anchors[best], median(rows[best][1])
+    for label, run, budgeted in ours:
+        b = budget
+        if budgeted:  # per-product cost relative to the anchor, measured interleaved on calibration seeds
+            cal = [(timed(lambda s=s: best_run(budget, s))[0], timed(lambda s=s, run=run: run(8, s))[0],
+                    timed(lambda s=s, run=run: run(40, s))[0]) for s in (100, 101, 102)]
+            t_anchor, t8, t40 = (median(c[i] for c in cal) for i in range(3))
+            per = max((t40 - t8) / 32, 1e-6)
+            b = max(4, int((t_anchor - max(t8 - 8 * per, 0.0)) / per))
+        for _ in range(2):
+            pairs = [(timed(lambda s=seed: best_run(budget, s))[0], timed(lambda s=seed, b=b, run=run: run(b, s)))
+                     for seed in seeds]
+            ratio = median(p[1][0] for p in pairs) / median(p[0] for p in pairs)
+            if not budgeted or abs(ratio - 1) <= 0.1:
+                break
+            b = max(4, int(b / ratio))
+        errs = [abs(p[1][1].estimate - exact) / abs(exact) for p in pairs]
+        method = pairs[0][1][1].method
+        extra = f"{b} HVPs, " if budgeted else ""
+        print(f"  {label:34s} {method}: {extra}time {ratio:.2f}x the anchor's, error {quartiles(errs)}")
+        anchor_err, anchor_label = best_err, best
+        if not budgeted and ratio > 1.1:  # give the anchor our time
+            more = round(budget * ratio)
+            anchor_errs = [abs(best_run(more, seed) - exact) / abs(exact) for seed in seeds]
+            anchor_err, anchor_label = median(anchor_errs), f"{best} at {more} HVPs (our time)"
+            print(f"  {anchor_label:34s} error {quartiles(anchor_errs)}")
+        q = statistics.quantiles([e / anchor_err for e in errs], n=4)
+        print(f"  RATIO median error {label} / best anchor ({anchor_label}) = {median(errs) / anchor_err:.2g} "
+              f"(goal <= 0.5; per-seed error / anchor median: quartiles {q[0]:.2g}-{q[2]:.2g})")
+
+
 def residual_section(seeds, cl, ph) -> None:
+    """Residual MLP with LayerNorm at equal wall time against the anchors (reference: the dense trace)."""
     model = ResidualMLP()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(256, 32, generator=gen), torch.randint(0, 10, (256,), generator=gen)
@@ -279,66 +380,44 @@ def residual_section(seeds, cl, ph) -> None:
     print(f"[residual MLP + LayerNorm, {op.dim:,} params] dense trace {exact:.5f} ({t_ref:.0f} s for {op.dim} "
           f"products)")
     op = HessianOperator(model, ce_loss, [(x, y)], vmap_size=32)  # vmapped blocks pay on a model this small
-    budget = 30
-    anchors: dict[str, tuple[list, list]] = {}
-    if cl is not None:
-        cl_op = curvlinops_operator(cl, model, x, y)
-        for label, fn in (("curvlinops Hutchinson", cl.hutchinson_trace), ("curvlinops Hutch++", cl.hutchpp_trace),
-                          ("curvlinops XTrace", cl.xtrace)):
-            rows = ([], [])
-            for seed in seeds:
-                torch.manual_seed(seed)
-                dt, value = timed(lambda fn=fn: float(fn(cl_op, budget)))
-                rows[0].append(dt)
-                rows[1].append(abs(value - exact) / abs(exact))
-            anchors[f"{label} ({budget} HVPs)"] = rows
-    if ph is not None:
-        rows = ([], [])
-        for seed in seeds:
-            torch.manual_seed(seed)
-            dt, vhv = timed(lambda: ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace())
-            model.zero_grad(set_to_none=True)
-            rows[0].append(dt)
-            rows[1].append(abs(sum(vhv) / len(vhv) - exact) / abs(exact))
-        anchors["PyHessian trace (its stop rule)"] = rows
-    for label, (times, errs) in anchors.items():
-        print(f"  {label:34s} median {median(times) * 1e3:6.0f} ms, median rel err {median(errs):.2%} "
-              f"(spread {min(errs):.2%}..{max(errs):.2%})")
-    # ours: give each of our methods the best anchor's median time (budget calibrated on seeds outside the 20, then
-    # corrected once from the measured median time)
-    if anchors:
-        best = min(anchors, key=lambda k: median(anchors[k][1]))
-        target = median(anchors[best][0])
-    else:
-        best, target = "none", 0.25
-    ours = (("ours auto (head exact + Hutch++)", "auto", "hutchpp"),
-            ("ours auto (head exact + Hutchinson)", "auto", "hutchinson"),
-            ("ours Hutch++", "hutchpp", "hutchpp"), ("ours Hutchinson", "hutchinson", "hutchpp"))
 
-    def run(method, estimator, budget, seed):
-        return timed(lambda: trace(op, budget, method=method, seed=seed, estimator=estimator, loss="cross_entropy"))
+    def ours(per_example):
+        return lambda b, s: trace(op, b, method="auto", seed=s, loss="cross_entropy", per_example=per_example)
 
-    for label, method, estimator in ours:
-        small = median(run(method, estimator, 10, 100 + i)[0] for i in range(3))
-        big = median(run(method, estimator, 60, 100 + i)[0] for i in range(3))
-        per_hvp = max((big - small) / 50, 1e-6)
-        budget = max(4, int((target - max(small - 10 * per_hvp, 0.0)) / per_hvp))
-        for _ in range(2):
-            rows = [run(method, estimator, budget, seed) for seed in seeds]
-            times = [r[0] for r in rows]
-            if abs(median(times) / target - 1) <= 0.1:
-                break
-            budget = max(4, int(budget * target / median(times)))
-        errs = [abs(r[1].estimate - exact) / abs(exact) for r in rows]
-        ses = [r[1].std_error / abs(exact) for r in rows]
-        anchors[label] = (times, errs)
-        print(f"  {label:34s} median {median(times) * 1e3:6.0f} ms ({budget} HVPs), median rel err "
-              f"{median(errs):.2%} (spread {min(errs):.2%}..{max(errs):.2%}), median rel SE {median(ses):.2%}")
-    if best != "none":
-        for label, _, _ in ours[:2]:
-            ratio = median(anchors[label][1]) / median(anchors[best][1])
-            print(f"  RATIO median error {label} / best anchor ({best}) = {ratio:.2f} (goal <= 0.5), time ratio "
-                  f"{median(anchors[label][0]) / target:.2f}")
+    equal_time_trace(exact, trace_anchors(cl, ph, model, x, y), [
+        ("ours auto (default)", ours(True), False),
+        ("ours auto, per_example=False", ours(False), True),
+        ("ours GGN control variate", lambda b, s: ggn_control_variate(op, b, "cross_entropy", seed=s), True),
+        ("ours Hutchinson", lambda b, s: hutchinson(op, b, seed=s), True)], seeds)
+
+
+class FlatLM(nn.Module):
+    """``model(idx)`` as ``(B * T, vocab)`` rows, for the anchors' ``nn.CrossEntropyLoss`` on flattened targets."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = self.model(idx)
+        return out.reshape(-1, out.shape[-1])
+
+
+def transformer_trace_section(seeds, cl, ph, reference_budget: int) -> None:
+    """Trace of the reference TransformerLM at equal wall time. No dense reference (112k parameters): the reference
+    is our unbiased ``trace(method="auto")`` at ``reference_budget`` products, with its standard error printed."""
+    from lit_act.models import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4).eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 65, (16, 64), generator=gen), torch.randint(0, 65, (16, 64), generator=gen)
+    op = HessianOperator(model, None, [(x, y)])
+    t_ref, ref = timed(lambda: trace(op, reference_budget, method="auto", seed=10_000))
+    print(f"[TransformerLM {op.dim:,} params, batch 16x64] reference trace {ref.estimate:.4f} +- {ref.std_error:.4f} "
+          f"(standard error {ref.std_error / abs(ref.estimate):.2%}; {reference_budget} products, {t_ref:.0f} s)")
+    equal_time_trace(ref.estimate, trace_anchors(cl, ph, FlatLM(model), x, y.reshape(-1)), [
+        ("ours auto (default)", lambda b, s: trace(op, b, method="auto", seed=s), True)], seeds)
 
 
 def density_section(name, model, x, y, cl) -> None:
@@ -507,19 +586,19 @@ def conv_case(bp, model, x, y, runs: int, diag_hessian: bool = True) -> None:
           f"{med['DiagGGNExact'] / med['ggn']:.2f}x (goal >= 1)")
 
 
+SECTIONS = ("top1", "mlp", "residual", "transformer-trace", "transformer", "blocks", "conv")
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
-    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1:][:1] == ["blocks"]:
-        torch.set_num_threads(1)
-        blocks_section(quick)
-        return
-    only_residual = "--residual" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv[:-1] else None
+    if only is not None and only not in SECTIONS:
+        raise SystemExit(f"unknown section {only!r}; valid: {list(SECTIONS)}")
+
+    def wanted(section: str) -> bool:
+        return only is None or only == section
+
     torch.set_num_threads(1)
-    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
-    only_top1 = only == "top1"
-    if only == "conv":
-        conv_section(optional("backpack"), quick)
-        return
     print("versions: torch " + torch.__version__ + ", curvlinops-for-pytorch " + version("curvlinops-for-pytorch")
           + ", backpack-for-pytorch " + version("backpack-for-pytorch") + ", pyhessian " + version("pyhessian")
           + (" (--quick)" if quick else ""))
@@ -527,24 +606,32 @@ def main() -> None:
     seeds = list(range(3 if quick else 5))
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen)
-    for name, activation in () if only_residual else (("ReLU MLP", nn.ReLU), ("tanh MLP", nn.Tanh)):
-        model = mlp(activation)
-        print(f"\n=== {name} 784-256-256-10 ({sum(p.numel() for p in model.parameters()):,} params), batch 256 ===")
-        top1_section(name, model, x, y, seeds, cl, ph)
-        if only_top1:
-            continue
-        exact = exact_trace_section(name, model, x, y, bp)
-        hutchpp_section(name, model, x, y, exact, seeds, cl)
-        density_section(name, model, x, y, cl)
-    if only_top1:
-        return
-    print()
-    residual_section(list(range(8 if quick else 20)), cl, ph)
-    if not only_residual:
+    if wanted("top1") or wanted("mlp"):
+        for name, activation in (("ReLU MLP", nn.ReLU), ("tanh MLP", nn.Tanh)):
+            model = mlp(activation)
+            print(f"\n=== {name} 784-256-256-10 ({sum(p.numel() for p in model.parameters()):,} params), "
+                  "batch 256 ===")
+            top1_section(name, model, x, y, seeds, cl, ph)
+            if only == "top1":
+                continue
+            exact = exact_trace_section(name, model, x, y, bp)
+            hutchpp_section(name, model, x, y, exact, seeds, cl)
+            density_section(name, model, x, y, cl)
+    trace_seeds = list(range(8 if quick else 20))
+    if wanted("residual"):
+        print()
+        residual_section(trace_seeds, cl, ph)
+    if wanted("transformer-trace"):
+        print()
+        transformer_trace_section(trace_seeds, cl, ph, reference_budget=300 if quick else 600)
+    if wanted("transformer"):
         print()
         transformer_section()
+    if wanted("blocks"):
         print()
         blocks_section(quick)
+    if wanted("conv"):
+        print()
         conv_section(bp, quick)
 
 

@@ -175,20 +175,21 @@ def test_exact_trace_errors_or_falls_back_to_control_variate():
     model, batches = ResidualMLP().double(), make_batches("cross_entropy")
     op = HessianOperator(model, loss_fn_of("cross_entropy"), batches)
     with pytest.raises(UncoveredModuleError, match=r"module 'norm' \(LayerNorm\) is not covered"):
-        trace(op, 30, method="exact", loss="cross_entropy")
+        trace(op, 30, method="exact", loss="cross_entropy", per_example=False)
     dense = dense_hessian(model, batches, "cross_entropy")
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
     covered = sum(sizes[names.index("head.0.weight"):])
     exact_head = float(dense.diagonal()[-covered:].sum())
     with pytest.warns(UserWarning, match="control variate"):
-        res = trace(op, 30, method="exact", on_uncovered="control_variate", loss="cross_entropy", seed=3)
+        res = trace(op, 30, method="exact", on_uncovered="control_variate", loss="cross_entropy", seed=3,
+                    per_example=False)
     assert res.method == "control_variate+hutchinson" and res.matvecs == 30
     assert math.isclose(res.exact_part, exact_head, rel_tol=1e-9)
     assert abs(res.estimate - float(dense.trace())) <= 4 * res.std_error
     assert math.isclose(res.blocks["head.2"], float(dense.diagonal()[-18:].sum()), rel_tol=1e-9)
     # the stochastic part runs on the uncovered block only: with a full budget it is exact
-    full = trace(op, 2 * op.dim, method="auto", estimator="hutchpp", loss="cross_entropy")
+    full = trace(op, 2 * op.dim, method="auto", estimator="hutchpp", loss="cross_entropy", per_example=False)
     assert math.isclose(full.estimate, float(dense.trace()), rel_tol=1e-9)
     # Hutchinson restricted to the uncovered block: plain formula with the same probes
     mask = torch.isnan(exact_diagonal(model, batches, op.loss_fn, loss="cross_entropy",

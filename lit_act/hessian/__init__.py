@@ -5,6 +5,8 @@ from lit_act.hessian.blocks import block_eigenvalues, block_sizes, parameter_blo
 from lit_act.hessian.curvature import CURVATURES, GGNOperator, curvature_operator, empirical_fisher_diagonal
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.diagonal import UncoveredModuleError, exact_diagonal
+from lit_act.hessian.example_diagonal import example_diagonal
+from lit_act.hessian.ggn_diagonal import ggn_control_variate, ggn_diagonal
 from lit_act.hessian.lanczos import lanczos
 from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import HessianOperator, default_loss_fn
@@ -34,7 +36,10 @@ __all__ = [
     "default_loss_fn",
     "empirical_fisher_diagonal",
     "exact_diagonal",
+    "example_diagonal",
     "gaussian_density",
+    "ggn_control_variate",
+    "ggn_diagonal",
     "hutchinson",
     "hutchpp",
     "lanczos",
