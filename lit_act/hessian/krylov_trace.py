@@ -77,7 +77,7 @@ def _bounds(theta: Tensor, s: Tensor, beta_next: float, chosen: Tensor) -> tuple
 
 def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: int | None = None,
                   probes: int = 10, smallest: bool = False, v0: Tensor | None = None, seed: int = 0,
-                  return_vectors: bool = True) -> KrylovSpectrumResult:
+                  return_vectors: bool = True, min_steps: int = 0) -> KrylovSpectrumResult:
     """Top-``k`` eigenvalues, optionally the smallest, the trace (``probes`` residual products) and an SLQ run from
     one Lanczos pass (module docstring).
 
@@ -92,6 +92,7 @@ def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: 
         v0: warm start (e.g. the previous top eigenvectors summed); a Rademacher vector from ``seed`` otherwise.
         seed: seed of the private generator (start vector, restarts, probes).
         return_vectors: also return the ``(dim, k)`` top Ritz vectors.
+        min_steps: Lanczos steps at least (e.g. the SLQ nodes wanted from the pass), capped by ``max_iter``.
     """
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
@@ -124,7 +125,7 @@ def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: 
         low_ok = low_bound <= tol * theta[low].abs().clamp_min(1e-30)
         if j == op.dim:
             top_ok, low_ok = torch.ones_like(top_ok), torch.ones_like(low_ok)
-        if bool(top_ok.all()) and (not smallest or bool(low_ok.all())):
+        if j >= min_steps and bool(top_ok.all()) and (not smallest or bool(low_ok.all())):
             break
     lanczos_matvecs, lanczos_seconds = op.matvecs - matvecs0, time.perf_counter() - start
     vectors = (basis.T @ s[:, top].to(basis.dtype)).contiguous() if return_vectors else None
