@@ -384,8 +384,7 @@ def transformer_memory_section(batches=(16, 128)) -> None:
     print("[TransformerLM memory] peak RSS growth of a fresh process (ru_maxrss), median of 3 processes:")
     for n in batches:
         backward = median(_probe("backward", n) for _ in range(3))
-        rows = [("HVP, default (cached, whole batch)", None), (f"HVP, chunk_size={max(n // 4, 1)}", max(n // 4, 1)),
-                (f"HVP, chunk_size={max(n // 16, 1)}", max(n // 16, 1))]
+        rows = [("HVP, default (cached, whole batch)", None)] + [(f"HVP, chunk_size={n // d}", n // d) for d in (2, 4, 16)]
         print(f"  batch {n}x64: one backward {backward:.1f} MiB")
         for label, chunk in rows:
             hvp = median(_probe("hvp", n, chunk) for _ in range(3))
@@ -479,13 +478,16 @@ def transformer_section(repeats: int = 3) -> None:
                 step_times.append(step_time())
                 dt, out = timed(fn)
                 rows.setdefault(label, []).append((dt, step_times[-1], out))
-        hvp_times = []
+        hvp_times, chunk_times = [], []
         for _ in range(repeats):
             t_step = step_time()
             probes = torch.randn(op.dim, 5)
             hvp_times.append(timed(lambda probes=probes: op.matmat(probes))[0] / 5 / t_step)
+            chunked = HessianOperator(model, None, [batch], chunk_size=4)
+            chunk_times.append(timed(lambda probes=probes, c=chunked: c.matmat(probes))[0] / 5 / t_step)
     print(f"[TransformerLM {params:,} params, batch 16x64] one evaluation in training steps (each evaluation timed "
-          f"against the median of 3 steps right before it); HVP (cached) = {median(hvp_times):.2f} steps")
+          f"against the median of 3 steps right before it); HVP (cached) = {median(hvp_times):.2f} steps, HVP with "
+          f"chunk_size=4 (recomputed per chunk) = {median(chunk_times):.2f} steps")
     for label, runs in rows.items():
         ratio = median(dt / ts for dt, ts, _ in runs)
         eigs, est, se, hvps = runs[-1][2]
