@@ -171,6 +171,11 @@ class HessianSpectrum(LitActCallback):
         checkpoint_vector: also store the warm-start vector in checkpoints (``dim`` floats).
         save_density_figure: save the density plot.
         progress: show a progress bar over Hessian-vector products on rank zero.
+        chunk_size: split each cached batch into sub-batches of this many examples (the same operator: see
+            :class:`lit_act.hessian.operator.HessianOperator`); bounds the memory of a Hessian-vector product by one
+            chunk's instead of the cached batches' graphs, at the price of recomputing each chunk's graph per
+            product. On the reference TransformerLM one cached HVP peaks at ~4x one backward pass; half-batch
+            chunks at ~2x (``python -m benchmarks.bench_hessian --only transformer``). ``None``: whole batches.
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
@@ -180,7 +185,7 @@ class HessianSpectrum(LitActCallback):
                  eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = False,
                  checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
                  curvature: str = "hessian", loss: str | None = None, on_uncovered: str = "error",
-                 adapter: BatchAdapter | None = None, dry_run: bool = True) -> None:
+                 adapter: BatchAdapter | None = None, dry_run: bool = True, chunk_size: int | None = None) -> None:
         every_n_steps = validate_every_n("every_n_steps", every_n_steps)
         every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
         num_batches, top_k = v.positive_int("num_batches", num_batches), v.positive_int("top_k", top_k)
@@ -193,6 +198,7 @@ class HessianSpectrum(LitActCallback):
         warm_start, progress = v.boolean("warm_start", warm_start), v.boolean("progress", progress)
         checkpoint_vector, dry_run = v.boolean("checkpoint_vector", checkpoint_vector), v.boolean("dry_run", dry_run)
         save_density_figure = v.boolean("save_density_figure", save_density_figure)
+        self.chunk_size = v.optional(v.positive_int, "chunk_size", chunk_size)
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
@@ -283,7 +289,8 @@ class HessianSpectrum(LitActCallback):
         try:
             with preserved_training_state(pl_module, self.eval_mode), paused(), torch.inference_mode(False), \
                     torch.enable_grad():
-                op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend=self.backend)
+                op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend=self.backend,
+                                     chunk_size=self.chunk_size)
                 op.matvec(torch.zeros(op.dim, dtype=op.dtype, device=op.device))
         except FloatingPointError:
             return  # a non-finite loss is reported by each evaluation (nan_events), not a setup error
@@ -391,7 +398,8 @@ class HessianSpectrum(LitActCallback):
             stack.enter_context(torch.enable_grad())
             bar = stack.enter_context(_progress_bar(planned, show_progress))
             op = curvature_operator(module, self.operator_loss_fn(module), batches, curvature=self.curvature, loss=self.loss,
-                                    params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar)
+                                    params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar,
+                                    chunk_size=self.chunk_size)
             metrics, density = self._spectrum(op)
         metrics[f"{PREFIX}matvecs"] = float(op.matvecs)
         metrics[f"{PREFIX}seconds"] = time.perf_counter() - start
