@@ -384,7 +384,8 @@ def transformer_memory_section(batches=(16, 128)) -> None:
     print("[TransformerLM memory] peak RSS growth of a fresh process (ru_maxrss), median of 3 processes:")
     for n in batches:
         backward = median(_probe("backward", n) for _ in range(3))
-        rows = [("HVP, default (cached, whole batch)", None)] + [(f"HVP, chunk_size={n // d}", n // d) for d in (2, 4, 16)]
+        chunks = [n // d for d in (2, 4, 16) if n // d > 2]  # above the 2-example warm-up's resolution
+        rows = [("HVP, default (cached, whole batch)", None)] + [(f"HVP, chunk_size={c}", c) for c in chunks]
         print(f"  batch {n}x64: one backward {backward:.1f} MiB")
         for label, chunk in rows:
             hvp = median(_probe("hvp", n, chunk) for _ in range(3))
