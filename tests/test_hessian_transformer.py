@@ -258,3 +258,16 @@ def test_callback_default_evaluation_on_a_tiny_lm_chunked_and_not():
     check = hutchinson(op, 60, seed=7)
     gap = abs(whole["train/hessian/trace"] - check.estimate)
     assert gap <= 4 * (whole["train/hessian/trace_se"] ** 2 + check.std_error ** 2) ** 0.5
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "empirical_fisher"])
+def test_chunked_ggn_and_empirical_fisher_equal_unchunked(curvature):
+    from lit_act.hessian import curvature_operator
+
+    model = small_mlp()
+    x, y = data(10)
+    whole = curvature_operator(model, tuple_loss, [(x, y)], curvature=curvature, loss="cross_entropy")
+    chunked = curvature_operator(model, tuple_loss, [(x, y)], curvature=curvature, loss="cross_entropy",
+                                 chunk_size=4)
+    eye = torch.eye(whole.dim, dtype=torch.float64)
+    torch.testing.assert_close(chunked.matmat(eye), whole.matmat(eye), rtol=1e-10, atol=1e-13)
