@@ -26,6 +26,14 @@ Models: the 784-256-256-10 MLP with ReLU and with tanh, one random batch of 256,
    starts.
 5. Density: our SLQ (64 steps) against curvlinops' ``lanczos_approximate_spectrum`` (ncv 64), with its boundary
    estimation.
+7. Per-block top-1 eigenvalues (``--only blocks``: this section alone) on the ReLU MLP and the TransformerLM of 6 (one
+   block per layer): ``block_eigenvalues`` (lockstep Lanczos on one cached graph; ``"per_block"`` and ``"batched"``
+   products) against the naive loop of one ``lanczos`` per ``HessianOperator.blocks`` operator (setup included on
+   both sides), interleaved. Ratio = naive median time / ours.
+8. CNNs (``--only conv``: this section alone): ``exact_diagonal`` against BackPACK's ``DiagHessian`` and
+   ``DiagGGNExact`` on a ReLU CNN (3x32x32, batch 64) and tanh CNNs (3x16x16, batch 16; 3x32x32, batch 64, where only
+   ``DiagGGNExact`` fits in memory): agreement in float64, interleaved float32 medians; and the method
+   ``trace(op, 30, method="auto")`` picks, with its time in Hessian-vector products.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_act.hessian import HessianOperator, exact_diagonal, hutchpp, lanczos, slq, trace
+from lit_act.hessian import HessianOperator, block_eigenvalues, exact_diagonal, hutchpp, lanczos, slq, trace
 from lit_act.hessian.operator import math_attention
 
 
@@ -514,11 +522,142 @@ def transformer_section(repeats: int = 3) -> None:
           f"{first.top.iterations})")
 
 
+def blocks_case(name: str, model: nn.Module, loss_fn, batch, repeats: int) -> None:
+    """One model of the per-block section: median times over interleaved repeats, ratio naive / ours."""
+    def naive():
+        with math_attention():
+            ops = HessianOperator.blocks(model, loss_fn, [batch])
+            return {b: lanczos(o, k=1, return_vectors=False) for b, o in ops.items()}
+
+    def ours(products):
+        return block_eigenvalues(HessianOperator(model, loss_fn, [batch]), k=1, products=products)
+
+    runs = {"naive": naive, "per_block": lambda: ours("per_block"), "batched": lambda: ours("batched")}
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    results = {}
+    for _ in range(repeats):  # interleaved: the machine's load varies
+        for key, run in runs.items():
+            seconds, results[key] = timed(run)
+            times[key].append(seconds)
+    ref = results["naive"]
+    products = sum(r.matvecs for r in ref.values())
+    print(f"[{name}] {len(ref)} blocks, {products} block products, naive loop {median(times['naive']):.2f} s")
+    for key in ("per_block", "batched"):
+        err = max(abs(float(results[key][b].eigenvalues[0] - r.eigenvalues[0])) / abs(float(r.eigenvalues[0]))
+                  for b, r in ref.items())
+        print(f"  block_eigenvalues(products={key!r}): {median(times[key]):.2f} s, max rel. diff to naive "
+              f"{err:.1e}; RATIO naive/ours {median(times['naive']) / median(times[key]):.2f}x")
+
+
+def blocks_section(quick: bool) -> None:
+    """Per-block top-1 eigenvalues: lockstep ``block_eigenvalues`` against one ``lanczos`` per block operator."""
+    from lit_act.models import TransformerLM
+
+    gen = torch.Generator().manual_seed(0)
+    mlp_batch = (torch.randn(256, 784, generator=gen), torch.randint(0, 10, (256,), generator=gen))
+    blocks_case("ReLU MLP 784-256-256-10, batch 256", mlp(nn.ReLU), ce_loss, mlp_batch, 2 if quick else 5)
+    torch.manual_seed(0)
+    lm = TransformerLM(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4).eval()
+    lm_batch = (torch.randint(0, 65, (16, 64), generator=gen), torch.randint(0, 65, (16, 64), generator=gen))
+    blocks_case("TransformerLM 2x64, batch 16x64", lm, None, lm_batch, 1 if quick else 3)
+
+
+# ---------------------------------------------------------------------------------------------------- conv
+def cnn(activation: type[nn.Module], shape=(3, 32, 32), channels=(16, 32), hidden: int = 128, seed: int = 0):
+    """conv-act-pool-conv-act-pool-flatten-linear-act-linear (3x3 convolutions with padding 1, 2x2 max pooling)."""
+    torch.manual_seed(seed)
+    side = shape[1] // 4
+    return nn.Sequential(nn.Conv2d(shape[0], channels[0], 3, padding=1), activation(), nn.MaxPool2d(2),
+                         nn.Conv2d(channels[0], channels[1], 3, padding=1), activation(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(channels[1] * side * side, hidden), activation(),
+                         nn.Linear(hidden, 10)).eval()
+
+
+def backpack_diagonal(model, x, y, extension: str) -> torch.Tensor:
+    """BackPACK's ``DiagHessian`` or ``DiagGGNExact`` on an extended copy's cross-entropy; the flat diagonal."""
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact, DiagHessian
+
+    ext, attr = (DiagHessian, "diag_h") if extension == "DiagHessian" else (DiagGGNExact, "diag_ggn_exact")
+    loss = extend(nn.CrossEntropyLoss())(model(x), y)
+    with backpack(ext()):
+        loss.backward()
+    out = torch.cat([getattr(p, attr).reshape(-1) for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def conv_section(bp, quick: bool = False) -> None:
+    """Exact diagonals of CNNs against BackPACK: agreement in float64, interleaved medians in float32.
+
+    ReLU on CIFAR shapes (3x32x32, batch 64); tanh on 3x16x16 inputs (batch 16, channels 8/16) and on CIFAR shapes.
+    BackPACK's ``DiagHessian`` expands each curved activation's residual into a dense ``[V, N, V]`` tensor (V = the
+    activation's size per example): 17 GB at the tanh CIFAR net's second convolution, so there only its
+    ``DiagGGNExact`` runs, and our exact Hessian diagonal is priced in Hessian-vector products instead."""
+    cases = [("ReLU CNN 3x32x32", nn.ReLU, (3, 32, 32), (16, 32), 128, 64, True),
+             ("tanh CNN 3x16x16", nn.Tanh, (3, 16, 16), (8, 16), 64, 16, True),
+             ("tanh CNN 3x32x32", nn.Tanh, (3, 32, 32), (16, 32), 128, 64, False)]
+    for name, activation, shape, channels, hidden, n, diag_hessian in cases:
+        model = cnn(activation, shape, channels, hidden)
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+        print(f"\n=== {name} conv{channels} hidden {hidden} ({sum(p.numel() for p in model.parameters()):,} "
+              f"params), batch {n} ===")
+        conv_case(bp, model, x, y, 3 if quick else 7, diag_hessian)
+
+
+def conv_case(bp, model, x, y, runs: int, diag_hessian: bool = True) -> None:
+    op = HessianOperator(model, ce_loss, [(x, y)])
+    t_auto, auto = timed(lambda: trace(op, 30, method="auto", loss="cross_entropy"))
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    op.matvec(v)
+    t_hvp = median([timed(lambda: op.matvec(v))[0] for _ in range(3)])
+    print(f"  trace(op, 30, method='auto'): method {auto.method!r}, trace {auto.estimate:.6f}, "
+          f"{t_auto / t_hvp:.1f} HVPs of time")
+    if bp is None:
+        return
+    from backpack import extend
+
+    model64 = copy.deepcopy(model).double()
+    ext64, ext32 = extend(copy.deepcopy(model64)), extend(copy.deepcopy(model))
+    pairs = (("hessian", "DiagHessian"), ("ggn", "DiagGGNExact")) if diag_hessian else (("ggn", "DiagGGNExact"),)
+    for curvature, extension in pairs:
+        ours = exact_diagonal(model64, [(x.double(), y)], ce_loss, loss="cross_entropy", curvature=curvature)
+        ref = backpack_diagonal(ext64, x.double(), y, extension)
+        print(f"  {extension}: trace ours {ours.trace:.6f}, BackPACK {float(ref.sum()):.6f}; diagonal max-abs "
+              f"rel err {float((ours.diagonal - ref).abs().max() / ref.abs().max()):.1e} (goal <= 1e-6)")
+    times: dict[str, list[float]] = {k: [] for k in ("hessian", "ggn", "DiagHessian", "DiagGGNExact")}
+    for _ in range(runs if diag_hessian else 2):  # interleaved: the load of the machine hits both sides alike
+        for curvature, extension in pairs:
+            times[curvature].append(timed(lambda c=curvature: exact_diagonal(
+                model, [(x, y)], ce_loss, loss="cross_entropy", curvature=c))[0])
+            times[extension].append(timed(lambda e=extension: backpack_diagonal(ext32, x, y, e))[0])
+    med = {k: median(v) for k, v in times.items() if v}
+    if not diag_hessian:
+        print(f"  float32: ours GGN {med['ggn'] * 1e3:.1f} ms, BackPACK DiagGGNExact {med['DiagGGNExact'] * 1e3:.1f} "
+              f"ms; BackPACK DiagHessian skipped (dense [V, N, V] residual, 17 GB)")
+        print(f"  RATIO BackPACK/ours: DiagGGNExact {med['DiagGGNExact'] / med['ggn']:.2f}x (goal >= 1); ours exact "
+              f"Hessian diagonal = {t_auto / t_hvp:.1f} HVPs")
+        return
+    print(f"  float32 medians of {runs}: ours Hessian {med['hessian'] * 1e3:.1f} ms, GGN {med['ggn'] * 1e3:.1f} ms; "
+          f"BackPACK DiagHessian {med['DiagHessian'] * 1e3:.1f} ms, DiagGGNExact {med['DiagGGNExact'] * 1e3:.1f} ms")
+    print(f"  RATIO BackPACK/ours: DiagHessian {med['DiagHessian'] / med['hessian']:.2f}x, DiagGGNExact "
+          f"{med['DiagGGNExact'] / med['ggn']:.2f}x (goal >= 1)")
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1:][:1] == ["blocks"]:
+        torch.set_num_threads(1)
+        blocks_section(quick)
+        return
     only_residual = "--residual" in sys.argv
     torch.set_num_threads(1)
-    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1:][:1] == ["transformer"]:
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    if only == "conv":
+        conv_section(optional("backpack"), quick)
+        return
+    if only == "transformer":
         transformer_memory_section((16,) if quick else (16, 128))
         transformer_section(1 if quick else 3)
         return
@@ -542,6 +681,9 @@ def main() -> None:
         print()
         transformer_memory_section((16,) if quick else (16, 128))
         transformer_section(1 if quick else 3)
+        print()
+        blocks_section(quick)
+        conv_section(bp, quick)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lit_act.batch import DEFAULT_ADAPTER, BatchAdapter
 from lit_act.callbacks.core import LitActCallback, probe_batches
+from lit_act.hessian.blocks import block_eigenvalues, block_sizes, check_block_k
 from lit_act.hessian.curvature import CURVATURES, curvature_operator
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.krylov_trace import lanczos_trace
@@ -99,9 +100,6 @@ class HessianSpectrum(LitActCallback):
     Before training a dry run on the first training batch (one loss, one Hessian-vector product) surfaces a missing
     loss, missing logits or an autograd limitation. The evaluations run with every other callback's taps paused.
 
-    Logged keys (through the emitter: every evaluation reaches the loggers at its step and
-    ``trainer.callback_metrics``, also with ``every_n_steps``):
-
     One evaluation is one Lanczos pass (:func:`lit_act.hessian.krylov_trace.lanczos_trace`) from a Rademacher vector,
     which gives together the top-``k`` eigenvalues, the smallest one, the Krylov part of the trace and one SLQ run,
     then ``trace_budget`` deflated trace probes and ``slq_runs - 1`` further SLQ runs. On the reference TransformerLM
@@ -117,7 +115,10 @@ class HessianSpectrum(LitActCallback):
     * ``train/hessian/re``, ``train/hessian/kh``: LLA criteria from the SLQ nodes/weights
       (:func:`lit_act.hessian.density.lla_criteria`);
     * ``train/hessian/converged``: 1.0 when every Lanczos Ritz value passed its residual test, else 0.0;
-    * ``train/hessian/matvecs``: Hessian-vector products of the evaluation; ``train/hessian/seconds``: its wall time.
+    * ``train/hessian/matvecs``: Hessian-vector products of the evaluation; ``train/hessian/seconds``: its wall time;
+    * with ``per_block_top_k``: ``train/hessian/block_top{i}/{block}``, the ``i``-th largest eigenvalue of the diagonal
+      block of each module owning parameters (:func:`lit_act.hessian.block_eigenvalues`), and
+      ``train/hessian/block_converged``.
 
     The SLQ density is saved as ``figures/hessian_density_step<step>.png`` (and a W&B image when W&B is on). A NaN/Inf
     in a Hessian-vector product is reported (warning, all keys logged as NaN, ``nan_events`` incremented) instead of
@@ -171,6 +172,8 @@ class HessianSpectrum(LitActCallback):
         checkpoint_vector: also store the warm-start vector in checkpoints (``dim`` floats).
         save_density_figure: save the density plot.
         progress: show a progress bar over Hessian-vector products on rank zero.
+        per_block_top_k: top eigenvalues of every per-module Hessian block (0 disables; ``curvature="hessian"``;
+            at most the smallest block's size, checked at setup).
         chunk_size: split each cached batch into sub-batches of this many examples (the same operator: see
             :class:`lit_act.hessian.operator.HessianOperator`); bounds the memory of a Hessian-vector product by one
             chunk's instead of the cached batches' graphs, at the price of recomputing each chunk's graph per
@@ -185,7 +188,8 @@ class HessianSpectrum(LitActCallback):
                  eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = False,
                  checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
                  curvature: str = "hessian", loss: str | None = None, on_uncovered: str = "error",
-                 adapter: BatchAdapter | None = None, dry_run: bool = True, chunk_size: int | None = None) -> None:
+                 adapter: BatchAdapter | None = None, dry_run: bool = True, per_block_top_k: int = 0,
+                 chunk_size: int | None = None) -> None:
         every_n_steps = validate_every_n("every_n_steps", every_n_steps)
         every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
         num_batches, top_k = v.positive_int("num_batches", num_batches), v.positive_int("top_k", top_k)
@@ -198,6 +202,10 @@ class HessianSpectrum(LitActCallback):
         warm_start, progress = v.boolean("warm_start", warm_start), v.boolean("progress", progress)
         checkpoint_vector, dry_run = v.boolean("checkpoint_vector", checkpoint_vector), v.boolean("dry_run", dry_run)
         save_density_figure = v.boolean("save_density_figure", save_density_figure)
+        per_block_top_k = v.non_negative_int("per_block_top_k", per_block_top_k)
+        if per_block_top_k and (curvature != "hessian" or (max_iter is not None and max_iter < per_block_top_k)):
+            raise ValueError(f"per_block_top_k={per_block_top_k} needs curvature='hessian' (got {curvature!r}) and "
+                             f"max_iter >= per_block_top_k (got {max_iter})")
         self.chunk_size = v.optional(v.positive_int, "chunk_size", chunk_size)
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
@@ -239,6 +247,7 @@ class HessianSpectrum(LitActCallback):
         self.warm_start, self.checkpoint_vector = warm_start, checkpoint_vector
         self.save_density_figure, self.progress = save_density_figure, progress
         self.curvature, self.loss, self.on_uncovered = curvature, loss, on_uncovered
+        self.per_block_top_k, self._block_names = per_block_top_k, []
         self.cached_batches: list[Any] = []
         self.last_metrics: dict[str, float] = {}
         self.evaluations = 0
@@ -274,6 +283,10 @@ class HessianSpectrum(LitActCallback):
         if self.every_n_steps is None and epochs is not None and epochs > 0 and self.every_n_epochs > epochs \
                 and trainer.max_steps < 0:
             self.warn(f"every_n_epochs={self.every_n_epochs} but the run has {epochs} epochs: no evaluation runs")
+        if self.per_block_top_k:
+            sizes = block_sizes(pl_module, self.params)
+            check_block_k(sizes, self.per_block_top_k)
+            self._block_names = list(sizes)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -374,6 +387,8 @@ class HessianSpectrum(LitActCallback):
         names += [f"{PREFIX}lambda_min"] if self.lambda_min else []
         names += [f"{PREFIX}trace", f"{PREFIX}trace_se"] if self.trace_budget else []
         names += [f"{PREFIX}re", f"{PREFIX}kh"] if self.slq_iter else []
+        names += [f"{PREFIX}block_top{i + 1}/{b}" for b in self._block_names for i in range(self.per_block_top_k)]
+        names += [f"{PREFIX}block_converged"] if self.per_block_top_k else []
         return [*names, f"{PREFIX}converged", f"{PREFIX}matvecs", f"{PREFIX}seconds"]
 
     def compute(self, module: nn.Module, batches: Sequence[Any] | None = None,
@@ -446,6 +461,8 @@ class HessianSpectrum(LitActCallback):
             crit = lla_criteria(nodes, weights, self.kh_power)
             metrics[f"{PREFIX}re"], metrics[f"{PREFIX}kh"] = crit.re, crit.kh
             density = gaussian_density(nodes, weights)
+        if self.per_block_top_k:
+            metrics.update(self._block_spectrum(op))
         if not converged:
             rank_zero_warn(f"HessianSpectrum: Lanczos did not reach tol={self.tol} within max_iter; "
                            "raise max_iter for converged eigenvalues")
@@ -467,6 +484,18 @@ class HessianSpectrum(LitActCallback):
             return trace(op, self.trace_budget, "exact", on_uncovered="error", loss=self._diagonal_loss(op))
         except (UncoveredModuleError, ValueError, TypeError):  # uncovered module, unknown loss or batch convention
             return None
+
+    def _block_spectrum(self, op: HessianOperator) -> dict[str, float]:
+        """Per-block top eigenvalues (one lockstep pass over all blocks), a separate step of the evaluation."""
+        results = block_eigenvalues(op, self.per_block_top_k, "largest", self.max_iter, self.tol, seed=self.seed + 4)
+        self._block_names = list(results)
+        metrics = {f"{PREFIX}block_top{i + 1}/{b}": float(value) for b, r in results.items()
+                   for i, value in enumerate(r.eigenvalues)}
+        converged = all(bool(r.converged.all()) for r in results.values())
+        if not converged:
+            rank_zero_warn(f"HessianSpectrum: per-block Lanczos did not reach tol={self.tol} within max_iter")
+        metrics[f"{PREFIX}block_converged"] = float(converged)
+        return metrics
 
     @staticmethod
     def _density_figure(grid: Tensor, density: Tensor, step: int):

@@ -1,6 +1,7 @@
 """Curvature of training losses: Hessian/GGN/Fisher operators, Lanczos eigenvalues, exact diagonals by
 backpropagation, Hutchinson/Hutch++/XTrace traces, SLQ density, LLA criteria."""
 
+from lit_act.hessian.blocks import block_eigenvalues, block_sizes, parameter_blocks
 from lit_act.hessian.curvature import CURVATURES, GGNOperator, curvature_operator, empirical_fisher_diagonal
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.diagonal import UncoveredModuleError, exact_diagonal
@@ -27,6 +28,8 @@ __all__ = [
     "SpectralDensityResult",
     "TraceResult",
     "UncoveredModuleError",
+    "block_eigenvalues",
+    "block_sizes",
     "curvature_operator",
     "default_loss_fn",
     "empirical_fisher_diagonal",
@@ -36,6 +39,7 @@ __all__ = [
     "hutchpp",
     "lanczos",
     "lla_criteria",
+    "parameter_blocks",
     "slq",
     "trace",
     "xtrace",

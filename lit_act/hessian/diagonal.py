@@ -3,37 +3,50 @@
 Becker & LeCun (1988) backpropagate second derivatives through a layered network; BackPACK's ``DiagHessian`` and
 ``DiagGGNExact`` (Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop", ICLR 2020, Sec. 2 and App. A)
 make it exact by backpropagating a symmetric factorisation of the Hessian w.r.t. each layer's output instead of its
-diagonal. For one row ``r`` (an example, or a position of a sequence model) and a chain ``f = m_L o ... o m_1``:
+diagonal. For one block ``r`` (a row: an example, or a position of a sequence model; an example once convolutions or
+pooling mix positions) and a chain ``f = m_L o ... o m_1``:
 
 * at the outputs, ``d2L/df_r^2 = S_r S_r^T`` (:func:`lit_act.hessian.losses.output_hessian_factor`; for
   cross-entropy the exact square root of ``diag(p) - p p^T``);
 * through ``z = a W^T + b``: ``diag_W += sum_r (sum_k S_r[:,k]^2) (a_r^2)^T``, ``diag_b += sum_r sum_k S_r[:,k]^2``,
   and ``S <- W^T S``;
+* through a convolution (BackPACK's ``DiagHConv2d``: weight sharing over positions makes the column's Jacobian a
+  sum): with the patches ``U_r`` (``F.unfold``, ``(C_in k^2, P)``), ``diag_W += sum_{r,k} (S_r[k] U_r^T)^2``,
+  ``diag_b += sum_{r,k} (sum_p S_r[k, :, p])^2``, and ``S <- conv_transpose(S)``;
+* through max pooling ``S`` is scattered to the max positions (kept at the pooled size until a layer needs it, so
+  the next convolution gathers only those patches); average pooling, flatten: their transposed Jacobians;
 * through an elementwise ``a = phi(h)``: ``S <- phi'(h) S``, and for the Hessian (not the GGN) the residual
-  ``diag(phi''(h) * dL/da)`` joins as two more (diagonal) factors, ``+sqrt(max(res, 0))`` and ``-sqrt(max(-res, 0))``,
-  which the earlier layers propagate like the others (signed factors).
+  ``diag(phi''(h) * dL/da)`` joins as a diagonal Hessian: one column ``sqrt|res_i|`` per entry with the sign of
+  ``res_i`` (BackPACK splits it into ``+`` and ``-`` halves, twice the columns), propagated like the others.
+  A residual at a convolution's output that reaches the first convolution (through elementwise layers and at most
+  one max pooling) is contracted there from the unfolded gains and patches, without a dense column per entry
+  (BackPACK builds a dense ``[V, N, V]`` tensor, ``V`` = the activation's size per example).
 
 So ``diag(H)`` (and the GGN's) for every parameter of the chain costs one forward and roughly one backward per
-factor column (``C`` columns for ``C`` classes, plus ``d`` per hidden width with curved activations). For ReLU
-(``phi'' = 0``) there is no residual and the Hessian diagonal is the GGN's.
+factor column (``C`` columns for ``C`` classes, plus one per entry of each curved activation after a second
+parametrised layer). Column blocks larger than ``_BLOCK_ELEMENTS`` are run to the input one chunk at a time, so the
+memory stays bounded. For ReLU (``phi'' = 0``) there is no residual and the Hessian diagonal is the GGN's.
 
 The chain is found from the modules, not assumed: one forward with hooks on the leaf modules records their calls, then
 walking back from the model's output, each call must have produced exactly the tensor the next one consumed. The
-covered modules are ``nn.Linear``, parameter-free elementwise activations (:data:`ELEMENTWISE`), ``nn.Identity``,
-``nn.Dropout`` in eval mode and a shape-preserving ``nn.Flatten``. The walk stops at the first module outside these
-rules or the first functional op / residual connection; parameters before it are "uncovered".
-:func:`exact_diagonal` raises naming that module, or (``on_uncovered="partial"``) returns the covered blocks only,
-which :func:`lit_act.hessian.trace.trace` uses as a control variate.
+covered modules are ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (zero padding; stride, dilation, groups, ``"same"``),
+parameter-free elementwise activations (:data:`ELEMENTWISE`), max and average pooling (1d/2d, adaptive),
+``nn.Identity``, dropout in eval mode and ``nn.Flatten``. The walk stops at the first module outside these rules or
+the first functional op / residual connection; parameters before it are "uncovered". :func:`exact_diagonal` raises
+naming that module, or (``on_uncovered="partial"``) returns the covered blocks only, which
+:func:`lit_act.hessian.trace.trace` uses as a control variate.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.hessian.losses import (
@@ -49,9 +62,17 @@ from lit_act.hessian.results import DiagonalResult
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.CELU, nn.SELU,
                nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardswish,
                nn.Hardsigmoid)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)  # zero second derivative almost everywhere
+CONVS = (nn.Conv1d, nn.Conv2d)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_ONE_D = (nn.Conv1d, nn.MaxPool1d, nn.AdaptiveMaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)
+_SPATIAL = ("conv", "maxpool", "avgpool")
 DIAGONAL_CURVATURES = ("hessian", "ggn")
 ON_UNCOVERED = ("error", "partial")
-COVERED = "nn.Linear, parameter-free elementwise activations, nn.Identity, nn.Dropout in eval mode, nn.Flatten"
+COVERED = ("nn.Linear, nn.Conv1d/nn.Conv2d with zero padding, parameter-free elementwise activations, max and average "
+           "pooling (1d/2d, adaptive), nn.Flatten, nn.Identity, dropout in eval mode")
+_BLOCK_ELEMENTS = 1 << 24  # largest backpropagated factor block (columns are drained in chunks beyond it)
 
 
 class UncoveredModuleError(ValueError):
@@ -64,6 +85,7 @@ class _Call:
     module: nn.Module
     input: Tensor
     output: Tensor
+    indices: Tensor | None = None  # a max pooling layer's argmax indices, recorded in the same forward
 
 
 @dataclass(frozen=True)
@@ -79,12 +101,38 @@ class Chain:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, CONVS) and module.padding_mode == "zeros":
+        return "conv"
     if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
         return "elementwise"
-    if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and (not module.training or module.p == 0)):
+    if isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd)
+                                           and (not module.training or module.p == 0)):
         return "identity"
     if isinstance(module, nn.Flatten):
         return "flatten"
+    if isinstance(module, MAX_POOLS) and not module.return_indices:
+        return "maxpool"
+    if isinstance(module, AVG_POOLS):
+        return "avgpool"
+    return None
+
+
+def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatial_after: bool) -> str | None:
+    """Why ``call`` cannot join the chain (``None`` if it can); ``spatial_after``: a convolution, pooling or reshaping
+    flatten comes later in the forward pass (its factor then has one block per example, not per row)."""
+    if kind is None:
+        return "is not covered"
+    if calls > 1:
+        return "is called more than once"
+    if shared:
+        return "shares a parameter (tied weights)"
+    batched = 3 if isinstance(call.module, _ONE_D) else 4
+    if kind in _SPATIAL and call.input.ndim != batched:
+        return f"has a {call.input.ndim}-D input (only batched {batched}-D inputs are covered)"
+    if kind == "flatten" and call.output.shape[:1] != call.input.shape[:1]:
+        return "flattens the batch dimension"
+    if kind == "linear" and spatial_after and call.input.ndim > 2:
+        return f"acts on a {call.input.ndim}-D input before a convolution, pooling or flatten layer"
     return None
 
 
@@ -93,20 +141,32 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
     docstring) and the outputs."""
     calls: list[_Call] = []
     counts: dict[int, int] = {}
+    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    # max pooling layers without other forward hooks return their indices to our hook, which passes the output on
+    pools = [] if nn.modules.module._global_forward_hooks else [
+        m for _, m in leaves if _kind(m) == "maxpool" and not m._forward_hooks]
+    with_indices = {id(m) for m in pools}
 
-    def record(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+    def record(name: str, module: nn.Module, args: tuple, output: Any) -> Any:
         counts[id(module)] = counts.get(id(module), 0) + 1
+        indices = None
+        if id(module) in with_indices:
+            output, indices = output
         if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-            calls.append(_Call(name, module, args[0], output))
+            calls.append(_Call(name, module, args[0], output, indices))
         else:
             calls.append(_Call(name, module, None, None))  # type: ignore[arg-type]
+        return output if indices is not None else None
 
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(lambda mod, args, out, n=n: record(n, mod, args, out)) for n, m in leaves]
     try:
+        for pool in pools:
+            pool.return_indices = True
         with torch.no_grad(), math_attention():
             outputs = model(inputs)
     finally:
+        for pool in pools:
+            pool.return_indices = False
         for handle in handles:
             handle.remove()
     owners: dict[int, list[str]] = {}
@@ -114,7 +174,7 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{module_name}.{pname}" if module_name else pname)
     tail: list[_Call] = []
-    current, stop = outputs, None
+    current, stop, spatial = outputs, None, False
     for call in reversed(calls):
         if call.output is None or call.output is not current:
             if tail:
@@ -127,12 +187,11 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
             break
         kind = _kind(call.module)
         shared = any(len(owners.get(id(p), [])) > 1 for p in call.module.parameters())
-        if kind is None or counts[id(call.module)] > 1 or shared or (
-                kind == "flatten" and call.input.shape != call.output.shape):
-            why = ("is called more than once" if counts[id(call.module)] > 1 else "shares a parameter (tied weights)"
-                   if shared else "changes the shape" if kind == "flatten" else "is not covered")
-            stop = (f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}")
+        why = _not_covered(call, kind, counts[id(call.module)], shared, spatial)
+        if why is not None:
+            stop = f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}"
             break
+        spatial = spatial or kind in _SPATIAL or (kind == "flatten" and call.input.shape != call.output.shape)
         tail.append(call)
         current = call.input
     tail.reverse()
@@ -161,83 +220,451 @@ def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[T
 
 @dataclass
 class _Factor:
-    """A signed factor ``sign * S S^T`` of the per-row Hessian w.r.t. the current layer's output, with
-    ``S[r, k, i]`` stored in one of three forms: ``dense`` ``(R, K, d)``; ``diag`` ``(R, d)`` for ``diag(D)`` (a
-    residual term); or ``D[r, k] M[k, i] E[r, i]`` (``diag``, ``scale`` ``(K, d)`` = a weight, ``gain`` ``(R, d)``):
-    a residual term after one Linear layer, kept unexpanded until another Linear layer needs it."""
+    """A factor ``S diag(signs) S^T`` of the Hessian w.r.t. the tensor ``X`` the pass has reached (``signs`` ``(R, K)``
+    of +-1 per column, ``None`` for all +1), ``S[r, k, ...]`` stored in one of four forms:
 
-    sign: float
+    * ``dense`` ``(R, K, *feat)``, ``K`` columns per block, in the *row* layout (``R = prod(X.shape[:-1])``,
+      ``feat = X.shape[-1:]``: every position of a sequence is its own block, enough for Linear chains) or the
+      *example* layout (``R = X.shape[0]``, ``feat = X.shape[1:]``: convolutions and pooling mix positions);
+    * ``hessian`` shaped like ``X``: a diagonal Hessian (a residual term, signed entries, one factor column
+      ``sqrt|h|`` per entry with the sign of ``h``);
+    * ``D[r, k] M[k, i] E[r, i]`` (``diag`` ``(R, d_out)``, ``scale`` ``(d_out, d_in)`` = a Linear weight, ``gain``
+      ``(R, d_in)``): a residual term after one Linear layer, kept unexpanded until another layer needs it;
+    * ``dense`` ``(N, K, C, Q)`` with ``index`` ``(N, C, Q)``: columns just mapped back through a max pooling layer,
+      kept at the pooled size (``S[n, k, c, index[n, c, q]] += dense[n, k, c, q]`` over ``X``'s flattened planes,
+      ``shape = X.shape[1:]``) so that an elementwise gain and the next convolution's weight diagonal work on ``Q``
+      instead of all positions; scattered when another layer needs it."""
+
     dense: Tensor | None = None
+    signs: Tensor | None = None
+    hessian: Tensor | None = None
     diag: Tensor | None = None
     scale: Tensor | None = None
     gain: Tensor | None = None
+    index: Tensor | None = None
+    shape: tuple[int, ...] | None = None
 
-    def squares(self) -> Tensor:
-        """``sum_k S[r, k, i]^2``, ``(R, d)``."""
+    def weighted(self, squares: Tensor) -> Tensor:
+        """``sum_k signs[r, k] squares[r, k, ...]`` (``squares`` ``(R, K, ...)``)."""
+        if self.signs is None:
+            return squares.sum(1)
+        return (squares * self.signs.reshape(*self.signs.shape, *[1] * (squares.ndim - 2))).sum(1)
+
+    def squares(self, width: int) -> Tensor:
+        """``sum_k signs_k S[r, k, i]^2`` in the row layout, ``(R, width)``."""
+        if self.hessian is not None:
+            return self.hessian.reshape(-1, width)
+        if self.index is not None:
+            return self.weighted(self.expanded().square()).reshape(-1, width)
         if self.dense is not None:
-            return self.dense.square().sum(1)
-        if self.scale is None:
-            return self.diag.square()
-        out = self.diag.square() @ self.scale.square()
+            return self.weighted(self.dense.square())
+        d2 = self.diag.square() if self.signs is None else self.diag.square() * self.signs
+        out = d2 @ self.scale.square()
         return out if self.gain is None else out.mul_(self.gain.square())
 
     def expanded(self) -> Tensor:
+        if self.index is not None:
+            return self.columns(0, self.dense.shape[1])
         if self.dense is not None:
             return self.dense
         out = self.diag[:, :, None] * self.scale
         return out if self.gain is None else out.mul_(self.gain[:, None, :])
 
+    def columns(self, lo: int, hi: int) -> Tensor:
+        """Columns ``lo:hi`` of a dense factor in the example layout, ``(N, hi - lo, *feat)``."""
+        block = self.dense[:, lo:hi]
+        if self.index is None:
+            return block
+        n, k, c = block.shape[:3]
+        out = block.new_zeros(n, k, c, math.prod(self.shape[1:]))
+        out.scatter_add_(3, self.index[:, None].expand(n, k, *self.index.shape[1:]), block)
+        return out.reshape(n, k, *self.shape)
+
+    def examples(self, shape: torch.Size) -> _Factor:
+        """The example layout for ``X.shape == shape`` (row blocks become one block-diagonal block per example)."""
+        if self.hessian is not None:
+            return self
+        dense = self.expanded()
+        n = shape[0]
+        if dense.shape[0] == n and dense.shape[2:] == shape[1:]:
+            return _Factor(dense, self.signs)
+        rows, k, d = dense.shape
+        t = rows // n
+        blocks = dense.new_zeros(n, t, k, t, d)
+        index = torch.arange(t, device=dense.device)
+        blocks[:, index, :, index, :] = dense.reshape(n, t, k, d).transpose(0, 1)
+        signs = None if self.signs is None else self.signs.reshape(n, t * k)
+        return _Factor(blocks.reshape(n, t * k, *shape[1:]), signs)
+
     def through_linear(self, weight: Tensor) -> _Factor:
-        if self.dense is None and self.scale is None:
-            return _Factor(self.sign, diag=self.diag, scale=weight)
+        if self.hessian is not None:
+            h = self.hessian.reshape(-1, weight.shape[0])
+            return _Factor(signs=h.sign(), diag=h.abs().sqrt(), scale=weight)
         f = self.expanded()
-        return _Factor(self.sign, dense=(f.reshape(-1, f.shape[-1]) @ weight).reshape(f.shape[0], f.shape[1], -1))
+        return _Factor((f.reshape(-1, f.shape[-1]) @ weight).reshape(f.shape[0], f.shape[1], -1), self.signs)
 
     def through_elementwise(self, d1: Tensor) -> _Factor:
+        """``d1 = phi'(h)`` shaped like ``X``."""
+        if self.index is not None:
+            gain = d1.reshape(*self.index.shape[:2], -1).gather(2, self.index)[:, None]
+            return _Factor(self.dense * gain, self.signs, index=self.index, shape=self.shape)
         if self.dense is not None:
-            return _Factor(self.sign, dense=self.dense * d1[:, None, :])
-        if self.scale is None:
-            return _Factor(self.sign, diag=self.diag * d1)
-        return _Factor(self.sign, diag=self.diag, scale=self.scale, gain=d1 if self.gain is None else self.gain * d1)
+            example = self.dense.shape[0] == d1.shape[0] and self.dense.shape[2:] == d1.shape[1:]
+            return _Factor(self.dense * (d1[:, None] if example else d1.reshape(-1, 1, d1.shape[-1])), self.signs)
+        if self.hessian is not None:
+            return _Factor(hessian=self.hessian * d1.square())
+        d1 = d1.reshape(self.diag.shape[0], -1)
+        return _Factor(signs=self.signs, diag=self.diag, scale=self.scale,
+                       gain=d1 if self.gain is None else self.gain * d1)
+
+
+def _nonzero_columns(hessian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The factor columns of ``diag(h)`` per example that are not zero: ``(index, value, sign)``, all ``(N, K)``
+    with ``K`` the largest count (shorter lists padded with zero columns)."""
+    flat = hessian.reshape(hessian.shape[0], -1)
+    nonzero = flat.ne(0)
+    k = int(nonzero.sum(1).max())
+    order = torch.sort(nonzero.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, :k]
+    h = flat.gather(1, order)
+    return order, h.abs().sqrt(), h.sign()
+
+
+@dataclass
+class _ConvGeometry:
+    """A Conv1d/Conv2d call as a 2-D convolution (Conv1d has height 1) with explicit zero padding."""
+
+    weight: Tensor  # (C_out, C_in / groups, kh, kw)
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padded: tuple[int, int]  # padded input height and width
+
+    @staticmethod
+    def of(module: nn.Module, x: Tensor) -> _ConvGeometry:
+        one_d = isinstance(module, nn.Conv1d)
+        weight = module.weight.unsqueeze(2) if one_d else module.weight
+        kernel = module.weight.shape[2:]
+        if isinstance(module.padding, str):  # "valid", or "same": the extra padding of an odd total on the right
+            totals = [0 if module.padding == "valid" else d * (k - 1) for d, k in zip(module.dilation, kernel)]
+            pairs = [(t // 2, t - t // 2) for t in totals]
+        else:
+            pairs = [(p, p) for p in module.padding]
+        pairs = [(0, 0), *pairs] if one_d else pairs
+        spatial = x.shape[2:] if not one_d else (1, x.shape[2])
+        return _ConvGeometry(weight, (*pairs[1], *pairs[0]), (1, *module.stride) if one_d else tuple(module.stride),
+                             (1, *module.dilation) if one_d else tuple(module.dilation), module.groups,
+                             (spatial[0] + sum(pairs[0]), spatial[1] + sum(pairs[1])))
+
+    def unfold(self, x: Tensor) -> Tensor:
+        """Patches ``(N, groups, C_in / groups * kh * kw, P)`` of the 3-D or 4-D input ``x``."""
+        x4 = x.unsqueeze(2) if x.ndim == 3 else x
+        left, right, top, bottom = self.pad
+        if (left, top) == (right, bottom):  # padded by unfold itself, no padded copy
+            cols = F.unfold(x4, self.weight.shape[2:], self.dilation, (top, left), self.stride)
+        else:
+            cols = F.unfold(F.pad(x4, self.pad), self.weight.shape[2:], dilation=self.dilation, stride=self.stride)
+        return cols.reshape(x.shape[0], self.groups, -1, cols.shape[-1])
+
+    def transpose(self, s: Tensor, in_shape: torch.Size) -> Tensor:
+        """The adjoint of the convolution (no bias) applied to ``s`` ``(B, C_out, *out)``: ``(B, *in_shape)``."""
+        s4 = s.unsqueeze(2) if s.ndim == 3 else s
+        kernel = self.weight.shape[2:]
+        extra = [size - ((o - 1) * st + d * (k - 1) + 1)
+                 for size, o, st, d, k in zip(self.padded, s4.shape[2:], self.stride, self.dilation, kernel)]
+        left, right, top, bottom = self.pad
+        if (left, top) == (right, bottom):  # cropped by conv_transpose2d itself
+            out = F.conv_transpose2d(s4, self.weight, None, self.stride, (top, left), extra, self.groups,
+                                     self.dilation)
+        else:
+            out = F.conv_transpose2d(s4, self.weight, None, self.stride, 0, extra, self.groups, self.dilation)
+            out = out[:, :, top:self.padded[0] - bottom, left:self.padded[1] - right]
+        return out.reshape(s.shape[0], *in_shape)
+
+
+class _Backprop:
+    """One batch's extended backward pass over ``chain`` (state shared with the column chunks drained separately).
+
+    ``run(i, factors, grad)`` processes calls ``i, i-1, ..., 0``: the factors and ``grad = dL/dX`` are w.r.t. the
+    output ``X`` of call ``i``. A Linear or Conv layer adds ``sum_k (J_k)^2`` of each factor's columns to its
+    parameters' diagonals; every call then maps the factors to its input (its transposed Jacobian); a curved
+    elementwise activation adds its residual factors (Hessian only). A factor whose mapped block would exceed
+    ``_BLOCK_ELEMENTS`` is split into column chunks, each run to the input on its own (the diagonal is a sum over
+    columns), so the memory stays bounded."""
+
+    def __init__(self, chain: Chain, curvature: str) -> None:
+        self.calls = chain.calls
+        self.kinds = [_kind(c.module) for c in self.calls]
+        self.params_before = [any(k in ("linear", "conv") for k in self.kinds[:i]) for i in range(len(self.calls))]
+        self.curved = [curvature == "hessian" and k == "elementwise" and self.params_before[i]
+                       and not isinstance(c.module, PIECEWISE_LINEAR)
+                       for i, (k, c) in enumerate(zip(self.kinds, self.calls))]
+        self.grad_needed = [any(self.curved[:i + 1]) for i in range(len(self.calls))]
+        self.result: dict[str, Tensor] = {}
+        self._cache: dict[tuple[str, int], Any] = {}
+
+    def _cached(self, key: str, index: int, make: Callable[[], Any]) -> Any:
+        if (key, index) not in self._cache:
+            self._cache[key, index] = make()
+        return self._cache[key, index]
+
+    def run(self, index: int, factors: list[_Factor], grad: Tensor | None) -> None:
+        for i in range(index, -1, -1):
+            kind = self.kinds[i]
+            if kind == "conv":  # pooled columns are scattered once here unless the patches are gathered instead
+                factors = [f if f.index is None or self._gathers(i, f) else _Factor(f.expanded(), f.signs)
+                           for f in factors]
+            if kind in ("linear", "conv"):
+                self._accumulate(i, factors)
+            if not self.params_before[i]:
+                return
+            residual = []
+            if kind == "elementwise" and grad is not None and self.curved[i]:
+                res = self._derivatives(i)[1] * grad
+                if bool(res.ne(0).any()):
+                    residual = [_Factor(hessian=res)]
+            factors = [g for f in factors for g in self._back(i, f)] + residual
+            if grad is not None:
+                grad = self._map_grad(i, grad) if self.grad_needed[i - 1] else None
+
+    def _derivatives(self, i: int) -> tuple[Tensor, Tensor]:
+        call = self.calls[i]
+        return self._cached("d", i, lambda: _elementwise_derivatives(call.module, call.input, call.output))
+
+    def _add(self, i: int, pname: str, value: Tensor) -> None:
+        name = f"{self.calls[i].name}.{pname}" if self.calls[i].name else pname
+        if name in self.result:
+            self.result[name].add_(value)
+        else:
+            self.result[name] = value
+
+    def _accumulate(self, i: int, factors: list[_Factor]) -> None:
+        """Adds the factors' ``sum_k (dX_k / dtheta)^2`` to the diagonal of call ``i``'s parameters."""
+        call = self.calls[i]
+        module = call.module
+        if self.kinds[i] == "linear":
+            width = call.output.shape[-1]
+            sq = sum(f.squares(width) for f in factors)
+            a2 = self._cached("a2", i, lambda: call.input.reshape(-1, call.input.shape[-1]).square())
+            self._add(i, "weight", sq.T @ a2)
+            if module.bias is not None:
+                self._add(i, "bias", sq.sum(0))
+            return
+        geometry = self._geometry(i)
+        patches = self._cached("u", i, lambda: geometry.unfold(call.input))  # (N, G, J, P)
+        n, groups, p = patches.shape[0], geometry.groups, patches.shape[-1]
+        for f in factors:
+            if f.index is not None:  # pooled columns (max pooling next): J = S_k[:, index] U[:, index]^T
+                gathered = self._cached("ug", i, lambda f=f: _gather_patches(patches, f.index))  # (N, C, Q, J)
+                w = f.weighted(torch.matmul(f.dense.transpose(1, 2), gathered).square_().transpose(1, 2)).sum(0)
+                b = f.weighted(f.dense.sum(-1).square_()).sum(0)
+            elif f.hessian is not None:  # one (channel, position) entry per column
+                h = f.hessian.reshape(n, groups, -1, p)
+                u2 = self._cached("u2", i, patches.square)
+                w, b = torch.einsum("ngop,ngjp->goj", h, u2), h.sum((0, 3))
+            else:  # per column: J = S_k U^T, summed squares
+                f = f.examples(call.output.shape)
+                k = f.dense.shape[1]
+                if groups == 1:
+                    w = torch.matmul(f.dense.reshape(n, -1, p), patches[:, 0].transpose(1, 2))
+                    w = f.weighted(w.square_().reshape(n, k, -1, w.shape[-1])).sum(0)
+                else:
+                    s = f.dense.reshape(n, k, groups, -1, p)
+                    w = f.weighted(torch.einsum("nkgop,ngjp->nkgoj", s, patches).square_()).sum(0)
+                b = f.weighted(f.dense.reshape(n, k, -1, p).sum(-1).square_()).sum(0)
+            self._add(i, "weight", w.reshape(module.weight.shape))
+            if module.bias is not None:
+                self._add(i, "bias", b.reshape(-1))
+
+    def _pool_indices(self, i: int) -> Tensor:
+        call = self.calls[i]
+        if call.indices is not None:
+            return call.indices.reshape(*call.input.shape[:2], -1)
+        return self._cached("idx", i, lambda: _max_pool_indices(call.module, call.input))
+
+    def _gathers(self, i: int, f: _Factor) -> bool:
+        """Whether conv call ``i`` takes the weight diagonal of pooled columns ``f`` from patches gathered at the
+        pooled positions (``J Q`` entries per channel) rather than from the scattered columns (``K P``)."""
+        patches = self._cached("u", i, lambda: self._geometry(i).unfold(self.calls[i].input))
+        return patches.shape[2] * f.dense.shape[-1] <= f.dense.shape[1] * patches.shape[-1]
+
+    def _geometry(self, i: int) -> _ConvGeometry:
+        return self._cached("g", i, lambda: _ConvGeometry.of(self.calls[i].module, self.calls[i].input))
+
+    def _map(self, i: int, s: Tensor) -> Tensor:
+        """The transposed Jacobian of the linear (at the recorded input) spatial call ``i`` on ``s``
+        ``(N, K, *out)``: ``(N, K, *in)``."""
+        call = self.calls[i]
+        x, module = call.input, call.module
+        n, k = s.shape[:2]
+        flat = s.reshape(n * k, *s.shape[2:])
+        if self.kinds[i] == "conv":
+            out = self._geometry(i).transpose(flat, x.shape[1:])
+        elif self.kinds[i] == "maxpool":
+            index = self._pool_indices(i)  # (N, C, P_out) into (N, C, P_in)
+            channels = x.shape[1]
+            out = s.new_zeros(n, k, channels, x[0, 0].numel()).scatter_add_(
+                3, index[:, None].expand(n, k, *index.shape[1:]), s.reshape(n, k, channels, -1))
+        else:  # average pooling is linear: its adjoint is its gradient
+            with torch.enable_grad():
+                z = torch.zeros((n * k, *x.shape[1:]), dtype=s.dtype, device=s.device, requires_grad=True)
+                (out,) = torch.autograd.grad(module.forward(z), z, flat)
+        return out.reshape(n, k, *x.shape[1:])
+
+    def _back(self, i: int, f: _Factor) -> list[_Factor]:
+        """``f`` mapped to the input of call ``i`` (``[]`` when its columns were drained in chunks)."""
+        call, kind = self.calls[i], self.kinds[i]
+        if kind == "identity" or (kind == "flatten" and call.input.shape == call.output.shape):
+            return [f]
+        if kind == "elementwise":
+            return [f.through_elementwise(self._derivatives(i)[0])]
+        if kind == "linear":
+            return [f.through_linear(call.module.weight)]
+        if kind == "maxpool" and f.dense is not None and f.index is None:
+            f = f.examples(call.output.shape)
+            x = call.input
+            index = self._pool_indices(i)
+            return [_Factor(f.dense.reshape(*f.dense.shape[:3], -1), f.signs, index=index, shape=x.shape[1:])]
+        if f.index is None:
+            f = f.examples(call.output.shape)
+        if kind == "flatten":
+            if f.hessian is not None:
+                return [_Factor(hessian=f.hessian.reshape(call.input.shape))]
+            dense = f.expanded()
+            return [_Factor(dense.reshape(*dense.shape[:2], *call.input.shape[1:]), f.signs)]
+        if kind == "maxpool" and f.hessian is not None:  # P^T diag(h) P is diagonal: each output picks one input entry
+            x = call.input
+            index = self._pool_indices(i)
+            h = f.hessian.reshape(*index.shape)
+            return [_Factor(hessian=h.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, index, h)
+                            .reshape(x.shape))]
+        if kind == "conv" and f.hessian is not None and self._into_first_conv(i, f):
+            return []
+        if f.dense is not None:
+            columns, block, signs = f.dense.shape[1], f.columns, f.signs
+        else:  # a diagonal Hessian becomes one dense column per nonzero entry
+            index, value, signs = _nonzero_columns(f.hessian)
+            columns = index.shape[1]
+
+            def block(lo: int, hi: int) -> Tensor:
+                out = value.new_zeros(value.shape[0], hi - lo, f.hessian[0].numel())
+                out.scatter_(2, index[:, lo:hi, None], value[:, lo:hi, None])
+                return out.reshape(value.shape[0], hi - lo, *f.hessian.shape[1:])
+        size = call.input.shape[0] * max(call.input[0].numel(), call.output[0].numel())
+        chunk = max(1, _BLOCK_ELEMENTS // size)
+        if columns <= chunk:
+            return [_Factor(self._map(i, block(0, columns)), signs)] if columns else []
+        for lo in range(0, columns, chunk):
+            hi = min(lo + chunk, columns)
+            self.run(i - 1, [_Factor(self._map(i, block(lo, hi)), None if signs is None else signs[:, lo:hi])], None)
+        return []
+
+    def _into_first_conv(self, i: int, f: _Factor) -> bool:
+        """A diagonal factor at the output of conv call ``i`` whose only parametrised predecessor is conv call
+        ``m`` (elementwise layers and at most one max pooling in between, no groups): adds its whole contribution to
+        ``m``'s parameters without dense columns, and returns ``True`` (else ``False``, nothing done).
+
+        Column ``(n, o, p)`` is ``D[n, o, p] W_i[o, c, u]`` on input position ``q(p, u)`` of patch ``p``, so
+        ``dX_i[o, p] / dW_m[c, j] = D sum_u W_i[o, c, u] g[c, q(p, u)] U_m[j, r(c, q(p, u))]`` with ``g`` the
+        elementwise gains, ``r`` the max position (or ``q``) and ``U_m`` the patches of ``m``: unfolding the gains and
+        the (gathered) patches with ``i``'s geometry costs ``O(C_out C_in J k^2 P)`` per example instead of a dense
+        column of the whole input per ``(o, p)``."""
+        before, after, pool, m = [], [], None, i - 1
+        while m >= 0 and self.kinds[m] not in ("linear", "conv"):
+            kind, call = self.kinds[m], self.calls[m]
+            if kind == "elementwise":
+                (before if pool is not None else after).append(self._derivatives(m)[0])
+            elif kind == "maxpool" and pool is None:
+                pool = m
+            elif not (kind == "identity" or (kind == "flatten" and call.input.shape == call.output.shape)):
+                return False
+            m -= 1
+        if m < 0 or self.kinds[m] != "conv" or self.params_before[m] or self.calls[i].module.groups != 1 \
+                or self.calls[m].module.groups != 1:
+            return False
+        geometry, x = self._geometry(i), self.calls[i].input
+        n, channels = x.shape[:2]
+        patches = self._cached("u", m, lambda: self._geometry(m).unfold(self.calls[m].input))  # (N, 1, J, P_m)
+        j = patches.shape[2]
+        gain = math.prod(after) if after else torch.ones_like(x)
+        if pool is not None:
+            index = self._pool_indices(pool)  # (N, C, Q)
+            if before:
+                gain = gain * math.prod(before).reshape(n, channels, -1).gather(2, index).reshape(x.shape)
+            image = self._cached("ug", m, lambda: _gather_patches(patches, index)).transpose(2, 3)  # (N, C, J, Q)
+            columns = geometry.unfold(image.reshape(n, channels * j, *x.shape[2:]))
+        else:
+            columns = geometry.unfold(patches.reshape(n, j, *x.shape[2:]))
+        p = columns.shape[-1]
+        columns = columns.reshape(n, -1, j, geometry.weight[0, 0].numel(), p)  # (N, C or 1, J, k^2, P)
+        gains = geometry.unfold(gain).reshape(n, channels, 1, -1, p)  # zero outside the input
+        weight = geometry.weight.reshape(geometry.weight.shape[0], channels, -1).transpose(0, 1)  # (C, O, k^2)
+        h = f.hessian.reshape(n, weight.shape[1], p).transpose(0, 1)  # (O, N, P)
+        columns, gains = columns.permute(1, 3, 0, 4, 2), gains.permute(1, 3, 0, 4, 2)  # (C, k^2, N, P, J or 1)
+        w, b = 0, 0
+        step = max(1, _BLOCK_ELEMENTS // (weight.shape[0] * weight.shape[1] * j * p))
+        for lo in range(0, n, step):  # M[c, o, n, p, j] = sum_u W_i[o, c, u] g U, a few examples at a time
+            hi = min(lo + step, n)
+            hv = h[:, lo:hi].reshape(1, 1, -1).expand(channels, 1, -1)  # (C, 1, O n P)
+            a = torch.mul(columns[:, :, lo:hi], gains[:, :, lo:hi],
+                          out=h.new_empty(channels, weight.shape[2], hi - lo, p, j))
+            mj = torch.bmm(weight, a.view(channels, weight.shape[2], -1)).square_()
+            w = w + torch.bmm(hv, mj.view(channels, -1, j))[:, 0]  # sum_{o, n, p} h M^2
+            g = gains[:, :, lo:hi, :, 0].reshape(channels, weight.shape[2], -1)
+            b = b + torch.bmm(hv, torch.bmm(weight, g).square_().view(channels, -1, 1))[:, 0, 0]
+        module = self.calls[m].module
+        self._add(m, "weight", w.reshape(module.weight.shape))
+        if module.bias is not None:
+            self._add(m, "bias", b)
+        return True
+
+    def _map_grad(self, i: int, grad: Tensor) -> Tensor:
+        """``dL/d(input of call i)`` from ``grad = dL/d(output)``."""
+        call, kind = self.calls[i], self.kinds[i]
+        if kind == "identity":
+            return grad
+        if kind == "elementwise":
+            return grad * self._derivatives(i)[0]
+        if kind == "linear":
+            return grad @ call.module.weight
+        if kind == "flatten":
+            return grad.reshape(call.input.shape)
+        return self._map(i, grad[:, None])[:, 0]
+
+
+def _gather_patches(patches: Tensor, index: Tensor) -> Tensor:
+    """``patches`` ``(N, G, J, P)`` at each output channel's pooled positions ``index`` ``(N, C, Q)``:
+    ``(N, C, Q, J)``."""
+    n, groups = patches.shape[:2]
+    c = index.shape[1]
+    rows = patches.transpose(2, 3).contiguous()  # (N, G, P, J): one gathered row per position
+    group = torch.arange(c, device=index.device) // (c // groups)
+    return rows[torch.arange(n, device=index.device)[:, None, None], group[None, :, None], index]
+
+
+def _max_pool_indices(module: nn.Module, x: Tensor) -> Tensor:
+    """``(N, C, P_out)`` flat indices of the maxima in each input plane (as ``return_indices=True`` gives them)."""
+    if isinstance(module, nn.AdaptiveMaxPool1d):
+        _, index = F.adaptive_max_pool1d(x, module.output_size, return_indices=True)
+    elif isinstance(module, nn.AdaptiveMaxPool2d):
+        _, index = F.adaptive_max_pool2d(x, module.output_size, return_indices=True)
+    else:
+        pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+        _, index = pool(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+                        return_indices=True)
+    return index.reshape(*x.shape[:2], -1)
 
 
 def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
                     curvature: str) -> dict[str, Tensor]:
-    """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters.
-
-    Dense factors are stored as ``(R, K, d)`` (columns first) so that propagating through a Linear layer is one GEMM
-    ``(R K, d_out) @ W``; residual factors stay diagonal or unexpanded (:class:`_Factor`) while they can."""
-    width = outputs.shape[-1] if outputs.ndim > 1 else 1
-    grad = output_gradient(loss, outputs, targets).reshape(-1, width)
-    factors = [_Factor(1.0, dense=output_hessian_factor(loss, outputs).transpose(1, 2))]
-    needs_factor = [any(_kind(c.module) == "linear" for c in chain.calls[:i]) for i in range(len(chain.calls))]
-    result: dict[str, Tensor] = {}
-    for index in range(len(chain.calls) - 1, -1, -1):
-        call = chain.calls[index]
-        kind = _kind(call.module)
-        if kind == "linear":
-            a = call.input.reshape(-1, call.input.shape[-1])
-            sq = factors[0].squares().mul_(factors[0].sign)
-            for factor in factors[1:]:
-                sq.add_(factor.squares(), alpha=factor.sign)
-            prefix = f"{call.name}." if call.name else ""
-            result[prefix + "weight"] = sq.T @ a.square()
-            if call.module.bias is not None:
-                result[prefix + "bias"] = sq.sum(0)
-            if needs_factor[index]:
-                factors = [f.through_linear(call.module.weight) for f in factors]
-                grad = grad @ call.module.weight
-        elif kind == "elementwise" and needs_factor[index]:
-            h, out = call.input.reshape(-1, call.input.shape[-1]), call.output.reshape(-1, call.input.shape[-1])
-            d1, d2 = _elementwise_derivatives(call.module, h, out)
-            factors = [f.through_elementwise(d1) for f in factors]
-            if curvature == "hessian" and not isinstance(call.module, nn.ReLU):
-                residual = d2 * grad
-                if bool(residual.ne(0).any()):
-                    factors += [_Factor(1.0, diag=residual.clamp_min(0).sqrt()),
-                                _Factor(-1.0, diag=(-residual).clamp_min(0).sqrt())]
-            grad = grad * d1
-    return result
+    """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters (:class:`_Backprop`)."""
+    if not chain.calls:
+        return {}
+    bp = _Backprop(chain, curvature)
+    last = len(chain.calls) - 1
+    grad = output_gradient(loss, outputs, targets) if bp.grad_needed[last] else None
+    bp.run(last, [_Factor(output_hessian_factor(loss, outputs).transpose(1, 2))], grad)
+    return bp.result
 
 
 def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None = None, loss: str | None = None,
