@@ -26,7 +26,10 @@ Models: the 784-256-256-10 MLP with ReLU and with tanh, one random batch of 256,
    products. Reported: median relative error ratio ours / best anchor, quartiles and ranges.
 4b. The same on the reference TransformerLM (2 layers, d_model 64, batch 16x64); reference: our unbiased estimate at
    600 products (its standard error printed; no dense Hessian at 112k parameters).
-6. TransformerLM (2 layers, d_model 64, batch 16x64): one evaluation (top-3 and trace) in training steps.
+6. TransformerLM (2 layers, d_model 64, batch 16x64): memory of one HVP against one backward pass (peak RSS of fresh
+   processes; default and chunked, batches 16 and 128); one evaluation (top-3 and trace) in training steps: separate
+   Lanczos and trace runs, the one-pass ``lanczos_trace``, the callback's default evaluation; the FLOP cost floor; warm
+   starts.
 5. Density: our SLQ (64 steps) against curvlinops' ``lanczos_approximate_spectrum`` (ncv 64), with its boundary
    estimation.
 7. Per-block top-1 eigenvalues (``--only blocks``: this section alone) on the ReLU MLP and the TransformerLM of 6 (one
@@ -431,14 +434,88 @@ def density_section(name, model, x, y, cl) -> None:
     print(line)
 
 
-def transformer_section() -> None:
-    """One evaluation (top-3 and trace) on a small TransformerLM against one training step."""
+# ---------------------------------------------------------------------------------------------------- transformer
+def reference_lm(seed: int = 0):
+    """The reference TransformerLM (2 layers, d_model 64, 4 heads, vocab 65, context 64)."""
     from lit_act.models import TransformerLM
 
-    torch.manual_seed(0)
-    model = TransformerLM(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4)
-    gen = torch.Generator().manual_seed(0)
-    batch = (torch.randint(0, 65, (16, 64), generator=gen), torch.randint(0, 65, (16, 64), generator=gen))
+    torch.manual_seed(seed)
+    return TransformerLM(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4)
+
+
+def lm_batch(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 65, (n, 64), generator=gen), torch.randint(0, 65, (n, 64), generator=gen)
+
+
+def memory_probe(mode: str, n: int, chunk: int | None) -> None:
+    """Run in a fresh process: peak RSS growth (``ru_maxrss``, KiB) of one backward pass or one HVP (operator built
+    with the default ``"cached"`` backend, then one product) over the RSS peak after building the model, the batch
+    and a 2-example warm-up of the same path (which loads the code and the allocator's first arenas). Printed as
+    ``PEAK_KIB <n>``."""
+    import gc
+    import resource
+
+    torch.set_num_threads(1)
+    model = reference_lm().eval()
+    x, y = lm_batch(n)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+
+    def run(bx, by, chunk_size):
+        if mode == "backward":
+            model.zero_grad(set_to_none=True)
+            model.loss(model(bx), by).backward()
+        else:
+            op = HessianOperator(model, None, [(bx, by)], chunk_size=chunk_size)
+            op.matvec(v)
+            del op
+
+    run(x[:2], y[:2], None if chunk is None else 1)
+    gc.collect()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(x, y, chunk)
+    print(f"PEAK_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base}")
+
+
+def _probe(mode: str, n: int, chunk: int | None = None) -> float:
+    """MiB from :func:`memory_probe` in a fresh subprocess."""
+    import subprocess
+    from pathlib import Path
+
+    code = f"from benchmarks.bench_hessian import memory_probe; memory_probe({mode!r}, {n}, {chunk!r})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.split("PEAK_KIB")[1].split()[0]) / 1024
+
+
+def transformer_memory_section(batches=(16, 128)) -> None:
+    print("[TransformerLM memory] peak RSS growth of a fresh process (ru_maxrss), median of 3 processes:")
+    for n in batches:
+        backward = median(_probe("backward", n) for _ in range(3))
+        chunks = [n // d for d in (2, 4, 16) if n // d > 2]  # above the 2-example warm-up's resolution
+        rows = [("HVP, default (cached, whole batch)", None)] + [(f"HVP, chunk_size={c}", c) for c in chunks]
+        print(f"  batch {n}x64: one backward {backward:.1f} MiB")
+        for label, chunk in rows:
+            hvp = median(_probe("hvp", n, chunk) for _ in range(3))
+            print(f"    {label:36s} {hvp:7.1f} MiB  RATIO HVP/backward = {hvp / backward:.2f} (goal <= 3)")
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def transformer_section(repeats: int = 3) -> None:
+    """One evaluation (top-3 and trace) on the reference TransformerLM against one training step, timed interleaved
+    (a step before every timed evaluation; medians), plus the callback's default evaluation and the cost floor."""
+    from lit_act.callbacks.hessian import HessianSpectrum
+    from lit_act.hessian.krylov_trace import lanczos_trace
+
+    model = reference_lm()
+    batch = lm_batch(16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
@@ -447,20 +524,102 @@ def transformer_section() -> None:
         opt.step()
 
     step()
-    t_step = median([timed(step)[0] for _ in range(5)])
+    timing_model = copy.deepcopy(model)  # timed steps run on a copy: the evaluated weights stay fixed
+    timing_opt = torch.optim.AdamW(timing_model.parameters(), lr=1e-3)
+
+    def timing_step():
+        timing_opt.zero_grad()
+        timing_model.loss(timing_model(batch[0]), batch[1]).backward()
+        timing_opt.step()
+
+    def step_time() -> float:
+        return median(timed(timing_step)[0] for _ in range(3))
+
+    params = sum(p.numel() for p in model.parameters())
     model.eval()
+    with math_attention():
+        op = HessianOperator(model, None, [batch])
+        ref = lanczos(op, k=3, tol=1e-10, max_iter=200, return_vectors=False).eigenvalues
+        hvp_flops = _flops(lambda: op.matvec(torch.randn(op.dim)))
+    step_flops = _flops(lambda: model.loss(model(batch[0]), batch[1]).backward())
+    model.zero_grad(set_to_none=True)
 
-    def evaluation():
-        with math_attention():
+    def separate():  # the previous evaluation: top-3 Lanczos, then the trace (head exact + 60 Hutchinson probes)
+        op = HessianOperator(model, None, [batch])
+        top = lanczos(op, k=3, return_vectors=False)
+        tr = trace(op, 60, method="auto", seed=2)
+        return top.eigenvalues, tr.estimate, tr.std_error, op.matvecs
+
+    def one_pass(tol, probes=10, seed=0):
+        def run():
             op = HessianOperator(model, None, [batch])
-            top = lanczos(op, k=3, return_vectors=False)
-            tr = trace(op, 60, method="auto")  # LM head exact, Hutchinson on the rest
-        return top, tr
+            res = lanczos_trace(op, k=3, tol=tol, probes=probes, seed=seed)
+            return res.top.eigenvalues, res.trace.estimate, res.trace.std_error, op.matvecs
+        return run
 
-    t_eval, (top, tr) = timed(evaluation)
-    print(f"[TransformerLM {sum(p.numel() for p in model.parameters()):,} params, batch 16x64] one evaluation "
-          f"(top-3: {top.matvecs} HVPs, converged {bool(top.converged.all())}; trace {tr.method}: {tr.matvecs} HVPs) "
-          f"= {t_eval / t_step:.1f}x one training step (goal <= 20)")
+    def old_callback_default():  # the callback's former default flow, with the library calls it made
+        op = HessianOperator(model, None, [batch])
+        lanczos(op, k=3, tol=1e-4)
+        lanczos(op, 1, "smallest", None, 1e-4, seed=1, return_vectors=False)
+        tr = trace(op, 60, "auto", seed=2)
+        slq(op, 64, 2, seed=3)
+        return None, tr.estimate, tr.std_error, op.matvecs
+
+    callback = HessianSpectrum(progress=False, save_density_figure=False)
+
+    def callback_default():
+        metrics, _ = callback.compute(model, [batch])
+        eigs = torch.tensor([metrics[f"train/hessian/eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64)
+        return eigs, metrics["train/hessian/trace"], metrics["train/hessian/trace_se"], int(
+            metrics["train/hessian/matvecs"])
+
+    cases = [("separate: Lanczos top-3 (tol 1e-4) + trace auto 60", separate, repeats),
+             ("one pass: top-3 tol 1e-4 + 10 deflated probes", one_pass(1e-4), repeats),
+             ("one pass: top-3 tol 1e-3 + 10 deflated probes", one_pass(1e-3), repeats),
+             ("callback default (top-3, lambda_min, trace, SLQ)", callback_default, repeats),
+             ("former callback default (separate runs)", old_callback_default, 1)]
+    step_times, rows = [], {}
+    with math_attention():
+        op = HessianOperator(model, None, [batch])
+        op.matvec(torch.randn(op.dim))  # warm-up of the double backward
+        for label, fn, reps in cases:
+            for _ in range(reps):
+                step_times.append(step_time())
+                dt, out = timed(fn)
+                rows.setdefault(label, []).append((dt, step_times[-1], out))
+        hvp_times, chunk_times = [], []
+        for _ in range(repeats):
+            t_step = step_time()
+            probes = torch.randn(op.dim, 5)
+            hvp_times.append(timed(lambda probes=probes: op.matmat(probes))[0] / 5 / t_step)
+            chunked = HessianOperator(model, None, [batch], chunk_size=4)
+            chunk_times.append(timed(lambda probes=probes, c=chunked: c.matmat(probes))[0] / 5 / t_step)
+    print(f"[TransformerLM {params:,} params, batch 16x64] one evaluation in training steps (each evaluation timed "
+          f"against the median of 3 steps right before it); HVP (cached) = {median(hvp_times):.2f} steps, HVP with "
+          f"chunk_size=4 (recomputed per chunk) = {median(chunk_times):.2f} steps")
+    for label, runs in rows.items():
+        ratio = median(dt / ts for dt, ts, _ in runs)
+        eigs, est, se, hvps = runs[-1][2]
+        err = "" if eigs is None else f", top-3 max rel err {float(((eigs - ref) / ref).abs().max()):.1e}"
+        print(f"  {label:52s} {hvps:4d} HVPs{err}, trace {est:.2f} +- {se:.2f}  RATIO eval/step = {ratio:.1f}x "
+              "(goal <= 20)")
+    print(f"  cost floor: FLOPs of one HVP = {hvp_flops / step_flops:.2f}x one forward+backward (FlopCounterMode); "
+          f"measured time {median(hvp_times):.2f}x a step. At the measured HVP cost the 20x goal allows "
+          f"{20 / median(hvp_times):.1f} HVPs; at the FLOP ratio {20 * step_flops / hvp_flops:.1f}.")
+    # warm starts: two evaluations 10 training steps apart
+    with math_attention():
+        first = lanczos_trace(HessianOperator(model, None, [batch]), k=3, probes=0)
+        model.train()
+        for _ in range(10):
+            step()
+        model.eval()
+        op = HessianOperator(model, None, [batch])
+        cold = lanczos_trace(op, k=3, probes=0, seed=1).top.iterations
+        warm1 = lanczos_trace(op, k=3, probes=0, v0=first.top.eigenvectors[:, 0]).top.iterations
+        warm3 = lanczos_trace(op, k=3, probes=0, v0=first.top.eigenvectors.sum(1)).top.iterations
+    print(f"  warm start, evaluation 10 steps later: top-3 at tol 1e-4 in {cold} Lanczos steps cold, {warm1} from the "
+          f"previous top eigenvector, {warm3} from the previous top-3 summed (first evaluation: "
+          f"{first.top.iterations})")
 
 
 def blocks_case(name: str, model: nn.Module, loss_fn, batch, repeats: int) -> None:
@@ -626,7 +785,8 @@ def main() -> None:
         transformer_trace_section(trace_seeds, cl, ph, reference_budget=300 if quick else 600)
     if wanted("transformer"):
         print()
-        transformer_section()
+        transformer_memory_section((16,) if quick else (16, 128))
+        transformer_section(1 if quick else 3)
     if wanted("blocks"):
         print()
         blocks_section(quick)

@@ -20,6 +20,17 @@ Backends for ``H v``:
   Falls back to ``"reverse"`` (with a warning) the first time an op lacks forward-mode AD support.
 * ``"reverse"``: double backward, ``grad(grad(L) . v)``, rebuilding the graph for every product.
 
+Batch chunking (``chunk_size=c``): each batch of ``n_b`` examples is split along its leading (example) dimension
+into sub-batches of at most ``c`` examples (:func:`chunk_batch`; tensors, tuples/lists, Mappings incl. Hugging Face
+``BatchEncoding``, dataclasses), and each chunk enters the weighted mean above with its own size. For a loss that is the
+mean of per-example losses with the same number of terms per example (classification, an LM's mean token loss without
+padding) this is the same operator exactly, in exact arithmetic: ``n_b Hess L_b = sum_c n_c Hess L_c``. With a padding
+mask or ``ignore_index`` the per-chunk means weight tokens slightly differently (as gradient accumulation would).
+Peak memory then scales with ``c`` instead of ``n_b``; each product costs one pass per chunk. The ``"cached"`` backend
+keeps a graph only while the batches make a single chunk in total: with several chunks the products recompute each
+chunk's first-order graph (the ``"reverse"`` path), since caching every chunk would keep all activations alive and
+undo the saving (:attr:`HessianOperator.caching` says which applies).
+
 Every forward and backward pass of the operator runs under ``sdpa_kernel(SDPBackend.MATH)``: the fused
 ``scaled_dot_product_attention`` kernels (flash, memory-efficient) have no double backward, the math one is composed of
 differentiable ops, so Transformers work with every backend.
@@ -31,9 +42,10 @@ forward does; :class:`lit_act.callbacks.hessian.HessianSpectrum` restores them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -59,17 +71,84 @@ def default_loss_fn(module: nn.Module, batch: Any) -> Tensor:
     return module.loss(module(inputs), targets)
 
 
-def batch_size(batch: Any) -> int:
-    """Number of examples in ``batch``: the leading size of its first tensor (weights the batch in the mean)."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, dict):
-        batch = list(batch.values())
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _children(batch: Any) -> list[Any] | None:
+    """The items of a container batch (tuple/list, Mapping, dataclass) in order; ``None`` for a leaf."""
+    if isinstance(batch, Mapping):
+        return list(batch.values())
+    if _is_dataclass_instance(batch):
+        return [getattr(batch, f.name) for f in dataclasses.fields(batch)]
     if isinstance(batch, (tuple, list)):
-        for item in batch:
-            if isinstance(item, (Tensor, tuple, list, dict)):
-                return batch_size(item)
-    raise TypeError(f"cannot infer the batch size of a {type(batch).__name__}; batches must contain a tensor")
+        return list(batch)
+    return None
+
+
+def _find_size(batch: Any) -> int | None:
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.ndim else None
+    for item in _children(batch) or []:
+        size = _find_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in ``batch``: the leading size of its first tensor with at least one dimension, searched
+    through tuples/lists, Mappings (``dict``, Hugging Face ``BatchEncoding``) and dataclass fields, in order (weights
+    the batch in the mean). A 0-d tensor batch counts as one example."""
+    if isinstance(batch, Tensor) and batch.ndim == 0:
+        return 1
+    size = _find_size(batch)
+    if size is None:
+        raise TypeError(f"cannot infer the batch size of a {type(batch).__name__}; batches must contain a tensor with "
+                        "a leading example dimension (in a tuple/list, Mapping or dataclass)")
+    return size
+
+
+def _rebuild(batch: Any, items: list[Any]) -> Any:
+    """``batch``'s container type around new ``items`` (same order as :func:`_children`)."""
+    if isinstance(batch, Mapping):
+        data = dict(zip(batch.keys(), items))
+        try:
+            return type(batch)(data)
+        except TypeError:  # a Mapping type without a dict constructor: a plain dict (the forward sees the same keys)
+            return data
+    if _is_dataclass_instance(batch):
+        return dataclasses.replace(batch, **{f.name: item for f, item in zip(dataclasses.fields(batch), items)
+                                             if f.init})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*items)
+    return type(batch)(items)
+
+
+def _slice(batch: Any, start: int, stop: int, size: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[start:stop] if batch.ndim and batch.shape[0] == size else batch
+    items = _children(batch)
+    if items is None:
+        return batch  # non-tensor leaves (strings, flags) are shared by every chunk
+    return _rebuild(batch, [_slice(item, start, stop, size) for item in items])
+
+
+def chunk_batch(batch: Any, chunk_size: int) -> list[Any]:
+    """``batch`` as consecutive sub-batches of at most ``chunk_size`` examples (the last one may be smaller): every
+    tensor whose leading size equals :func:`batch_size` is sliced along it, other tensors and non-tensor leaves are
+    shared; tuples/lists/namedtuples, Mappings and dataclasses keep their type. Slices are views (no copies).
+
+    Example::
+
+        chunk_batch({"input_ids": ids, "labels": labels}, 4)  # ids (10, T) -> chunks of 4, 4, 2 examples
+    """
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (examples per chunk), got {chunk_size!r}")
+    size = batch_size(batch)
+    if size <= chunk_size:
+        return [batch]
+    return [_slice(batch, start, min(start + chunk_size, size), size) for start in range(0, size, chunk_size)]
 
 
 def select_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, nn.Parameter]:
@@ -120,22 +199,35 @@ class HessianOperator:
             on the 784-256-256-10 MLP (``benchmarks/bench_hessian.py``).
         all_reduce: sums a tensor over processes (DDP); ``None`` for a single process.
         on_matvec: called with the running matvec count after every product (progress bars).
+        chunk_size: examples per sub-batch (module docstring, "Batch chunking"): each batch is split along its
+            example dimension and the chunks are combined with their sizes as weights, so the operator is unchanged
+            and the peak memory of a product is that of one chunk. ``None`` (default): whole batches.
 
     Attributes:
         dim: number of scalar parameters.
         matvecs: Hessian-vector products done so far (one per vector, whatever the number of batches).
         names: chosen parameter names.
+        batches: the batches the products run over (the chunks when ``chunk_size`` splits them).
+        caching: whether first-order graphs are kept between products (``"cached"`` backend and one chunk in total).
+
+    Example::
+
+        op = HessianOperator(model, None, [(x, y)], chunk_size=8)  # the same H, one 8-example chunk alive at a time
+        hv = op.matvec(v)
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, batches: Sequence[Any],
                  params: Sequence[str] | None = None, backend: Backend = "cached", vmap_size: int | None = None,
                  all_reduce: Callable[[Tensor], Tensor] | None = None,
-                 on_matvec: Callable[[int], None] | None = None) -> None:
+                 on_matvec: Callable[[int], None] | None = None, chunk_size: int | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
         batches = list(batches)
         if not batches:
             raise ValueError("HessianOperator needs at least one batch, got an empty batch list")
+        self.chunk_size = chunk_size
+        if chunk_size is not None:
+            batches = [chunk for batch in batches for chunk in chunk_batch(batch, chunk_size)]
         self.model = model
         self.loss_fn = loss_fn or default_loss_fn
         self.batches = batches
@@ -161,6 +253,7 @@ class HessianOperator:
         self._graphs: dict[int, Any] = {}
         self._vmap_ok = True
         self.matvecs = 0
+        self.caching = backend == "cached" and (chunk_size is None or len(batches) == 1)
         with math_attention():
             self._check_loss()
 
@@ -188,7 +281,7 @@ class HessianOperator:
             if not loss.requires_grad:
                 raise ValueError("the loss does not depend on the chosen parameters (it does not require grad); "
                                  f"chosen: {self.names}")
-            cached = self.backend == "cached"  # keep this first-order graph: it is the first batch's cached graph
+            cached = self.caching  # keep this first-order graph: it is the first batch's cached graph
             grads = torch.autograd.grad(loss.reshape(()), list(self._params.values()), allow_unused=True,
                                         create_graph=cached)
         if cached:
@@ -290,7 +383,7 @@ class HessianOperator:
 
     def _reverse_product(self, index: int, batch: Any, v: Tensor) -> Tensor:
         params = list(self._params.values())
-        if self.backend == "cached":
+        if self.caching:
             if index not in self._graphs:
                 self._graphs[index] = self._first_order(batch, params)
             grads = self._graphs[index]
@@ -301,7 +394,7 @@ class HessianOperator:
         if keep:
             vparts = list(self.split(v).values())
             hv = torch.autograd.grad([grads[i] for i in keep], params, [vparts[i] for i in keep],
-                                     retain_graph=self.backend == "cached", allow_unused=True)
+                                     retain_graph=self.caching, allow_unused=True)
             parts = list(hv)
         return self.flatten(parts)
 
