@@ -52,6 +52,7 @@ from lit_act.hessian.lanczos import (
     _select,
     make_generator,
     rademacher,
+    ritz_test,
     tridiagonal_eigh,
 )
 from lit_act.hessian.operator import HessianOperator, batch_size, math_attention, select_parameters
@@ -132,13 +133,7 @@ class _BlockLanczos:
         j, k = self.j, self.k
         theta, s = tridiagonal_eigh(self.alpha[:j], self.beta[: j - 1])
         chosen = _select(theta, k, self.which)
-        residuals = beta_next * s[-1, chosen].abs()
-        bound = residuals
-        if j > 1:  # the Kato-Temple estimate needs another Ritz value to estimate the gap
-            others = theta[None, :] - theta[chosen, None]
-            others[torch.arange(k), chosen] = float("inf")
-            bound = torch.minimum(residuals, residuals.square() / others.abs().min(dim=1).values)
-        converged = bound <= self.tol * theta[chosen].abs().clamp_min(1e-30)
+        residuals, converged = ritz_test(theta, s, beta_next, chosen, self.tol)
         self.done = bool(converged.all()) or j == self.dim
         self.theta, self.s, self.chosen, self.residuals = theta, s, chosen, residuals
         self.converged = converged | (j == self.dim)

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_act.hessian.lanczos import lanczos_steps, make_generator, probe_block, rademacher, tridiagonal_eigh
+from lit_act.hessian.lanczos import (
+    lanczos_steps,
+    make_generator,
+    probe_block,
+    rademacher,
+    ritz_test,
+    tridiagonal_eigh,
+)
 from lit_act.hessian.operator import HessianOperator
 from lit_act.hessian.results import EigenResult, TraceResult
 
@@ -63,16 +70,6 @@ class KrylovSpectrumResult:
     random_start: bool
     matvecs: int
     seconds: float
-
-
-def _bounds(theta: Tensor, s: Tensor, beta_next: float, chosen: Tensor) -> tuple[Tensor, Tensor]:
-    """Residuals ``beta_m |s_{m,i}|`` and the bound ``min(r, r^2 / gap)`` of the chosen Ritz values."""
-    residuals = beta_next * s[-1, chosen].abs()
-    if theta.numel() == 1:
-        return residuals, residuals
-    others = theta[None, :] - theta[chosen, None]
-    others[torch.arange(chosen.numel()), chosen] = float("inf")
-    return residuals, torch.minimum(residuals, residuals.square() / others.abs().min(dim=1).values)
 
 
 def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: int | None = None,
@@ -119,10 +116,8 @@ def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: 
         theta, s = tridiagonal_eigh(alpha, beta)
         top = torch.argsort(theta, descending=True)[:k]
         low = torch.argsort(theta)[:1]
-        top_res, top_bound = _bounds(theta, s, beta_next, top)
-        low_res, low_bound = _bounds(theta, s, beta_next, low)
-        top_ok = top_bound <= tol * theta[top].abs().clamp_min(1e-30)
-        low_ok = low_bound <= tol * theta[low].abs().clamp_min(1e-30)
+        top_res, top_ok = ritz_test(theta, s, beta_next, top, tol)
+        low_res, low_ok = ritz_test(theta, s, beta_next, low, tol)
         if j == op.dim:
             top_ok, low_ok = torch.ones_like(top_ok), torch.ones_like(low_ok)
         if j >= min_steps and bool(top_ok.all()) and (not smallest or bool(low_ok.all())):
