@@ -8,8 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_act.hessian import (
     GGNOperator,
@@ -26,71 +24,13 @@ from lit_act.hessian import (
 )
 from lit_act.hessian.lanczos import make_generator, probe_block
 from lit_act.models import MLPClassifier, TransformerLM
-
-LOSSES = {"cross_entropy": lambda f, y: F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1)),
-          "mse": F.mse_loss}
-
-
-def loss_fn_of(name):
-    return lambda module, batch: LOSSES[name](module(batch[0]), batch[1])
+from tests.dense import LOSSES, dense_ggn, dense_hessian, loss_fn_of, make_batches
 
 
 def make_mlp(activation, seed=0):
     torch.manual_seed(seed)
     act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
     return nn.Sequential(nn.Linear(6, 9), act(), nn.Linear(9, 7), act(), nn.Dropout(0.3), nn.Linear(7, 3)).double().eval()
-
-
-def make_batches(loss, sizes=(20, 12), seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n in sizes:
-        x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
-        y = (torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy"
-             else torch.randn(n, 3, generator=gen, dtype=torch.float64))
-        out.append((x, y))
-    return out
-
-
-def flat_params(model):
-    return {n: p.detach() for n, p in model.named_parameters()}
-
-
-def unflatten(params, flat):
-    values, offset = {}, 0
-    for n, p in params.items():
-        values[n] = flat[offset:offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return values
-
-
-def dense_hessian(model, batches, loss):
-    params = flat_params(model)
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-    total = sum(x.shape[0] for x, _ in batches)
-
-    def objective(flat):
-        values = unflatten(params, flat)
-        return sum(x.shape[0] * LOSSES[loss](functional_call(model, values, (x,)), y) for x, y in batches) / total
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.autograd.functional.hessian(objective, flat0)
-
-
-def dense_ggn(model, batches, loss):
-    """sum_b n_b J_b^T (d2 L_b / df^2) J_b / sum_b n_b, from dense Jacobians and output Hessians."""
-    params = flat_params(model)
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-    total = sum(x.shape[0] for x, _ in batches)
-    ggn = torch.zeros(flat0.numel(), flat0.numel(), dtype=torch.float64)
-    for x, y in batches:
-        outputs = functional_call(model, params, (x,))
-        jac = torch.autograd.functional.jacobian(
-            lambda flat, x=x: functional_call(model, unflatten(params, flat), (x,)).reshape(-1), flat0)
-        h_out = torch.autograd.functional.hessian(lambda f, y=y, s=outputs.shape: LOSSES[loss](f.reshape(s), y),
-                                                  outputs.detach().reshape(-1))
-        ggn += x.shape[0] * jac.T @ h_out @ jac
-    return ggn / total
 
 
 def dense_empirical_fisher(model, batches, loss):

@@ -6,67 +6,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from lit_act.hessian import HessianOperator, UncoveredModuleError, exact_diagonal, trace
 from lit_act.hessian import diagonal as diagonal_module
+from tests.dense import LOSSES, dense_ggn, dense_hessian, make_batches
 
-LOSSES = {"cross_entropy": lambda f, y: F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1)),
-          "mse": F.mse_loss}
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
-def _flat(model):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    return params, torch.cat([p.reshape(-1) for p in params.values()])
-
-
-def _unflatten(params, flat):
-    values, offset = {}, 0
-    for n, p in params.items():
-        values[n] = flat[offset:offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return values
-
-
-def dense_hessian(model, batches, loss):
-    """The Hessian of the example-weighted mean loss over ``batches`` by ``torch.autograd.functional.hessian``."""
-    params, flat0 = _flat(model)
-    total = sum(x.shape[0] for x, _ in batches)
-
-    def objective(flat):
-        values = _unflatten(params, flat)
-        return sum(x.shape[0] * LOSSES[loss](functional_call(model, values, (x,)), y) for x, y in batches) / total
-
-    return torch.autograd.functional.hessian(objective, flat0, vectorize=True)  # vmapped rows, same matrix
-
-
-def dense_ggn(model, batches, loss):
-    """``sum_b n_b J_b^T (d2 L_b / df^2) J_b / sum_b n_b`` from dense Jacobians and output Hessians."""
-    params, flat0 = _flat(model)
-    total = sum(x.shape[0] for x, _ in batches)
-    ggn = 0
-    for x, y in batches:
-        outputs = functional_call(model, params, (x,)).detach()
-        jac = torch.autograd.functional.jacobian(
-            lambda flat, x=x: functional_call(model, _unflatten(params, flat), (x,)).reshape(-1), flat0)
-        h_out = torch.autograd.functional.hessian(lambda f, y=y, s=outputs.shape: LOSSES[loss](f.reshape(s), y),
-                                                  outputs.reshape(-1))
-        ggn = ggn + x.shape[0] * jac.T @ h_out @ jac
-    return ggn / total
-
-
 def batches_for(shape, sizes=(5, 3), classes=3, loss="cross_entropy", out_shape=None, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n in sizes:
-        x = torch.randn(n, *shape, generator=gen, dtype=torch.float64)
-        y = (torch.randint(0, classes, (n,), generator=gen) if loss == "cross_entropy"
-             else torch.randn(n, *out_shape, generator=gen, dtype=torch.float64))
-        out.append((x, y))
-    return out
+    return make_batches(loss, sizes, seed, shape, classes, out_shape)
 
 
 def assert_matches(model, batches, loss, curvature="hessian", reference=None):

@@ -12,14 +12,8 @@ from torch import nn
 from lit_act.hessian import GGNOperator, HessianOperator, trace
 from lit_act.hessian.example_diagonal import example_diagonal
 from lit_act.hessian.ggn_diagonal import ggn_control_variate, ggn_diagonal
-from tests.test_hessian_curvature import (
-    EncoderClassifier,
-    dense_ggn,
-    dense_hessian,
-    lm_batches,
-    loss_fn_of,
-    tiny_lm,
-)
+from tests.dense import dense_ggn, dense_hessian, loss_fn_of, make_batches
+from tests.test_hessian_curvature import EncoderClassifier, lm_batches, tiny_lm
 
 
 class ResidualLN(nn.Module):
@@ -41,17 +35,6 @@ class ResidualLN(nn.Module):
         return self.head(self.norm(h))
 
 
-def residual_batches(loss, sizes=(7, 5)):
-    gen = torch.Generator().manual_seed(3)
-    out = []
-    for n in sizes:
-        x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
-        y = (torch.randint(0, 3, (n,), generator=gen) if loss == "cross_entropy"
-             else torch.randn(n, 3, generator=gen, dtype=torch.float64))
-        out.append((x, y))
-    return out
-
-
 def residual_model():
     model = ResidualLN().double().eval()
     with torch.no_grad():  # non-trivial LayerNorm affine parameters
@@ -66,7 +49,7 @@ def flat(values, model):
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_example_diagonal_matches_dense_hessian_and_ggn_on_residual_layernorm_mlp(loss):
-    model, batches = residual_model(), residual_batches(loss)
+    model, batches = residual_model(), make_batches(loss, (7, 5), seed=3, shape=(5,))
     dense = {"hessian": dense_hessian(model, batches, loss), "ggn": dense_ggn(model, batches, loss)}
     for curvature, matrix in dense.items():
         res = example_diagonal(model, batches, loss, curvature=curvature, chunk=4)  # chunked directions
@@ -87,7 +70,7 @@ def test_example_diagonal_matches_dense_hessian_and_ggn_on_residual_layernorm_ml
 @pytest.mark.parametrize("case", ["residual_mse", "encoder", "lm"])
 def test_ggn_diagonal_matches_dense_ggn(case):
     if case == "residual_mse":
-        model, batches, loss = residual_model(), residual_batches("mse"), "mse"
+        model, batches, loss = residual_model(), make_batches("mse", (7, 5), seed=3, shape=(5,)), "mse"
     elif case == "encoder":  # nn.TransformerEncoderLayer: attention, LayerNorm, residuals
         model, loss = EncoderClassifier().double().eval(), "cross_entropy"
         gen = torch.Generator().manual_seed(0)
@@ -124,7 +107,7 @@ def test_control_variate_estimators_are_unbiased():
 def test_per_example_rule_skips_interacting_examples_and_sequences():
     torch.manual_seed(0)
     bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double().train()
-    res = example_diagonal(bn, residual_batches("cross_entropy"), "cross_entropy")
+    res = example_diagonal(bn, make_batches("cross_entropy", (7, 5), seed=3, shape=(5,)), "cross_entropy")
     assert res.values == {} and "interact" in res.reason
     res = example_diagonal(tiny_lm(), lm_batches(), "cross_entropy")
     assert res.values == {} and "'tok_emb' (Embedding) has no per-example rule" in res.reason
@@ -133,7 +116,7 @@ def test_per_example_rule_skips_interacting_examples_and_sequences():
 
 
 def test_bad_input_errors():
-    model, batches = residual_model(), residual_batches("cross_entropy")
+    model, batches = residual_model(), make_batches("cross_entropy", (7, 5), seed=3, shape=(5,))
     with pytest.raises(ValueError, match=r"unknown curvature 'fisher'.*\['hessian', 'ggn'\]"):
         example_diagonal(model, batches, "cross_entropy", curvature="fisher")
     with pytest.raises(ValueError, match="chunk must be >= 1"):
@@ -171,7 +154,7 @@ class _DoubleModule(nn.Module):
 def test_per_example_rule_failure_falls_back_to_the_estimator():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), _DoubleModule(), nn.Linear(4, 3)).double().eval()
-    batches = residual_batches("cross_entropy")
+    batches = make_batches("cross_entropy", (7, 5), seed=3, shape=(5,))
     op = HessianOperator(model, loss_fn_of("cross_entropy"), batches)
     with pytest.warns(UserWarning, match="per-example diagonal rule failed"):
         res = trace(op, 6, method="auto", loss="cross_entropy")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lit_act.hessian.lanczos import (
+    check_lanczos_args,
     lanczos_steps,
     make_generator,
     probe_block,
@@ -91,14 +92,7 @@ def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: 
         return_vectors: also return the ``(dim, k)`` top Ritz vectors.
         min_steps: Lanczos steps at least (e.g. the SLQ nodes wanted from the pass), capped by ``max_iter``.
     """
-    if not 1 <= k <= op.dim:
-        raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
-    if max_iter is None:
-        max_iter = min(op.dim, max(2 * k + 20, 60))
-    if max_iter < k:
-        raise ValueError(f"max_iter ({max_iter}) must be >= k ({k})")
-    if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+    max_iter = check_lanczos_args(op, k, max_iter, tol)
     if not isinstance(probes, int) or probes < 0:
         raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
     start, matvecs0 = time.perf_counter(), op.matvecs

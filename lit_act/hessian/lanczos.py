@@ -171,6 +171,19 @@ def tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(t)
 
 
+def check_lanczos_args(op: HessianOperator, k: int, max_iter: int | None, tol: float) -> int:
+    """Validates ``k``, ``max_iter`` and ``tol``; returns ``max_iter`` (default ``min(dim, max(2k + 20, 60))``)."""
+    if not 1 <= k <= op.dim:
+        raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
+    if max_iter is None:
+        max_iter = min(op.dim, max(2 * k + 20, 60))
+    if max_iter < k:
+        raise ValueError(f"max_iter ({max_iter}) must be >= k ({k})")
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    return max_iter
+
+
 def ritz_test(theta: Tensor, s: Tensor, beta_next: float, chosen: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """Residuals ``r_i = beta_m |s_{m,i}|`` of the chosen Ritz values and their convergence flags
     ``min(r_i, r_i^2 / gap_i) <= tol |theta_i|`` (module docstring; the Kato-Temple estimate needs another Ritz
@@ -217,14 +230,7 @@ def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: i
     """
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; valid: {list(WHICH)}")
-    if not 1 <= k <= op.dim:
-        raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
-    if max_iter is None:
-        max_iter = min(op.dim, max(2 * k + 20, 60))
-    if max_iter < k:
-        raise ValueError(f"max_iter ({max_iter}) must be >= k ({k})")
-    if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+    max_iter = check_lanczos_args(op, k, max_iter, tol)
     if start not in STARTS:
         raise ValueError(f"unknown start={start!r}; valid: {list(STARTS)}")
     began, matvecs0 = time.perf_counter(), op.matvecs
