@@ -76,10 +76,10 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 class Ours:
-    """lit-act's TopK SAE with its defaults (``calibrate=True``: the reference's encoder-scale initialisation)."""
+    """lit-act's TopK SAE with its defaults (``calibrate=True``: the paper's TopK encoder calibration, the reference's ``init_from_data_``)."""
 
     def __init__(self, calibrate: bool = False) -> None:
-        self.name = "lit-act (reference init)" if calibrate else "lit-act"
+        self.name = "lit-act (calibrate_encoder=True)" if calibrate else "lit-act"
         torch.manual_seed(SEED)
         self.trainer = SAETrainer(D_IN, SAEConfig(sae="topk", d_latent=D_LATENT, k=K, lr=LR, batch_size=BATCH,
                                                   dead_tokens=DEAD_STEPS * BATCH, seed=SEED,
@@ -155,7 +155,7 @@ def compare(offset: float) -> None:
     print(f"TopK SAE d_in={D_IN} d_latent={D_LATENT} k={K} batch={BATCH} tokens={tokens} lr={LR} (CPU, 1 thread); "
           f"activations with mean offset {offset}; SAELens: FVU {lens_fvu:.4f}, dead {lens_dead}, "
           f"{lens_tps:.0f} tok/s")
-    for name in ("lit-act", "lit-act (reference init)"):
+    for name in ("lit-act", "lit-act (calibrate_encoder=True)"):
         ours_fvu, ours_dead = results[name]
         ours_tps = tokens / seconds[name]
         print(f"  {name}:")
