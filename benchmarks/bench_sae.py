@@ -76,7 +76,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 class Ours:
-    """lit-act's TopK SAE with its defaults (``calibrate=True``: the paper's TopK encoder calibration, the reference's ``init_from_data_``)."""
+    """lit-act's TopK SAE with its defaults (``calibrate=True``: the paper's TopK encoder calibration, the
+    reference's ``init_from_data_``)."""
 
     def __init__(self, calibrate: bool = False) -> None:
         self.name = "lit-act (calibrate_encoder=True)" if calibrate else "lit-act"
