@@ -80,7 +80,8 @@ class SAEConfig:
             :meth:`SAETrainer.initialize`). The paper's ablation (Fig. 16) finds "no effect or a weak negative
             effect" and the reference code keeps it only "to ensure exact match with internal codebase"; off by
             default, so the encoder keeps torch's default magnitudes (the paper's baseline init,
-            :mod:`lit_act.sae.models`): FVU 1.05x vs 1.00x SAELens's in ``benchmarks/bench_sae.py``.
+            :mod:`lit_act.sae.models`): FVU 1.05x vs 1.00x SAELens's in ``benchmarks/bench_sae.py``; on short LM
+            runs at small k it leaves fewer dead latents at a higher FVU (``docs/sae.md``, Experiment).
         normalize_inputs: scale the inputs by one scalar so that ``E||x||^2 = d_in`` on the first batch (the SAE's
             ``input_scale`` buffer, :mod:`lit_act.sae.models`); ``False``: scale 1.
         seed: seed of the SAE initialisation (private generator; the global RNG is never used).
