@@ -9,7 +9,8 @@ Same configuration for both: ``d_latent = D_LATENT``, ``k = K``, Adam at ``LR``,
 same order, ``TOKENS`` training tokens, dead window ``DEAD_STEPS`` steps, ``torch.manual_seed(SEED)`` before
 building each SAE. Each library keeps its own TopK recipe: lit-act follows Gao et al. (normalised MSE, AuxK with
 coefficient 1/32 on the normalised residual, unit-norm decoder, ``b_pre`` at the geometric median); SAELens its
-defaults (summed MSE, ``rescale_acts_by_decoder_norm``, AuxK coefficient 1, gradient clipping at norm 1).
+defaults (decoder rows at norm 0.1 with free norms and ``rescale_acts_by_decoder_norm``, ``W_enc = W_dec^T``,
+``b_dec = 0``, summed MSE, AuxK coefficient 1, gradient clipping at norm 1).
 
 Printed, each against SAELens in the same run (goals in brackets):
 
@@ -18,23 +19,31 @@ Printed, each against SAELens in the same run (goals in brackets):
 * throughput, training tokens/s on one CPU thread, ours / SAELens (>= 1.5). The two trainings run interleaved in
   ``CHUNKS`` chunks (alternating which goes first) so load from other processes hits both alike.
 
-Two lit-act rows: its defaults (Gao et al.'s paper: tied encoder ``W_enc = W_dec^T``, Adam eps 6.25e-10, inputs
-scaled to ``E||x||^2 = d_in``) and ``calibrate_encoder=True`` (the reference code's ``init_from_data_``: the tied
-encoder rescaled so the SAE starts norm-preserving).
+Two lit-act rows: its defaults (Gao et al. 2024 Appendix A: encoder parallel to the unit-norm decoder with torch's
+default ``nn.Linear`` magnitudes, as the reference ``openai/sparse_autoencoder``'s ``FastAutoencoder``; ``b_pre`` at
+the geometric median; Adam (0.9, 0.999), eps 6.25e-10; inputs scaled to ``E||x||^2 = d_in``) and
+``calibrate_encoder=True`` (the paper's TopK encoder rescaling, the reference's ``init_from_data_``: reconstructions
+start at the input norm; the paper's ablation, Fig. 16, finds it neutral to slightly harmful).
 
-Measured on this machine (2 shared cores, 1 thread), phase 2: offset 0.5: FVU ratio 0.616 (reference init 0.595),
-dead 0 vs 872, throughput 2.9x; centred: FVU ratio 1.088 (reference init 1.051; goal 1.05 missed), dead 0 vs 2,
-throughput 2.5x (2.4x). What was tried on the centred case (lit-act FVU; SAELens 0.4401), within the paper's method:
-input normalisation to ``E||x||^2 = d_in`` 0.4790 (no change: Adam is scale-free but for the biases), Adam eps
-6.25e-10 0.4788, the reference's encoder calibration 0.4627 (but 87% instead of 96% planted atoms recovered in
-``tests/test_sae.py``, hence off by default), plus a 24-step lr warmup 0.4692 (worse); k_aux 256 0.4627 (no dead
-latents to revive). Outside the method: Adam beta2 0.99 0.4594, a 0.5x encoder init 0.4348. The remaining gap is the
-decoder's learning speed: SAELens's decoder rows start at norm 0.1 with free norms, so one Adam step of the same lr
-turns them ~10x further than lit-act's unit-norm rows (Gao et al.'s constraint, kept).
+Measured on this machine (2 shared cores, 1 thread; ``.venv/bin/python -m benchmarks bench_sae``): offset 0.5: FVU
+ratio 0.563 (calibrated 0.595), dead 0 vs 872, throughput 2.43x (2.62x); centred: FVU ratio 0.994 (calibrated
+1.051), dead 0 vs 2, throughput 1.83x (2.36x; the two rows run the same code, so the spread is machine load).
+
+Why lit-act was 1.088x SAELens's on centred data before (FVU 0.4788 vs 0.4401; one knob changed at a time from that
+configuration, which tied the encoder at unit norm, ``W_enc = W_dec^T``, not the paper's init): the encoder
+magnitude. Unit-norm encoder columns start the pre-activations ~1.7x above torch's default init, and 240 Adam steps at
+lr 1e-3 do not undo it. Encoder column norms 1/sqrt(3) (torch's default, the paper's choice and now lit-act's default): 0.4379;
+0.5: 0.4356; 0.25: 0.4339; the paper's calibration: 0.4627. The learning rate is the other large lever (lr 2e-3:
+0.4326, 3e-3: 0.4044; SAELens's decoder rows start at norm 0.1 and its ``rescale_acts_by_decoder_norm`` folds the
+norm in, so the same Adam lr moves its directions ~10x further per step). SAELens's other choices, each applied to
+lit-act alone, changed nothing: gradient clipping at norm 1 (0.4788), ``b_pre`` at zero instead of the geometric
+median (0.4792), AuxK coefficient 1 instead of 1/32 (0.4788). Measured in an earlier session on the same data:
+Adam eps 6.25e-10 vs 1e-8 and the input normalisation, no change (0.4788, 0.4790); with the calibration, Adam beta2
+0.99 (outside the paper) 0.4594, a 24-step warmup 0.4692 (vs 0.4627), k_aux 256 0.4627.
 
 SAELens is a benchmark-only dependency (``make bench``); without it the comparison is skipped with a message.
 
-Run: ``.venv/bin/python -m benchmarks.bench_sae``.
+Run: ``.venv/bin/python -m benchmarks bench_sae``.
 """
 
 from __future__ import annotations
@@ -67,10 +76,11 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 class Ours:
-    """lit-act's TopK SAE with its defaults (``calibrate=True``: the reference's encoder-scale initialisation)."""
+    """lit-act's TopK SAE with its defaults (``calibrate=True``: the paper's TopK encoder calibration, the
+    reference's ``init_from_data_``)."""
 
     def __init__(self, calibrate: bool = False) -> None:
-        self.name = "lit-act (reference init)" if calibrate else "lit-act"
+        self.name = "lit-act (calibrate_encoder=True)" if calibrate else "lit-act"
         torch.manual_seed(SEED)
         self.trainer = SAETrainer(D_IN, SAEConfig(sae="topk", d_latent=D_LATENT, k=K, lr=LR, batch_size=BATCH,
                                                   dead_tokens=DEAD_STEPS * BATCH, seed=SEED,
@@ -146,7 +156,7 @@ def compare(offset: float) -> None:
     print(f"TopK SAE d_in={D_IN} d_latent={D_LATENT} k={K} batch={BATCH} tokens={tokens} lr={LR} (CPU, 1 thread); "
           f"activations with mean offset {offset}; SAELens: FVU {lens_fvu:.4f}, dead {lens_dead}, "
           f"{lens_tps:.0f} tok/s")
-    for name in ("lit-act", "lit-act (reference init)"):
+    for name in ("lit-act", "lit-act (calibrate_encoder=True)"):
         ours_fvu, ours_dead = results[name]
         ours_tps = tokens / seconds[name]
         print(f"  {name}:")

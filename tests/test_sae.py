@@ -65,10 +65,13 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_topk_matches_the_paper_formula_and_init():
-    torch.manual_seed(1)
-    sae = TopKSAE(6, 20, k=3)
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())  # W_enc initialised as W_dec^T
+    sae = TopKSAE(6, 20, k=3, generator=torch.Generator().manual_seed(1))
+    # Gao et al. A.1 / openai/sparse_autoencoder: nn.Linear's default encoder init, the decoder its unit-row transpose
+    w = torch.empty(20, 6).uniform_(-1 / math.sqrt(6), 1 / math.sqrt(6), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sae.W_enc, w.t())
+    torch.testing.assert_close(sae.W_dec, w / w.norm(dim=1, keepdim=True))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(20))
+    torch.manual_seed(1)
     with torch.no_grad():
         sae.b_pre.normal_()
         sae.b_enc.normal_()
@@ -345,4 +348,7 @@ def test_calibrated_encoder_preserves_the_norm_of_random_inputs():
         gain = (z @ sae.W_dec).norm(dim=1).mean()
     assert float(gain) == pytest.approx(1.0, abs=0.05)  # calibrated on 256 other random directions
     untouched = SAETrainer(32, SAEConfig(d_latent=128, k=8, batch_size=512))
-    torch.testing.assert_close(untouched.sae.W_enc, untouched.sae.W_dec.t())  # default: the tied init
+    untouched.initialize(x)
+    torch.testing.assert_close(F.normalize(untouched.sae.W_enc.t(), dim=1), untouched.sae.W_dec)  # parallel
+    # default: nn.Linear's magnitudes, ~1/sqrt(3) per latent
+    assert float(untouched.sae.W_enc.detach().norm(dim=0).mean()) == pytest.approx(1 / math.sqrt(3), rel=0.05)

@@ -14,7 +14,14 @@ SAELens's ``expected_average_only_in``) keeps the SAE a linear map of ``x`` up t
 splices back into the model without per-token statistics, and gives every model width the same loss scale.
 
 ``W_dec`` is ``(d_latent, d_in)``: row ``i`` is latent ``i``'s decoder direction (the paper's column of its
-``W_dec``), unit-norm. ``W_enc`` is ``(d_in, d_latent)`` and initialised to ``W_dec^T`` (Gao et al. Sec. 2.4).
+``W_dec``), unit-norm. ``W_enc`` is ``(d_in, d_latent)``. Initialisation (Gao et al. Appendix A.1): uniformly random
+directions, each latent's encoder direction parallel to its decoder direction (not tied afterwards), decoder rows
+unit-norm; encoder *magnitudes* from torch's default ``nn.Linear`` init (the paper's choice for its baselines): the
+encoder is a ``U(-1/sqrt(d_in), 1/sqrt(d_in))`` draw (column norms ~ ``1/sqrt(3)``) and the decoder its transpose
+with unit rows, exactly the reference ``openai/sparse_autoencoder`` ``FastAutoencoder.__init__`` (tied init, then
+``unit_norm_decoder_``). For TopK models the paper also rescales the encoder so reconstructions match the input
+norm, which its ablation (Fig. 16) finds to have "no effect or a weak negative effect":
+``SAEConfig(calibrate_encoder=True)``, the reference's ``init_from_data_``.
 The decoder-norm constraint (renormalise after every step, remove the gradient component parallel to each
 direction before it) is :meth:`SparseAutoencoder.project_decoder_grad` / :meth:`SparseAutoencoder.normalize_decoder`,
 called by :class:`lit_act.sae.training.SAETrainer`.
@@ -69,12 +76,11 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.d_in = _positive_int("d_in", d_in)
         self.d_latent = _positive_int("d_latent", d_latent)
-        w_dec = torch.empty(d_latent, d_in)
+        # nn.Linear(d_in, d_latent)'s default init: U(-1/sqrt(d_in), 1/sqrt(d_in)), row norms ~ 1/sqrt(3)
         bound = 1.0 / math.sqrt(d_in)
-        w_dec.uniform_(-bound, bound, generator=generator)
-        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.t().clone())
+        w = torch.empty(d_latent, d_in).uniform_(-bound, bound, generator=generator)
+        self.W_dec = nn.Parameter(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.W_enc = nn.Parameter(w.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_latent))
         self.b_pre = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_scale", torch.ones(()))

@@ -15,6 +15,13 @@ SAE. After ``backward`` the component of ``W_dec``'s gradient
 parallel to each decoder direction is removed, Adam steps, and the decoder rows are renormalised (Gao et al.
 Sec. 2.4).
 
+**Optimiser** (Gao et al. Appendix A.3): Adam with betas (0.9, 0.999), a constant learning rate, eps 6.25e-10
+(A.3.1), no gradient clipping (the paper needed it only to stabilise its large GPT-4 runs; the reference's
+``clip_grad`` defaults to off). Not reproduced: the EMA of the weights (A.5), and the MSE normaliser computed once at
+the start of training (A.6): here it is the batch's own variance (the same in expectation; exact under DDP with the
+all-rank batch); AuxK is normalised by the batch's residual variance, not per token (A.6: a per-token denominator
+``||e_n||^2`` blows up on tokens the top-k latents already reconstruct; the reference divides by ``||e_n + b_pre||^2``).
+
 **Dead latents.** A latent is dead when it has not fired (``z > 0``) in the last ``dead_tokens`` training tokens
 (Gao et al. use 10M tokens; the default here, 1M, is scaled to the few-hundred-step runs lit-act targets, set
 ``dead_tokens=10_000_000`` for paper-scale training). Counted at SAE-batch granularity (exact to within one batch),
@@ -68,11 +75,13 @@ class SAEConfig:
         l1_coefficient: L1 weight of the ``relu`` SAE.
         adam_eps: Adam's epsilon (Gao et al.'s reference ``openai/sparse_autoencoder``: 6.25e-10).
         b_pre_init: ``geometric_median`` (Gao et al. Sec. 2.4), ``mean`` or ``zeros`` of the first batch.
-        calibrate_encoder: TopK / BatchTopK: rescale the (tied) encoder at initialisation so the SAE preserves the
-            norm of random inputs around ``b_pre`` (the reference's ``init_from_data_``, :meth:`SAETrainer.initialize`;
-            its authors found no clear benefit; here it lowers the FVU of short runs, 0.479 -> 0.463 in
-            ``benchmarks/bench_sae.py``, but recovers fewer planted atoms, 87% vs 96% in ``tests/test_sae.py``, so off
-            by default).
+        calibrate_encoder: TopK / BatchTopK: rescale the encoder at initialisation so the SAE preserves the norm of
+            random inputs around ``b_pre`` (Gao et al. Appendix A.1's TopK init, the reference's ``init_from_data_``,
+            :meth:`SAETrainer.initialize`). The paper's ablation (Fig. 16) finds "no effect or a weak negative
+            effect" and the reference code keeps it only "to ensure exact match with internal codebase"; off by
+            default, so the encoder keeps torch's default magnitudes (the paper's baseline init,
+            :mod:`lit_act.sae.models`): FVU 1.05x vs 1.00x SAELens's in ``benchmarks/bench_sae.py``; on short LM
+            runs at small k it leaves fewer dead latents at a higher FVU (``docs/sae.md``, Experiment).
         normalize_inputs: scale the inputs by one scalar so that ``E||x||^2 = d_in`` on the first batch (the SAE's
             ``input_scale`` buffer, :mod:`lit_act.sae.models`); ``False``: scale 1.
         seed: seed of the SAE initialisation (private generator; the global RNG is never used).
