@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lit_act.training import optimized_metric, train
-from lit_act.utils.task import config_error
+from lit_act.utils.task import config_error, set_default_root
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -30,4 +30,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    set_default_root()
     main()

@@ -97,10 +97,13 @@ def test_multirun_command_in_smoke_mode(tmp_path, args):
     tokens = shlex.split(args)
     if any(t.startswith("hparams_search=") for t in tokens):
         tokens.append("hydra.sweeper.n_trials=2")  # 20 trials in the docs; two show the loop works
-    sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tokens, "debug=smoke", "logger=csv",
-                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "WANDB_MODE": "disabled", "LIT_ACT_ROOT": str(tmp_path)})
+    # the default sweep dir under the launch directory (no LIT_ACT_ROOT, no hydra.sweep.dir), as a user runs it
+    env = {k: v for k, v in os.environ.items() if k != "LIT_ACT_ROOT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tokens, "debug=smoke", "logger=csv"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**env, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/job_status.json")]
+    sweeps = list((tmp_path / "logs").glob("*/multiruns/*"))
+    assert len(sweeps) == 1, sweeps
+    statuses = [json.loads(p.read_text())["status"] for p in sweeps[0].glob("*/job_status.json")]
     assert statuses and set(statuses) == {"completed"}

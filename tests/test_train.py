@@ -131,9 +131,14 @@ def test_full_error_shows_the_traceback(tmp_path):
 
 
 def test_multirun_over_two_activations(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = _run(["-m", "activation=relu,gelu", "debug=fdr", "logger=csv", f"hydra.sweep.dir={sweep}"], tmp_path)
+    # as a user launches it: the default sweep dir under the launch directory, LIT_ACT_ROOT unset (a multirun resolves
+    # its sweep dir before Hydra's runtime info exists, so paths.root_dir must not need it)
+    env = {k: v for k, v in os.environ.items() if k != "LIT_ACT_ROOT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "activation=relu,gelu", "debug=fdr",
+                           "logger=csv"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**env, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs").glob("*/multiruns/*")
     for job in ("0", "1"):
         status = json.loads((sweep / job / "job_status.json").read_text())
         assert status["status"] == "completed" and "test/acc" in status["metrics"]

@@ -36,7 +36,7 @@ from lit_act.sae.metrics import DENSITY_RANGE, SAEMetrics, decoder_epsilon, loss
 from lit_act.sae.training import SAEConfig, SAETrainer
 from lit_act.selection import Site, select_sites
 from lit_act.stats.tap import neuron_view, tap, valid_tokens
-from lit_act.utils.task import task_wrapper
+from lit_act.utils.task import set_default_root, task_wrapper
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _hydra_main() -> None:
     import hydra
+
+    set_default_root()
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sae/offline")
     def main(cfg: DictConfig) -> float | None:

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "job_status.json"
 
 
+def set_default_root() -> None:
+    """``LIT_ACT_ROOT`` (``paths.root_dir``) defaults to the launch directory, as an absolute path. Set before
+    ``@hydra.main`` runs: a multirun resolves ``hydra.sweep.dir`` before Hydra's runtime information (and so
+    ``${hydra:runtime.cwd}``) exists, and launcher workers inherit the variable."""
+    os.environ.setdefault("LIT_ACT_ROOT", os.getcwd())
+
+
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
