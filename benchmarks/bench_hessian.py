@@ -448,13 +448,23 @@ def lm_batch(n: int, seed: int = 0):
     return torch.randint(0, 65, (n, 64), generator=gen), torch.randint(0, 65, (n, 64), generator=gen)
 
 
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now; ``VmHWM``: resident peak)."""
+    import re
+    from pathlib import Path
+
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
 def memory_probe(mode: str, n: int, chunk: int | None) -> None:
-    """Run in a fresh process: peak RSS growth (``ru_maxrss``, KiB) of one backward pass or one HVP (operator built
-    with the default ``"cached"`` backend, then one product) over the RSS peak after building the model, the batch
-    and a 2-example warm-up of the same path (which loads the code and the allocator's first arenas). Printed as
+    """Run in a fresh process (Linux): peak resident-memory growth (KiB) of one backward pass or one HVP (operator
+    built with the default ``"cached"`` backend, then one product), after building the model and the batch and a
+    2-example warm-up of the same path (which loads the code and the allocator's first arenas). The peak is the
+    kernel's high-water mark ``VmHWM``, reset just before the measured call (``echo 5 > /proc/self/clear_refs``),
+    minus ``VmRSS`` at that moment, so earlier peaks (imports, model building) cannot hide it. Printed as
     ``PEAK_KIB <n>``."""
     import gc
-    import resource
+    from pathlib import Path
 
     torch.set_num_threads(1)
     model = reference_lm().eval()
@@ -472,9 +482,10 @@ def memory_probe(mode: str, n: int, chunk: int | None) -> None:
 
     run(x[:2], y[:2], None if chunk is None else 1)
     gc.collect()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
     run(x, y, chunk)
-    print(f"PEAK_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base}")
+    print(f"PEAK_KIB {_status_kib('VmHWM') - base}")
 
 
 def _probe(mode: str, n: int, chunk: int | None = None) -> float:
@@ -489,7 +500,7 @@ def _probe(mode: str, n: int, chunk: int | None = None) -> float:
 
 
 def transformer_memory_section(batches=(16, 128)) -> None:
-    print("[TransformerLM memory] peak RSS growth of a fresh process (ru_maxrss), median of 3 processes:")
+    print("[TransformerLM memory] peak resident-memory growth in a fresh process (reset VmHWM), median of 3:")
     for n in batches:
         backward = median(_probe("backward", n) for _ in range(3))
         chunks = [n // d for d in (2, 4, 16) if n // d > 2]  # above the 2-example warm-up's resolution
