@@ -7,6 +7,7 @@ from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.diagonal import UncoveredModuleError, exact_diagonal
 from lit_act.hessian.example_diagonal import example_diagonal
 from lit_act.hessian.ggn_diagonal import ggn_control_variate, ggn_diagonal
+from lit_act.hessian.krylov_trace import KrylovSpectrumResult, lanczos_trace
 from lit_act.hessian.lanczos import lanczos
 from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import HessianOperator, default_loss_fn
@@ -26,6 +27,7 @@ __all__ = [
     "EigenResult",
     "GGNOperator",
     "HessianOperator",
+    "KrylovSpectrumResult",
     "LLACriteria",
     "SpectralDensityResult",
     "TraceResult",
@@ -43,6 +45,7 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "lanczos_trace",
     "lla_criteria",
     "parameter_blocks",
     "slq",
