@@ -237,25 +237,15 @@ def exact_trace_section(name, model, x, y, bp) -> float:
           f"  RATIO Hutch++/exact time = {t_hpp / t_exact:.0f}x")
     if bp is None:
         return ours64.trace
-    from backpack import backpack, extend
-    from backpack.extensions import DiagGGNExact, DiagHessian
+    from backpack import extend
 
-    def backpack_diag(m, xb, extension, attr):
-        ext = extend(m)
-        loss = extend(nn.CrossEntropyLoss())(ext(xb), y)
-        with backpack(extension()):
-            loss.backward()
-        out = torch.cat([getattr(p, attr).reshape(-1) for p in ext.parameters()])
-        ext.zero_grad(set_to_none=True)
-        return out
-
-    bp64 = backpack_diag(copy.deepcopy(model64), x.double(), DiagHessian, "diag_h")
+    bp64 = backpack_diagonal(extend(copy.deepcopy(model64)), x.double(), y, "DiagHessian")
     rel_diag = float((ours64.diagonal - bp64).abs().max() / bp64.abs().max())
     rel_trace = abs(ours64.trace - float(bp64.sum())) / abs(float(bp64.sum()))
-    bp_model = copy.deepcopy(model)
+    bp_model = extend(copy.deepcopy(model))
     sides = {"ours": lambda: ours_diag("hessian"), "ours_ggn": lambda: ours_diag("ggn"),
-             "bp": lambda: backpack_diag(bp_model, x, DiagHessian, "diag_h"),
-             "bp_ggn": lambda: backpack_diag(bp_model, x, DiagGGNExact, "diag_ggn_exact")}
+             "bp": lambda: backpack_diagonal(bp_model, x, y, "DiagHessian"),
+             "bp_ggn": lambda: backpack_diagonal(bp_model, x, y, "DiagGGNExact")}
     for fn in sides.values():  # warm-up
         fn()
     times = {k: [] for k in sides}
