@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -167,6 +168,20 @@ class LitActModule(LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.cosine_schedule = cosine_schedule
+
+    def record_hyperparameters(self, activation: ActivationSpec, mlp: MLPSpec) -> dict[str, Any] | None:
+        """``save_hyperparameters()`` of the calling ``__init__``'s arguments, with ``activation`` and ``mlp`` recorded
+        in their reconstructible forms (:func:`activation_spec`, :func:`mlp_spec`) so checkpoints reload alone; sets
+        ``self.activation_factory`` and returns the ``mlp`` dict for :meth:`apply_mlp`."""
+        factory = activation_factory(activation)
+        frame = inspect.currentframe().f_back
+        code = frame.f_code  # the caller's own arguments (a user subclass's __init__ may differ)
+        names = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
+        hparams = {name: frame.f_locals[name] for name in names}
+        hparams.update(activation=activation_spec(activation), mlp=mlp_spec(mlp))
+        self.save_hyperparameters(hparams)
+        self.activation_factory = factory
+        return hparams["mlp"]
 
     def apply_mlp(self, mlp: dict[str, Any] | None) -> None:
         """Apply the recorded ``mlp`` transformation (:func:`~lit_act.kan.kanify`) at the end of ``__init__``, so

@@ -6,14 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lit_act.models.base import (
-    ActivationSpec,
-    LitActModule,
-    MLPSpec,
-    activation_factory,
-    activation_spec,
-    mlp_spec,
-)
+from lit_act.models.base import ActivationSpec, LitActModule, MLPSpec
 from lit_act.utils import validate as v
 
 
@@ -51,11 +44,7 @@ class CNNClassifier(LitActModule):
         v.positive_int("in_channels", in_channels), v.positive_int("num_classes", num_classes)
         v.positive_int_sequence("channels", channels), v.boolean("batch_norm", batch_norm)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        act_factory = activation_factory(activation)
-        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
-        activation, mlp = activation_spec(activation), mlp_spec(mlp)
-        self.save_hyperparameters()
-        self.activation_factory = act_factory
+        mlp = self.record_hyperparameters(activation, mlp)
         widths = [in_channels, *channels]
         self.features = nn.ModuleList(
             ConvBlock(widths[i], widths[i + 1], self.activation_factory(), pool=i < len(channels) - 1,

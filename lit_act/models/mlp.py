@@ -6,14 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lit_act.models.base import (
-    ActivationSpec,
-    LitActModule,
-    MLPSpec,
-    activation_factory,
-    activation_spec,
-    mlp_spec,
-)
+from lit_act.models.base import ActivationSpec, LitActModule, MLPSpec
 from lit_act.utils import validate as v
 
 
@@ -52,11 +45,7 @@ class MLPClassifier(LitActModule):
         v.positive_int_sequence("hidden", hidden, allow_empty=True)
         v.finite_float("dropout", dropout, low=0.0, high=1.0, high_open=True), v.boolean("batch_norm", batch_norm)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        act_factory = activation_factory(activation)
-        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
-        activation, mlp = activation_spec(activation), mlp_spec(mlp)
-        self.save_hyperparameters()
-        self.activation_factory = act_factory
+        mlp = self.record_hyperparameters(activation, mlp)
         widths = [in_features, *hidden]
         blocks = []
         for i in range(len(hidden)):

@@ -7,14 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.models.base import (
-    ActivationSpec,
-    LitActModule,
-    MLPSpec,
-    activation_factory,
-    activation_spec,
-    mlp_spec,
-)
+from lit_act.models.base import ActivationSpec, LitActModule, MLPSpec
 from lit_act.utils import validate as v
 
 
@@ -34,11 +27,7 @@ class StudentNetwork(LitActModule):
                  mlp: MLPSpec = None) -> None:
         v.positive_int("in_features", in_features), v.positive_int("hidden_neurons", hidden_neurons)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        act_factory = activation_factory(activation)
-        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
-        activation, mlp = activation_spec(activation), mlp_spec(mlp)
-        self.save_hyperparameters()
-        self.activation_factory = act_factory
+        mlp = self.record_hyperparameters(activation, mlp)
         self.hidden = nn.Linear(in_features, hidden_neurons, bias=False)
         self.act = self.activation_factory()
         self.head = nn.Linear(hidden_neurons, 1, bias=False)

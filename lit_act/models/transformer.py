@@ -18,14 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_act.models.base import (
-    ActivationSpec,
-    LitActModule,
-    MLPSpec,
-    activation_factory,
-    activation_spec,
-    mlp_spec,
-)
+from lit_act.models.base import ActivationSpec, LitActModule, MLPSpec
 from lit_act.utils import validate as v
 
 
@@ -102,11 +95,7 @@ class TransformerLM(LitActModule):
             v.positive_int(name, value)
         v.optional(v.positive_int, "d_ff", d_ff), v.finite_float("dropout", dropout, low=0.0, high=1.0, high_open=True)
         super().__init__(lr=lr, weight_decay=weight_decay, cosine_schedule=cosine_schedule)
-        act_factory = activation_factory(activation)
-        # save_hyperparameters() reads the arguments from this frame: record reconstructible forms (checkpoints)
-        activation, mlp = activation_spec(activation), mlp_spec(mlp)
-        self.save_hyperparameters()
-        self.activation_factory = act_factory
+        mlp = self.record_hyperparameters(activation, mlp)
         self.block_size = block_size
         d_ff = d_ff or 4 * d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
