@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import namedtuple
 
 import pytest
@@ -271,3 +272,26 @@ def test_chunked_ggn_and_empirical_fisher_equal_unchunked(curvature):
                                  chunk_size=4)
     eye = torch.eye(whole.dim, dtype=torch.float64)
     torch.testing.assert_close(chunked.matmat(eye), whole.matmat(eye), rtol=1e-10, atol=1e-13)
+
+
+def test_auto_trace_tries_the_exact_rules_once_per_fit_on_an_uncovered_model(monkeypatch):
+    """``trace_method="auto"`` on a Transformer (attention is outside the exact rules): the first evaluation finds the
+    model uncovered and uses the pass's Krylov trace; later evaluations do not redo the partial exact diagonal."""
+    import lit_act.callbacks.hessian as module
+    from lit_act.callbacks.hessian import HessianSpectrum
+
+    calls = []
+    real_trace = module.trace
+
+    def counting_trace(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("method"))
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(module, "trace", counting_trace)
+    model, batch = tiny_lm()
+    callback = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=4, slq_iter=0)
+    first, _ = callback.compute(model.float(), [batch])
+    second, _ = callback.compute(model, [batch])
+    assert calls == ["exact"]  # one attempt, which raised; no retry at the second evaluation
+    assert math.isfinite(first["train/hessian/trace"]) and math.isfinite(second["train/hessian/trace"])
+    assert first["train/hessian/trace_se"] > 0 and second["train/hessian/trace_se"] > 0  # the Krylov estimate

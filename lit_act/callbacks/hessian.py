@@ -254,6 +254,7 @@ class HessianSpectrum(LitActCallback):
         self.evaluations = 0
         self.nan_events = 0
         self._warm_vector: Tensor | None = None
+        self._exact_unavailable = False  # "auto": the exact rules failed once this fit; the model's modules are fixed
         self._last_step = -1
 
     @property
@@ -271,6 +272,7 @@ class HessianSpectrum(LitActCallback):
             if self.evaluations == 0:
                 self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
             return
+        self._exact_unavailable = False
         if self.every_n_steps is not None and self.every_n_steps < self.num_batches:
             self.warn(f"every_n_steps={self.every_n_steps} < num_batches={self.num_batches}: the cache holds one "
                       f"training batch per step, so evaluations before step {self.num_batches} use the batches "
@@ -481,9 +483,12 @@ class HessianSpectrum(LitActCallback):
         if self.trace_method == "exact":
             return trace(op, self.trace_budget, "exact", seed=self.seed + 2, on_uncovered=self.on_uncovered,
                          loss=self._diagonal_loss(op))
+        if self._exact_unavailable:  # found uncovered at an earlier evaluation: do not redo the partial diagonal
+            return None
         try:
             return trace(op, self.trace_budget, "exact", on_uncovered="error", loss=self._diagonal_loss(op))
         except (UncoveredModuleError, ValueError, TypeError):  # uncovered module, unknown loss or batch convention
+            self._exact_unavailable = True
             return None
 
     def _block_spectrum(self, op: HessianOperator) -> dict[str, float]:
