@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from lit_act.hessian.lanczos import (
     WHICH,
-    _orthogonalise,
+    LanczosRecurrence,
     _select,
     make_generator,
     rademacher,
@@ -86,52 +86,39 @@ def check_block_k(sizes: dict[str, int], k: int) -> None:
 
 
 class _BlockLanczos:
-    """One block's Lanczos recurrence, advanced from outside one product at a time (the steps of
-    ``lanczos_steps`` and the stopping test of ``lanczos``)."""
+    """One block's Lanczos run (the :class:`~lit_act.hessian.lanczos.LanczosRecurrence` of ``lanczos_steps`` and the
+    stopping test of ``lanczos``), advanced from outside one product at a time."""
 
     def __init__(self, dim: int, k: int, which: str, max_iter: int, tol: float, seed: int,
                  op: HessianOperator) -> None:
         self.dim, self.k, self.which, self.tol, self.max_iter = dim, k, which, tol, max_iter
-        self.generator = make_generator(seed)
-        self.basis = torch.empty(max_iter, dim, dtype=op.dtype, device=op.device)
-        self.alpha = torch.zeros(max_iter, dtype=torch.float64)
-        self.beta = torch.zeros(max(max_iter - 1, 0), dtype=torch.float64)
-        q = rademacher((dim,), self.generator, op)
-        self.q = q / q.norm()
-        self.j = 0
+        generator = make_generator(seed)
+        self.rec = LanczosRecurrence(rademacher((dim,), generator, op), max_iter, generator)
         self.done = False
         self.theta = self.s = self.chosen = self.residuals = self.converged = None
 
+    @property
+    def q(self) -> Tensor:
+        return self.rec.q
+
+    @property
+    def j(self) -> int:
+        return self.rec.j
+
     def advance(self, w: Tensor) -> None:
         """Take the step whose product ``w = H_BB q`` was computed; test convergence; prepare the next ``q``."""
-        j, alpha, beta = self.j, self.alpha, self.beta
-        self.basis[j] = self.q
-        alpha[j] = float(torch.dot(w, self.q))
-        w.add_(self.q, alpha=-float(alpha[j]))  # w is this run's own product: updated in place
-        if j:
-            w.add_(self.basis[j - 1], alpha=-float(beta[j - 1]))
-        w = _orthogonalise(w, self.basis[: j + 1])
-        norm = float(w.norm())
-        self.j = j = j + 1
-        if j >= self.k:
+        norm = self.rec.advance(w)
+        if self.j >= self.k:
             self._test(norm)
-        if self.done or j == self.max_iter:
+        if self.done or self.j == self.max_iter:
             self.done = True
             return
-        scale = max(float(alpha[:j].abs().max()), float(beta[: j - 1].abs().max()) if j > 1 else 0.0, 1e-30)
-        if norm <= 1e-6 * scale:  # invariant subspace: restart with a fresh orthogonal direction
-            w = _orthogonalise(torch.randn(self.dim, generator=self.generator).to(w.dtype).to(w.device),
-                               self.basis[:j])
-            beta[j - 1] = 0.0
-            self.q = w / w.norm()
-        else:
-            beta[j - 1] = norm
-            self.q = w / norm
+        self.rec.next_vector()
 
     def _test(self, beta_next: float) -> None:
         """``min(r_i, r_i^2 / gap_i) <= tol |theta_i|`` for the chosen Ritz values, as in ``lanczos``."""
         j, k = self.j, self.k
-        theta, s = tridiagonal_eigh(self.alpha[:j], self.beta[: j - 1])
+        theta, s = tridiagonal_eigh(*self.rec.tridiagonal())
         chosen = _select(theta, k, self.which)
         residuals, converged = ritz_test(theta, s, beta_next, chosen, self.tol)
         self.done = bool(converged.all()) or j == self.dim
@@ -141,7 +128,7 @@ class _BlockLanczos:
     def result(self, return_vectors: bool, seconds: float) -> EigenResult:
         vectors = None
         if return_vectors:
-            vectors = (self.basis[: self.j].T @ self.s[:, self.chosen].to(self.basis.dtype)).contiguous()
+            vectors = (self.rec.basis[: self.j].T @ self.s[:, self.chosen].to(self.rec.basis.dtype)).contiguous()
         return EigenResult(eigenvalues=self.theta[self.chosen].clone(), eigenvectors=vectors,
                            residuals=self.residuals, converged=self.converged, iterations=self.j, matvecs=self.j,
                            seconds=seconds, which=self.which)

@@ -124,38 +124,76 @@ def _orthogonalise(w: Tensor, basis: Tensor, skip_below: float = 0.0) -> Tensor:
     return w
 
 
+class LanczosRecurrence:
+    """The Lanczos recurrence advanced one product at a time: compute ``w = H @ rec.q``, then ``rec.advance(w)``
+    (three-term recurrence, semi-orthogonality-gated full reorthogonalisation), then, when another step follows,
+    ``rec.next_vector()`` (the next basis vector, or a fresh direction orthogonal to the basis when the Krylov space
+    became invariant, ``beta = 0``). Shared by :func:`lanczos_steps` (one operator) and
+    :func:`lit_act.hessian.blocks.block_eigenvalues` (every block in lockstep).
+
+    Attributes: ``basis`` (``(num_steps, dim)``, rows written in place), ``alpha``/``beta`` (float64), ``j`` (steps
+    taken)."""
+
+    def __init__(self, q0: Tensor, num_steps: int, generator: torch.Generator) -> None:
+        self.dim, self.num_steps, self.generator = q0.numel(), num_steps, generator
+        self.basis = torch.empty(num_steps, self.dim, dtype=q0.dtype, device=q0.device)
+        self.alpha = torch.zeros(num_steps, dtype=torch.float64)
+        self.beta = torch.zeros(max(num_steps - 1, 0), dtype=torch.float64)
+        self.semi = torch.finfo(q0.dtype).eps ** 0.5  # semi-orthogonality level (module docstring)
+        torch.div(q0, q0.norm(), out=self.basis[0])
+        self.j = 0
+        self._w: Tensor | None = None
+
+    @property
+    def q(self) -> Tensor:
+        """The vector whose product the next :meth:`advance` takes (a view of its basis row)."""
+        return self.basis[self.j]
+
+    def advance(self, w: Tensor) -> float:
+        """Take the step with ``w = H q`` (updated in place); returns ``beta_j``, the residual scale."""
+        j, alpha, beta, basis = self.j, self.alpha, self.beta, self.basis
+        q = basis[j]
+        alpha[j] = float(torch.dot(w, q))
+        w.add_(q, alpha=-float(alpha[j]))  # three-term recurrence, then reorthogonalisation
+        if j:
+            w.add_(basis[j - 1], alpha=-float(beta[j - 1]))
+        self._w = _orthogonalise(w, basis[: j + 1], self.semi)
+        self.j = j + 1
+        return float(self._w.norm())
+
+    def tridiagonal(self) -> tuple[Tensor, Tensor]:
+        """``(alpha, beta)`` of ``T_j`` so far."""
+        return self.alpha[: self.j], self.beta[: self.j - 1]
+
+    def next_vector(self) -> None:
+        """Write the next basis vector (after :meth:`advance`, when ``j < num_steps``)."""
+        j, w = self.j, self._w
+        norm = float(w.norm())
+        scale = max(float(self.alpha[:j].abs().max()), float(self.beta[: j - 1].abs().max()) if j > 1 else 0.0,
+                    1e-30)
+        if norm <= 1e-6 * scale:  # invariant subspace: restart with a fresh orthogonal direction
+            w = _orthogonalise(torch.randn(self.dim, generator=self.generator).to(w.dtype).to(w.device),
+                               self.basis[:j])
+            self.beta[j - 1] = 0.0
+            torch.div(w, w.norm(), out=self.basis[j])
+        else:
+            self.beta[j - 1] = norm
+            torch.div(w, norm, out=self.basis[j])
+
+
 def lanczos_steps(op: HessianOperator, q0: Tensor, num_steps: int,
                   generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor, float]]:
     """Run up to ``num_steps`` Lanczos steps from ``q0``; after each step yield ``(alpha, beta, basis, beta_next)``:
     the diagonal and off-diagonal of ``T_j`` (float64), the ``(j, dim)`` basis, and ``beta_j`` (residual scale)."""
     num_steps = min(num_steps, op.dim)
-    basis = torch.empty(num_steps, op.dim, dtype=op.dtype, device=op.device)
-    alpha = torch.zeros(num_steps, dtype=torch.float64)
-    beta = torch.zeros(max(num_steps - 1, 0), dtype=torch.float64)
-    semi = torch.finfo(op.dtype).eps ** 0.5  # semi-orthogonality level (module docstring)
-    q0 = q0.to(dtype=op.dtype, device=op.device)
-    torch.div(q0, q0.norm(), out=basis[0])
-    for j in range(num_steps):
-        q = basis[j]  # each new vector is written straight into its basis row: no per-step copy
-        w = op.matvec(q)
-        alpha[j] = float(torch.dot(w, q))
-        w.add_(q, alpha=-float(alpha[j]))  # three-term recurrence, then reorthogonalisation
-        if j:
-            w.add_(basis[j - 1], alpha=-float(beta[j - 1]))
-        w = _orthogonalise(w, basis[: j + 1], semi)
-        norm = float(w.norm())
-        yield alpha[: j + 1], beta[:j], basis[: j + 1], norm
-        if j + 1 == num_steps:
+    rec = LanczosRecurrence(q0.to(dtype=op.dtype, device=op.device), num_steps, generator)
+    while True:
+        norm = rec.advance(op.matvec(rec.q))
+        alpha, beta = rec.tridiagonal()
+        yield alpha, beta, rec.basis[: rec.j], norm
+        if rec.j == num_steps:
             return
-        scale = max(float(alpha[: j + 1].abs().max()), float(beta[:j].abs().max()) if j else 0.0, 1e-30)
-        if norm <= 1e-6 * scale:  # invariant subspace: restart with a fresh orthogonal direction
-            w = _orthogonalise(torch.randn(op.dim, generator=generator).to(op.dtype).to(op.device),
-                               basis[: j + 1])
-            beta[j] = 0.0
-            torch.div(w, w.norm(), out=basis[j + 1])
-        else:
-            beta[j] = norm
-            torch.div(w, norm, out=basis[j + 1])
+        rec.next_vector()
 
 
 def lanczos_tridiagonal(op: HessianOperator, q0: Tensor, num_steps: int,
