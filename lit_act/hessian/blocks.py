@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +54,7 @@ from lit_act.hessian.lanczos import (
     ritz_test,
     tridiagonal_eigh,
 )
-from lit_act.hessian.operator import HessianOperator, batch_size, math_attention, select_parameters
+from lit_act.hessian.operator import HessianOperator, math_attention, select_parameters
 from lit_act.hessian.results import EigenResult
 
 PRODUCTS = ("per_block", "batched")
@@ -143,17 +142,9 @@ class _BlockProducts:
         self.params = select_parameters(op.model, op.names)
         self.blocks = blocks
         self.shapes = {n: p.shape for n, p in self.params.items()}
-        weights = [float(batch_size(b)) for b in op.batches]
-        total = torch.tensor(sum(weights), dtype=torch.float64, device=op.device)
-        total = float(op.all_reduce(total) if op.all_reduce is not None else total)
-        self.weights = [w / total for w in weights]
-        self.graphs = [self._first_order(batch) for batch in op.batches]
-
-    def _first_order(self, batch: Any) -> dict[str, Tensor]:
-        with torch.enable_grad():
-            loss = self.op.loss_fn(self.op.model, batch).reshape(())
-            grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=True, allow_unused=True)
-        return {n: g for n, g in zip(self.params, grads) if g is not None and g.requires_grad}
+        self.weights = op.batch_weights
+        self.graphs = [{n: g for n, g in zip(self.params, op.first_order(i)) if g is not None and g.requires_grad}
+                       for i in range(len(op.batches))]  # every batch's graph, kept for the whole pass
 
     def __call__(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {b: torch.zeros_like(v) for b, v in vectors.items()}

@@ -75,6 +75,10 @@ class GGNOperator(HessianOperator):
         if all(g is None for g in self._graphs[0][2]):
             raise ValueError(f"the outputs do not depend on any chosen parameter: {self.names}")
 
+    def first_order(self, index: int) -> tuple[Tensor | None, ...]:
+        """The loss gradient of batch ``index`` with its graph, built now (the cached graphs here are the GGN's)."""
+        return self._first_order(self.batches[index], list(self._params.values()))
+
     def _graph(self, batch: Any) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
         """``(vector, dummy, J^T dummy)``: the vector whose Jacobian ``J`` enters (outputs, or per-example losses),
         and the graph of ``u -> J^T u`` kept for ``J v``."""

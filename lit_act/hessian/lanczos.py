@@ -74,13 +74,8 @@ def loss_gradient(op: HessianOperator) -> Tensor:
     """Flat gradient of the first batch's mean loss w.r.t. the operator's parameters, weighted by its size and summed
     over processes under DDP (so every rank gets the same vector). Read from the cached first-order graph when the
     operator keeps one (``backend="cached"``), computed by one backward pass otherwise."""
-    params = list(op._params.values())
-    graph = op._graphs.get(0) if op.backend == "cached" else None
-    if not (isinstance(graph, tuple) and len(graph) == len(params)
-            and all(g is None or (isinstance(g, Tensor) and g.shape == p.shape) for g, p in zip(graph, params))):
-        with torch.enable_grad(), math_attention():
-            loss = op.loss_fn(op.model, op.batches[0]).reshape(())
-            graph = torch.autograd.grad(loss, params, allow_unused=True)
+    with math_attention():
+        graph = op.first_order(0)
     flat = op.flatten([None if g is None else g.detach() for g in graph])
     if op.all_reduce is not None:
         flat = op.all_reduce(flat * op._weights[0])

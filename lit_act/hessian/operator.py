@@ -381,14 +381,24 @@ class HessianOperator:
         out = vmap(hvp)(tangents)
         return torch.cat([out[f"model.{n}"].reshape(rows.shape[0], -1) for n in self.names], dim=1)
 
+    @property
+    def batch_weights(self) -> list[float]:
+        """Each batch's weight in the operator, ``n_b / sum_b n_b`` (summed over processes under DDP)."""
+        return [w / self._total_weight for w in self._weights]
+
+    def first_order(self, index: int) -> tuple[Tensor | None, ...]:
+        """The gradient of batch ``index``'s mean loss w.r.t. the chosen parameters with its graph (``create_graph``;
+        ``None`` for unused parameters): the cached one when :attr:`caching`, else built now."""
+        if self.caching and index in self._graphs:
+            return self._graphs[index]
+        grads = self._first_order(self.batches[index], list(self._params.values()))
+        if self.caching:
+            self._graphs[index] = grads
+        return grads
+
     def _reverse_product(self, index: int, batch: Any, v: Tensor) -> Tensor:
         params = list(self._params.values())
-        if self.caching:
-            if index not in self._graphs:
-                self._graphs[index] = self._first_order(batch, params)
-            grads = self._graphs[index]
-        else:
-            grads = self._first_order(batch, params)
+        grads = self.first_order(index)
         keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         parts: list[Tensor | None] = [None] * len(params)
         if keep:
