@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from lit_act.hessian.losses import per_sample_losses, split_batch
+from lit_act.hessian.losses import output_hessian_product, per_sample_losses, split_batch
 from lit_act.hessian.operator import batch_size, math_attention, select_parameters
 
 RULE_CURVATURES = ("hessian", "ggn")
@@ -74,14 +74,8 @@ class ExampleDiagonal:
 
 def _per_example_quadratic(loss: str, outputs: Tensor, tangent: Tensor) -> Tensor:
     """``(N,)``: ``u_n^T (d2L/df_n^2) u_n`` of the mean loss (:mod:`lit_act.hessian.losses`) for ``u = tangent``."""
-    n = outputs.shape[0]
-    if loss == "cross_entropy":
-        classes = outputs.shape[-1]
-        p = torch.softmax(outputs.reshape(-1, classes), dim=-1)
-        u = tangent.reshape(-1, classes)
-        rows = (p * u.square()).sum(-1) - (p * u).sum(-1).square()
-        return rows.reshape(n, -1).sum(1) / rows.shape[0]
-    return tangent.square().reshape(n, -1).sum(1) * (2.0 / outputs.numel())
+    curvature = tangent * output_hessian_product(loss, outputs, tangent)
+    return curvature.reshape(outputs.shape[0], -1).sum(1)
 
 
 def _candidates(model: nn.Module, inputs: Tensor, chosen: dict[str, nn.Parameter]

@@ -45,6 +45,7 @@ from lit_act.hessian.lanczos import (
 )
 from lit_act.hessian.operator import HessianOperator
 from lit_act.hessian.results import EigenResult, TraceResult
+from lit_act.hessian.trace import _Blocks
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,6 @@ def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: 
                                 op.matvecs - matvecs0, time.perf_counter() - start)
 
 
-def _block_sums(op: HessianOperator, values: Tensor) -> tuple[list[str], Tensor]:
-    """Per owning module (as :mod:`lit_act.hessian.trace`), sums over its flat index range of ``(dim, m)`` values."""
-    owners = [n.rpartition(".")[0] or "<root>" for n in op.names]
-    names = list(dict.fromkeys(owners))
-    out = torch.zeros(len(names), values.shape[1], dtype=torch.float64, device=values.device)
-    for owner, part in zip(owners, values.split(op._numels)):
-        out[names.index(owner)] += part.sum(0).double()
-    return names, out
-
-
 def _deflated_trace(op: HessianOperator, alpha: Tensor, beta: Tensor, basis: Tensor, probes: int,
                     generator: torch.Generator) -> TraceResult:
     """``tr(T) + (1/p) sum_i z_i^T P H P z_i`` with ``P = I - Q^T Q`` for the ``(m, dim)`` basis rows ``Q``."""
@@ -146,22 +137,22 @@ def _deflated_trace(op: HessianOperator, alpha: Tensor, beta: Tensor, basis: Ten
     t = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
     # per-block split of tr(Q^T H Q) = tr(T): diag(Q^T T Q) summed over each block
     krylov_diag = ((t.to(basis.dtype) @ basis) * basis).sum(0)
-    names, krylov_blocks = _block_sums(op, krylov_diag[:, None])
+    blocks = _Blocks(op)
+    krylov_blocks = blocks.sums(krylov_diag[:, None])
     krylov_part = float(alpha.sum())
     m = basis.shape[0]
     if m >= op.dim or probes == 0:
         se = 0.0 if m >= op.dim else math.nan
         return TraceResult(krylov_part, se, 0, time.perf_counter() - start, "lanczos+hutchinson",
-                           dict(zip(names, krylov_blocks[:, 0].tolist())))
+                           blocks.as_dict(krylov_blocks[:, 0]))
     z = probe_block(op, probes, generator)  # (dim, p) view of a row-major block
     for _ in range(2):  # project out the basis twice (Gram-Schmidt "twice is enough")
         z = z - basis.T @ (basis @ z)
     z = z.T.contiguous().T
     forms = z * op.matmat(z)
-    _, residual_blocks = _block_sums(op, forms)
+    residual_blocks = blocks.sums(forms)
     samples = residual_blocks.sum(0)
     mean = float(samples.mean())
     se = float(samples.std(unbiased=True)) / math.sqrt(probes) if probes > 1 else math.nan
-    blocks = krylov_blocks[:, 0] + residual_blocks.mean(1)
     return TraceResult(krylov_part + mean, se, op.matvecs - matvecs0, time.perf_counter() - start,
-                       "lanczos+hutchinson", dict(zip(names, blocks.tolist())))
+                       "lanczos+hutchinson", blocks.as_dict(krylov_blocks[:, 0] + residual_blocks.mean(1)))
