@@ -456,13 +456,14 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def memory_probe(mode: str, n: int, chunk: int | None) -> None:
+def memory_probe(mode: str, n: int, chunk: int | None, budget: float | None = None) -> None:
     """Run in a fresh process (Linux): peak resident-memory growth (KiB) of one backward pass or one HVP (operator
     built with the default ``"cached"`` backend, then one product), after building the model and the batch and a
     2-example warm-up of the same path (which loads the code and the allocator's first arenas). The peak is the
     kernel's high-water mark ``VmHWM``, reset just before the measured call (``echo 5 > /proc/self/clear_refs``),
-    minus ``VmRSS`` at that moment, so earlier peaks (imports, model building) cannot hide it. Printed as
-    ``PEAK_KIB <n>``."""
+    minus ``VmRSS`` at that moment, so earlier peaks (imports, model building) cannot hide it. With ``budget`` the
+    operator plans its chunks (``memory_budget``; the planning's own measurements are inside the measured call).
+    Printed as ``PEAK_KIB <n>``."""
     import gc
     from pathlib import Path
 
@@ -476,7 +477,7 @@ def memory_probe(mode: str, n: int, chunk: int | None) -> None:
             model.zero_grad(set_to_none=True)
             model.loss(model(bx), by).backward()
         else:
-            op = HessianOperator(model, None, [(bx, by)], chunk_size=chunk_size)
+            op = HessianOperator(model, None, [(bx, by)], chunk_size=chunk_size, memory_budget=budget)
             op.matvec(v)
             del op
 
@@ -488,27 +489,46 @@ def memory_probe(mode: str, n: int, chunk: int | None) -> None:
     print(f"PEAK_KIB {_status_kib('VmHWM') - base}")
 
 
-def _probe(mode: str, n: int, chunk: int | None = None) -> float:
+def _probe(mode: str, n: int, chunk: int | None = None, budget: float | None = None) -> float:
     """MiB from :func:`memory_probe` in a fresh subprocess."""
     import subprocess
     from pathlib import Path
 
-    code = f"from benchmarks.bench_hessian import memory_probe; memory_probe({mode!r}, {n}, {chunk!r})"
+    code = f"from benchmarks.bench_hessian import memory_probe; memory_probe({mode!r}, {n}, {chunk!r}, {budget!r})"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True,
                          capture_output=True, text=True).stdout
     return int(out.split("PEAK_KIB")[1].split()[0]) / 1024
 
 
+def tensor_memory_ratio(n: int, chunk: int | None, budget: float | None) -> float:
+    """Peak tensor bytes (:class:`lit_act.hessian.memory.TensorMemory`: what torch allocates, as CUDA's
+    ``max_memory_allocated`` counts it; no allocator overhead) of building the operator and one HVP, over one
+    backward pass of the same batch."""
+    from lit_act.hessian.memory import TensorMemory
+
+    model = reference_lm().eval()
+    x, y = lm_batch(n)
+    with TensorMemory() as backward:
+        torch.autograd.grad(model.loss(model(x), y), list(model.parameters()))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+    with TensorMemory() as product:
+        HessianOperator(model, None, [(x, y)], chunk_size=chunk, memory_budget=budget).matvec(v)
+    return product.peak / backward.peak
+
+
 def transformer_memory_section(batches=(16, 128)) -> None:
-    print("[TransformerLM memory] peak resident-memory growth in a fresh process (reset VmHWM), median of 3:")
+    print("[TransformerLM memory] peak resident-memory growth in a fresh process (reset VmHWM), median of 3; in "
+          "brackets the peak of torch's tensor bytes (TensorMemory, no allocator overhead):")
     for n in batches:
         backward = median(_probe("backward", n) for _ in range(3))
         chunks = [n // d for d in (2, 4, 16) if n // d > 2]  # above the 2-example warm-up's resolution
-        rows = [("HVP, default (cached, whole batch)", None)] + [(f"HVP, chunk_size={c}", c) for c in chunks]
+        rows = [("HVP, default (cached, whole batch)", None, None), ("HVP, memory_budget=3.0 (planned)", None, 3.0)]
+        rows += [(f"HVP, chunk_size={c}", c, None) for c in chunks]
         print(f"  batch {n}x64: one backward {backward:.1f} MiB")
-        for label, chunk in rows:
-            hvp = median(_probe("hvp", n, chunk) for _ in range(3))
-            print(f"    {label:36s} {hvp:7.1f} MiB  RATIO HVP/backward = {hvp / backward:.2f} (goal <= 3)")
+        for label, chunk, budget in rows:
+            hvp = median(_probe("hvp", n, chunk, budget) for _ in range(3))
+            print(f"    {label:36s} {hvp:7.1f} MiB  RATIO HVP/backward = {hvp / backward:.2f} "
+                  f"[{tensor_memory_ratio(n, chunk, budget):.2f}] (goal <= 3)")
 
 
 def _flops(fn) -> int:
@@ -576,20 +596,30 @@ def transformer_section(repeats: int = 3) -> None:
         slq(op, 64, 2, seed=3)
         return None, tr.estimate, tr.std_error, op.matvecs
 
-    callback = HessianSpectrum(progress=False, save_density_figure=False)
+    def evaluation(callback):
+        def run():
+            metrics, _ = callback.compute(model, [batch])
+            eigs = torch.tensor([metrics[f"train/hessian/eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64)
+            return eigs, metrics["train/hessian/trace"], metrics["train/hessian/trace_se"], int(
+                metrics["train/hessian/matvecs"])
+        return run
 
-    def callback_default():
-        metrics, _ = callback.compute(model, [batch])
-        eigs = torch.tensor([metrics[f"train/hessian/eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64)
-        return eigs, metrics["train/hessian/trace"], metrics["train/hessian/trace_se"], int(
-            metrics["train/hessian/matvecs"])
+    callback_default = evaluation(HessianSpectrum(progress=False, save_density_figure=False))
+    bounded = HessianSpectrum(progress=False, save_density_figure=False, memory_budget=3.0)
+    bounded.compute(model, [batch])  # plans the chunks (outside math_attention, like a fit); later ones reuse it
 
     cases = [("separate: Lanczos top-3 (tol 1e-4) + trace auto 60", separate, repeats),
              ("one pass: top-3 tol 1e-4 + 10 deflated probes", one_pass(1e-4), repeats),
              ("one pass: top-3 tol 1e-3 + 10 deflated probes", one_pass(1e-3), repeats),
              ("callback default (top-3, lambda_min, trace, SLQ)", callback_default, repeats),
+             ("same, memory_budget=3.0 (plan reused)", evaluation(bounded), repeats),
              ("former callback default (separate runs)", old_callback_default, 1)]
     step_times, rows = [], {}
+    planning = []  # memory_budget=3.0: planned outside math_attention, against the training's backward
+    for _ in range(repeats):
+        t_step = step_time()
+        dt, plans = timed(lambda: HessianOperator(model, None, [batch], memory_budget=3.0).chunk_plans)
+        planning.append(dt / t_step)
     with math_attention():
         op = HessianOperator(model, None, [batch])
         op.matvec(torch.randn(op.dim))  # warm-up of the double backward
@@ -598,16 +628,21 @@ def transformer_section(repeats: int = 3) -> None:
                 step_times.append(step_time())
                 dt, out = timed(fn)
                 rows.setdefault(label, []).append((dt, step_times[-1], out))
-        hvp_times, chunk_times = [], []
+        hvp_times, chunk_times, plan_times = [], [], []
         for _ in range(repeats):
             t_step = step_time()
             probes = torch.randn(op.dim, 5)
             hvp_times.append(timed(lambda probes=probes: op.matmat(probes))[0] / 5 / t_step)
             chunked = HessianOperator(model, None, [batch], chunk_size=4)
             chunk_times.append(timed(lambda probes=probes, c=chunked: c.matmat(probes))[0] / 5 / t_step)
+            planned = HessianOperator(model, None, [batch], chunk_plans=plans)
+            plan_times.append(timed(lambda probes=probes, c=planned: c.matmat(probes))[0] / 5 / t_step)
     print(f"[TransformerLM {params:,} params, batch 16x64] one evaluation in training steps (each evaluation timed "
           f"against the median of 3 steps right before it); HVP (cached) = {median(hvp_times):.2f} steps, HVP with "
-          f"chunk_size=4 (recomputed per chunk) = {median(chunk_times):.2f} steps")
+          f"chunk_size=4 (recomputed per chunk) = {median(chunk_times):.2f} steps, HVP with memory_budget=3.0 "
+          f"(chunks {planned.chunk_plans[0].sizes}, the first cached) = {median(plan_times):.2f} steps "
+          f"(RATIO {median(plan_times) / median(hvp_times):.2f}x cached), planning once per fit = "
+          f"{median(planning):.1f} steps")
     for label, runs in rows.items():
         ratio = median(dt / ts for dt, ts, _ in runs)
         eigs, est, se, hvps = runs[-1][2]

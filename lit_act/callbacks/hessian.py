@@ -22,7 +22,8 @@ from lit_act.hessian.curvature import CURVATURES, curvature_operator
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.krylov_trace import lanczos_trace
 from lit_act.hessian.losses import OUTPUT_LOSSES
-from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn
+from lit_act.hessian.memory import ChunkPlan
+from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn, batch_size
 from lit_act.hessian.trace import ON_UNCOVERED, TRACE_METHODS, trace
 from lit_act.stats.tap import paused
 from lit_act.utils import validate as v
@@ -179,7 +180,18 @@ class HessianSpectrum(LitActCallback):
             :class:`lit_act.hessian.operator.HessianOperator`); bounds the memory of a Hessian-vector product by one
             chunk's instead of the cached batches' graphs, at the price of recomputing each chunk's graph per
             product. On the reference TransformerLM one cached HVP peaks at ~4x one backward pass; half-batch
-            chunks at ~2x (``python -m benchmarks.bench_hessian --only transformer``). ``None``: whole batches.
+            chunks at ~2x (``python -m benchmarks.bench_hessian --only transformer``). ``None``: whole batches
+            (or ``memory_budget``'s plan).
+        memory_budget: instead of ``chunk_size``, the most memory one Hessian-vector product may take, as a
+            multiple of one backward pass of the cached batches (e.g. 3.0; ``None``, the default: no limit). At the
+            first evaluation of a fit the memory is measured and the batches split so that the graph of as many
+            examples as fit is kept and the rest recomputed per product
+            (:func:`lit_act.hessian.memory.plan_chunks`); the plan is reused while the cached batches stay the same.
+            On the reference TransformerLM (batch 16) a product then peaks at 2.8x one backward instead of 4.4x and
+            costs ~1.2x as much. Chunking only shrinks what grows with the examples: on models whose memory is
+            mostly parameter-sized buffers (small MLPs) a tight budget means many small recomputed chunks (slow) or
+            cannot be met (a warning says so), hence no default. ``curvature="hessian"`` and ``backend="cached"``
+            only.
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
@@ -190,7 +202,7 @@ class HessianSpectrum(LitActCallback):
                  checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
                  curvature: str = "hessian", loss: str | None = None, on_uncovered: str = "error",
                  adapter: BatchAdapter | None = None, dry_run: bool = True, per_block_top_k: int = 0,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, memory_budget: float | None = None) -> None:
         every_n_steps = validate_every_n("every_n_steps", every_n_steps)
         every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
         num_batches, top_k = v.positive_int("num_batches", num_batches), v.positive_int("top_k", top_k)
@@ -208,6 +220,8 @@ class HessianSpectrum(LitActCallback):
             raise ValueError(f"per_block_top_k={per_block_top_k} needs curvature='hessian' (got {curvature!r}) and "
                              f"max_iter >= per_block_top_k (got {max_iter})")
         self.chunk_size = v.optional(v.positive_int, "chunk_size", chunk_size)
+        self.memory_budget = v.optional(v.positive_float, "memory_budget", memory_budget)
+        self._chunk_plans: tuple[list[int], list[ChunkPlan]] | None = None  # (batch sizes, their plans)
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
@@ -273,6 +287,7 @@ class HessianSpectrum(LitActCallback):
                 self.warn(f"computes nothing under trainer.{stage} (the Hessian is evaluated during fit)")
             return
         self._exact_unavailable = False
+        self._chunk_plans = None
         if self.every_n_steps is not None and self.every_n_steps < self.num_batches:
             self.warn(f"every_n_steps={self.every_n_steps} < num_batches={self.num_batches}: the cache holds one "
                       f"training batch per step, so evaluations before step {self.num_batches} use the batches "
@@ -417,11 +432,23 @@ class HessianSpectrum(LitActCallback):
             bar = stack.enter_context(_progress_bar(planned, show_progress))
             op = curvature_operator(module, self.operator_loss_fn(module), batches, curvature=self.curvature, loss=self.loss,
                                     params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar,
-                                    chunk_size=self.chunk_size)
+                                    **self._chunking(batches))
+            if op.chunk_plans is not None:
+                self._chunk_plans = ([batch_size(b) for b in batches], op.chunk_plans)
             metrics, density = self._spectrum(op)
         metrics[f"{PREFIX}matvecs"] = float(op.matvecs)
         metrics[f"{PREFIX}seconds"] = time.perf_counter() - start
         return metrics, density
+
+    def _chunking(self, batches: Sequence[Any]) -> dict[str, Any]:
+        """How the operator bounds a product's memory: ``chunk_size``, this fit's plan for these batches, or
+        ``memory_budget`` (planned by the operator)."""
+        if (self.chunk_size is not None or self.memory_budget is None or self.curvature != "hessian"
+                or self.backend != "cached"):
+            return {"chunk_size": self.chunk_size}
+        if self._chunk_plans is not None and self._chunk_plans[0] == [batch_size(b) for b in batches]:
+            return {"chunk_plans": self._chunk_plans[1]}
+        return {"memory_budget": self.memory_budget}
 
     def pass_steps(self) -> int:
         """Lanczos steps at most of the shared pass."""

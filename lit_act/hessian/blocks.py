@@ -143,12 +143,18 @@ class _BlockProducts:
         self.blocks = blocks
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self.weights = op.batch_weights
-        self.graphs = [{n: g for n, g in zip(self.params, op.first_order(i)) if g is not None and g.requires_grad}
-                       for i in range(len(op.batches))]  # every batch's graph, kept for the whole pass
+        # every batch's graph is kept for the whole pass, except chunks the operator recomputes to bound memory
+        # (``chunk_size`` / ``memory_budget``): those are rebuilt once per lockstep iteration
+        bounded = op.chunk_size is not None or op.chunk_plans is not None
+        self.graphs = [self._graph(i) if op.keep_graph[i] or not bounded else None for i in range(len(op.batches))]
+
+    def _graph(self, index: int) -> dict[str, Tensor]:
+        return {n: g for n, g in zip(self.params, self.op.first_order(index)) if g is not None and g.requires_grad}
 
     def __call__(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {b: torch.zeros_like(v) for b, v in vectors.items()}
-        for graph, weight in zip(self.graphs, self.weights):
+        for index, (graph, weight) in enumerate(zip(self.graphs, self.weights)):
+            graph = self._graph(index) if graph is None else graph
             part = self._batched(graph, vectors) if self.products == "batched" else self._per_block(graph, vectors)
             for b, t in part.items():
                 out[b].add_(t, alpha=weight)

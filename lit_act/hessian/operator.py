@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -52,6 +53,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lit_act.hessian.memory import ChunkPlan, LinearCost, ProductCosts, TensorMemory, plan_chunks
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Backend = Literal["forward", "reverse", "cached"]
@@ -146,9 +149,19 @@ def chunk_batch(batch: Any, chunk_size: int) -> list[Any]:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer (examples per chunk), got {chunk_size!r}")
     size = batch_size(batch)
-    if size <= chunk_size:
+    return split_batch(batch, [min(chunk_size, size - start) for start in range(0, size, chunk_size)])
+
+
+def split_batch(batch: Any, sizes: Sequence[int]) -> list[Any]:
+    """``batch`` as consecutive sub-batches of ``sizes[i]`` examples (summing to :func:`batch_size`), sliced as
+    :func:`chunk_batch` does; one size returns ``[batch]`` itself."""
+    size = batch_size(batch)
+    if sum(sizes) != size or min(sizes) < 1:
+        raise ValueError(f"chunk sizes {list(sizes)} must be positive and sum to the batch size {size}")
+    if len(sizes) == 1:
         return [batch]
-    return [_slice(batch, start, min(start + chunk_size, size), size) for start in range(0, size, chunk_size)]
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [_slice(batch, start, stop, size) for start, stop in zip(bounds, bounds[1:])]
 
 
 def select_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, nn.Parameter]:
@@ -202,13 +215,23 @@ class HessianOperator:
         chunk_size: examples per sub-batch (module docstring, "Batch chunking"): each batch is split along its
             example dimension and the chunks are combined with their sizes as weights, so the operator is unchanged
             and the peak memory of a product is that of one chunk. ``None`` (default): whole batches.
+        memory_budget: the most memory one product may take, as a multiple of one backward pass of the (largest)
+            batch (e.g. ``3.0``), instead of a fixed ``chunk_size``: the memory of each batch is measured on two
+            small sub-batches (:class:`lit_act.hessian.memory.TensorMemory`) and
+            :func:`lit_act.hessian.memory.plan_chunks` keeps the graph of as many examples as fit and recomputes
+            the rest in the largest chunks that fit (a warning says when even one-example chunks cannot). The
+            measurement runs cached products on up to a quarter of each batch, once per operator; pass
+            ``chunk_plans`` to reuse a plan. ``None`` (default): no limit.
+        chunk_plans: the :attr:`chunk_plans` of an earlier operator with ``memory_budget`` on the same batches.
 
     Attributes:
         dim: number of scalar parameters.
         matvecs: Hessian-vector products done so far (one per vector, whatever the number of batches).
         names: chosen parameter names.
         batches: the batches the products run over (the chunks when ``chunk_size`` splits them).
-        caching: whether first-order graphs are kept between products (``"cached"`` backend and one chunk in total).
+        keep_graph: per entry of ``batches``, whether its first-order graph is kept between products.
+        caching: whether every first-order graph is kept (``"cached"`` backend, no recomputed chunk).
+        chunk_plans: with ``memory_budget``, the :class:`lit_act.hessian.memory.ChunkPlan` of every batch.
 
     Example::
 
@@ -219,18 +242,26 @@ class HessianOperator:
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, batches: Sequence[Any],
                  params: Sequence[str] | None = None, backend: Backend = "cached", vmap_size: int | None = None,
                  all_reduce: Callable[[Tensor], Tensor] | None = None,
-                 on_matvec: Callable[[int], None] | None = None, chunk_size: int | None = None) -> None:
+                 on_matvec: Callable[[int], None] | None = None, chunk_size: int | None = None,
+                 memory_budget: float | None = None, chunk_plans: Sequence[ChunkPlan] | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+        given = {k: v for k, v in (("chunk_size", chunk_size), ("memory_budget", memory_budget),
+                                   ("chunk_plans", chunk_plans)) if v is not None}
+        if len(given) > 1:
+            raise ValueError(f"give one of chunk_size, memory_budget and chunk_plans, got {sorted(given)}")
+        if backend != "cached" and (memory_budget is not None or chunk_plans is not None):
+            raise ValueError(f"memory_budget / chunk_plans plan which graphs the 'cached' backend keeps; got "
+                             f"backend={backend!r} (use chunk_size to bound its memory)")
         batches = list(batches)
         if not batches:
             raise ValueError("HessianOperator needs at least one batch, got an empty batch list")
-        self.chunk_size = chunk_size
-        if chunk_size is not None:
-            batches = [chunk for batch in batches for chunk in chunk_batch(batch, chunk_size)]
+        if chunk_plans is not None and [batch_size(b) for b in batches] != [sum(p.sizes) for p in chunk_plans]:
+            raise ValueError(f"chunk_plans for batches of {[sum(p.sizes) for p in chunk_plans]} examples do not "
+                             f"fit batches of {[batch_size(b) for b in batches]}")
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
         self.model = model
         self.loss_fn = loss_fn or default_loss_fn
-        self.batches = batches
         self.backend: str = backend
         self.all_reduce = all_reduce
         self.on_matvec = on_matvec
@@ -241,6 +272,17 @@ class HessianOperator:
         self.dim = sum(self._numels)
         first = next(iter(self._params.values()))
         self.dtype, self.device = first.dtype, first.device
+        self.chunk_plans: list[ChunkPlan] | None = None
+        if memory_budget is not None or chunk_plans is not None:
+            self.chunk_plans = list(chunk_plans) if chunk_plans is not None else self._plan(batches, memory_budget)
+            batches = [c for b, plan in zip(batches, self.chunk_plans) for c in split_batch(b, plan.sizes)]
+            self.keep_graph = [keep for plan in self.chunk_plans for keep in plan.cached]
+        else:
+            if chunk_size is not None:
+                batches = [chunk for batch in batches for chunk in chunk_batch(batch, chunk_size)]
+            whole = backend == "cached" and (chunk_size is None or len(batches) == 1)
+            self.keep_graph = [whole] * len(batches)
+        self.batches = batches
         if vmap_size is None:
             vmap_size = 8 if self.device.type == "cuda" else 1
         if vmap_size < 1:
@@ -253,7 +295,6 @@ class HessianOperator:
         self._graphs: dict[int, Any] = {}
         self._vmap_ok = True
         self.matvecs = 0
-        self.caching = backend == "cached" and (chunk_size is None or len(batches) == 1)
         with math_attention():
             self._check_loss()
 
@@ -281,7 +322,7 @@ class HessianOperator:
             if not loss.requires_grad:
                 raise ValueError("the loss does not depend on the chosen parameters (it does not require grad); "
                                  f"chosen: {self.names}")
-            cached = self.caching  # keep this first-order graph: it is the first batch's cached graph
+            cached = self.keep_graph[0]  # keep this first-order graph: it is the first batch's cached graph
             grads = torch.autograd.grad(loss.reshape(()), list(self._params.values()), allow_unused=True,
                                         create_graph=cached)
         if cached:
@@ -320,6 +361,9 @@ class HessianOperator:
         if vs.ndim != 2 or vs.shape[0] != self.dim:
             raise ValueError(f"matmat expects a matrix of shape ({self.dim}, m), got {tuple(vs.shape)}")
         rows = vs.T.to(dtype=self.dtype, device=self.device).contiguous()
+        if rows.shape[0] <= self.vmap_size:  # one call: no output buffer beside the product itself
+            with math_attention():
+                return self._products(rows).T
         out = torch.empty_like(rows)
         with math_attention():
             for start in range(0, rows.shape[0], self.vmap_size):
@@ -389,24 +433,93 @@ class HessianOperator:
     def first_order(self, index: int) -> tuple[Tensor | None, ...]:
         """The gradient of batch ``index``'s mean loss w.r.t. the chosen parameters with its graph (``create_graph``;
         ``None`` for unused parameters): the cached one when :attr:`caching`, else built now."""
-        if self.caching and index in self._graphs:
+        if index in self._graphs:
             return self._graphs[index]
         grads = self._first_order(self.batches[index], list(self._params.values()))
-        if self.caching:
+        if self.keep_graph[index]:
             self._graphs[index] = grads
         return grads
 
+    @property
+    def caching(self) -> bool:
+        """Whether every first-order graph is kept between products."""
+        return all(self.keep_graph)
+
     def _reverse_product(self, index: int, batch: Any, v: Tensor) -> Tensor:
+        return self.flatten(self._double_backward(self.first_order(index), list(self.split(v).values()),
+                                                  retain=self.keep_graph[index]))
+
+    def _double_backward(self, grads: Sequence[Tensor | None], vparts: Sequence[Tensor],
+                         retain: bool) -> list[Tensor | None]:
+        """``H v`` per parameter from a first-order graph (``None`` for parameters it does not reach)."""
         params = list(self._params.values())
-        grads = self.first_order(index)
         keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        parts: list[Tensor | None] = [None] * len(params)
-        if keep:
-            vparts = list(self.split(v).values())
-            hv = torch.autograd.grad([grads[i] for i in keep], params, [vparts[i] for i in keep],
-                                     retain_graph=self.caching, allow_unused=True)
-            parts = list(hv)
-        return self.flatten(parts)
+        if not keep:
+            return [None] * len(params)
+        return list(torch.autograd.grad([grads[i] for i in keep], params, [vparts[i] for i in keep],
+                                        retain_graph=retain, allow_unused=True))
+
+    def _plan(self, batches: list[Any], budget: float) -> list[ChunkPlan]:
+        """:func:`plan_chunks` from each batch's measured costs, then checked: an operator with the plan does one
+        product under :class:`TensorMemory`. A plan over the limit (the costs are not quite linear in the examples,
+        e.g. where parameter-sized buffers dominate) is replanned with the costs scaled by measured / predicted, at
+        most three times; the plan with the lowest measured peak wins, with a warning if it is still over. The checks
+        run the plans themselves: a plan over the limit exceeds the budget while it is checked."""
+        # 5% margin: the linear fit from small chunks ran 1-2% low on the reference LM, and a first plan over the
+        # limit would exceed the budget while it is being checked
+        costs = [self._measure(b).scaled(1.05) for b in batches]
+        plans = plan_chunks(costs, budget)
+        tried: list[list[ChunkPlan]] = []
+        for _ in range(3):
+            peak = self._peak(batches, plans)
+            tried.append([dataclasses.replace(p, peak=peak) for p in plans])
+            if peak <= plans[0].limit:
+                break
+            costs = [c.scaled(peak / plans[0].peak) for c in costs]
+            plans, previous = plan_chunks(costs, budget), plans
+            if [p.sizes for p in plans] == [p.sizes for p in previous]:
+                break
+        best = min(tried, key=lambda ps: ps[0].peak)
+        if best[0].peak > best[0].limit:
+            warnings.warn(f"memory_budget={budget} cannot be met: the smallest plan found ({best[0].sizes[:4]}... "
+                          f"examples per chunk) needs {best[0].peak / best[0].limit * budget:.2f}x one backward "
+                          "pass (parameter-sized buffers count too); using it. Raise memory_budget or pass None",
+                          stacklevel=3)
+        return best
+
+    def _peak(self, batches: list[Any], plans: list[ChunkPlan]) -> int:
+        """Measured peak bytes of building an operator with ``plans`` and one product (the kept graphs are built
+        with the operator, so one product shows the steady state: every kept graph and one transient at a time)."""
+        v = torch.ones(self.dim, dtype=self.dtype, device=self.device)
+        with TensorMemory() as mem:
+            HessianOperator(self.model, self.loss_fn, batches, params=self.names, chunk_plans=plans).matvec(v)
+        return mem.peak
+
+    def _measure(self, batch: Any) -> ProductCosts:
+        """:class:`ProductCosts` of ``batch``: one backward pass of it as training runs it (any attention kernel),
+        and, on two sub-batches (``n // 8`` and twice that, at least 1 and 2 examples), one :meth:`matvec` of an
+        operator that keeps its graph and of one that does not: the same code as the real products, with their
+        parameter-sized buffers."""
+        n = batch_size(batch)
+        params = list(self._params.values())
+        with torch.enable_grad(), TensorMemory() as backward:
+            torch.autograd.grad(self.loss_fn(self.model, batch).reshape(()), params, allow_unused=True)
+        small = max(1, n // 8)
+        sizes = (small, min(2 * small, n))
+        v = torch.randn(self.dim, generator=torch.Generator(device=self.device).manual_seed(0), dtype=self.dtype,
+                        device=self.device)
+        values = []
+        for size in sizes:
+            sub = [split_batch(batch, [size, n - size])[0] if size < n else batch]
+            with TensorMemory() as cached:
+                op = HessianOperator(self.model, self.loss_fn, sub, params=self.names, backend="cached")
+                graph = cached.current
+                op.matvec(v)
+            del op
+            with TensorMemory() as fresh:
+                HessianOperator(self.model, self.loss_fn, sub, params=self.names, backend="reverse").matvec(v)
+            values.append((graph, cached.peak, fresh.peak))
+        return ProductCosts(n, backward.peak, *(LinearCost.fit(sizes, pair) for pair in zip(*values)))
 
     def _first_order(self, batch: Any, params: list[Tensor]) -> tuple[Tensor, ...]:
         with torch.enable_grad():
