@@ -319,11 +319,13 @@ class _Record(Callback):
 
 
 @pytest.mark.slow
-def test_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("memory_budget", [None, 2.0])  # 2.0: every rank plans its own kept / recomputed chunks
+def test_ddp_matches_single_process(tmp_path, memory_budget):
     data = make_data(64)
     seed_everything(0)
     model = TinyClassifier()
-    cb = HessianSpectrum(every_n_epochs=1, num_batches=2, top_k=3, trace_budget=30, slq_iter=20, progress=False)
+    cb = HessianSpectrum(every_n_epochs=1, num_batches=2, top_k=3, trace_budget=30, slq_iter=20, progress=False,
+                         memory_budget=memory_budget)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path, callbacks=[cb, _Record(tmp_path)])
