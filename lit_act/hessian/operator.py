@@ -29,7 +29,9 @@ mask or ``ignore_index`` the per-chunk means weight tokens slightly differently 
 Peak memory then scales with ``c`` instead of ``n_b``; each product costs one pass per chunk. The ``"cached"`` backend
 keeps a graph only while the batches make a single chunk in total: with several chunks the products recompute each
 chunk's first-order graph (the ``"reverse"`` path), since caching every chunk would keep all activations alive and
-undo the saving (:attr:`HessianOperator.caching` says which applies).
+undo the saving (:attr:`HessianOperator.caching` says which applies). ``memory_budget=3.0`` chooses the chunks instead:
+the graph of as many examples as fit within 3x one backward pass is kept, the rest recomputed
+(:mod:`lit_act.hessian.memory`).
 
 Every forward and backward pass of the operator runs under ``sdpa_kernel(SDPBackend.MATH)``: the fused
 ``scaled_dot_product_attention`` kernels (flash, memory-efficient) have no double backward, the math one is composed of
@@ -228,7 +230,7 @@ class HessianOperator:
         dim: number of scalar parameters.
         matvecs: Hessian-vector products done so far (one per vector, whatever the number of batches).
         names: chosen parameter names.
-        batches: the batches the products run over (the chunks when ``chunk_size`` splits them).
+        batches: the batches the products run over (the chunks when ``chunk_size`` or a plan splits them).
         keep_graph: per entry of ``batches``, whether its first-order graph is kept between products.
         caching: whether every first-order graph is kept (``"cached"`` backend, no recomputed chunk).
         chunk_plans: with ``memory_budget``, the :class:`lit_act.hessian.memory.ChunkPlan` of every batch.
@@ -432,7 +434,7 @@ class HessianOperator:
 
     def first_order(self, index: int) -> tuple[Tensor | None, ...]:
         """The gradient of batch ``index``'s mean loss w.r.t. the chosen parameters with its graph (``create_graph``;
-        ``None`` for unused parameters): the cached one when :attr:`caching`, else built now."""
+        ``None`` for unused parameters): the kept one when ``keep_graph[index]``, else built now."""
         if index in self._graphs:
             return self._graphs[index]
         grads = self._first_order(self.batches[index], list(self._params.values()))
