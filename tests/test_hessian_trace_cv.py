@@ -82,6 +82,19 @@ def test_ggn_diagonal_matches_dense_ggn(case):
     torch.testing.assert_close(ggn_diagonal(model, batches, loss, max_elements=1), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_ggn_diagonal_reduces_over_processes():
+    """Two simulated DDP ranks with batches of 7 and 5 examples: rank B's reduced tensors are recorded, rank A's
+    ``all_reduce`` adds them; A must return the dense GGN diagonal over both ranks' examples."""
+    model = residual_model()
+    batch_a, batch_b = make_batches("mse", (7, 5), seed=3, shape=(5,))
+    sent = []
+    ggn_diagonal(model, [batch_b], "mse", all_reduce=lambda t: sent.append(t.clone()) or t)
+    reduced = ggn_diagonal(model, [batch_a], "mse", all_reduce=lambda t: t + sent.pop(0))
+    assert not sent  # the same reductions, in the same order, on both ranks
+    expected = dense_ggn(model, [batch_a, batch_b], "mse").diagonal()
+    torch.testing.assert_close(reduced, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_control_variate_estimators_are_unbiased():
     """Mean over fixed seeds within 4 standard errors (from the estimators' own reported errors) of the dense trace."""
     model = EncoderClassifier().double().eval()

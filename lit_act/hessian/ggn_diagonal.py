@@ -29,7 +29,7 @@ part carries most of the variance (small ``dL/df``: near a minimum); not measure
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ def _batch_ggn_diagonal(model: nn.Module, chosen: dict[str, nn.Parameter], input
 
 
 def ggn_diagonal(model: nn.Module, batches: Sequence[Any], loss: str, params: Sequence[str] | None = None,
-                 max_elements: int = 2**25) -> Tensor:
+                 max_elements: int = 2**25, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Exact GGN diagonal of the example-weighted mean loss over ``batches`` (module docstring), flattened in
     ``named_parameters`` order like the operators.
 
@@ -91,6 +91,8 @@ def ggn_diagonal(model: nn.Module, batches: Sequence[Any], loss: str, params: Se
         params: parameter names or patterns (``None`` = all trainable).
         max_elements: memory bound: examples are processed in chunks whose per-column gradients hold at most this
             many numbers.
+        all_reduce: sums a tensor over processes (DDP): the example-weighted sums and the example count are
+            reduced, so every rank returns the diagonal over all ranks' batches.
 
     Example::
 
@@ -115,6 +117,9 @@ def ggn_diagonal(model: nn.Module, batches: Sequence[Any], loss: str, params: Se
         flat = torch.cat([part[name].reshape(-1) for name in chosen]) * batch_size(batch)
         total = flat if total is None else total + flat
         count += batch_size(batch)
+    if all_reduce is not None:
+        total = all_reduce(total)
+        count = float(all_reduce(torch.tensor(count, dtype=torch.float64, device=total.device)))
     return total / count
 
 
@@ -140,7 +145,7 @@ def ggn_control_variate(op: HessianOperator, budget: int, loss: str, seed: int =
     if getattr(op, "curvature", "hessian") != "hessian":
         raise ValueError(f"the GGN control variate estimates the Hessian's trace; got a {op.curvature!r} operator")
     start = time.perf_counter()
-    diag = ggn_diagonal(op.model, op.batches, loss, params=op.names)
+    diag = ggn_diagonal(op.model, op.batches, loss, params=op.names, all_reduce=op.all_reduce)
     batches = []
     for batch in op.batches:
         inputs, targets = split_batch(batch)
