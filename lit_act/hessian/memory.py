@@ -12,10 +12,12 @@ the rest in the largest chunks that still fit beside it.
 
 The costs are measured, not modelled: :class:`TensorMemory` is a ``TorchDispatchMode`` that adds up the storages
 allocated by every op run under it (forward, backward and double backward: autograd's ops pass through the
-dispatcher) until they are freed, so it works on any device, for any model. On the reference TransformerLM its ratio
-of one cached product to one backward (4.37x at batch 16) agrees with the resident-set high-water mark of a fresh
-process (4.1-4.3x, ``python -m benchmarks.bench_hessian --only transformer``). Storages allocated outside the mode
-(parameters, inputs, the product's vector) and workspace buffers inside kernels are not counted.
+dispatcher) until they are freed, so it works on any device, for any model. It counts tensor bytes, as CUDA's
+``max_memory_allocated`` does, without an allocator's reserve (not checked on a GPU: none was lent). On the reference
+TransformerLM its ratio of one cached product to one backward (4.4x at batch 16) is close to the resident-set
+high-water mark of a fresh process (4.0-4.2x, ``python -m benchmarks.bench_hessian --only transformer``). Storages
+allocated outside the mode (parameters, inputs, the product's vector) and workspace buffers inside kernels are not
+counted.
 """
 
 from __future__ import annotations
