@@ -208,3 +208,6 @@ def test_callback_plans_once_per_fit_and_logs_the_same_eigenvalues(tmp_path, mon
         assert bounded_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4)
     with pytest.raises(ValueError, match="memory_budget"):
         HessianSpectrum(memory_budget=-1.0)
+    for conflict in ({"chunk_size": 4}, {"curvature": "ggn"}, {"backend": "forward"}):
+        with pytest.raises(ValueError, match="memory_budget plans the chunks of the 'cached' Hessian products"):
+            HessianSpectrum(memory_budget=3.0, **conflict)

@@ -190,8 +190,8 @@ class HessianSpectrum(LitActCallback):
             On the reference TransformerLM (batch 16) a product then peaks at 2.8x one backward instead of 4.4x and
             costs ~1.2x as much. Chunking only shrinks what grows with the examples: on models whose memory is
             mostly parameter-sized buffers (small MLPs) a tight budget means many small recomputed chunks (slow) or
-            cannot be met (a warning says so), hence no default. ``curvature="hessian"`` and ``backend="cached"``
-            only.
+            cannot be met (a warning says so), hence no default. Only with ``curvature="hessian"``,
+            ``backend="cached"`` and no ``chunk_size`` (else an error).
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
@@ -221,6 +221,10 @@ class HessianSpectrum(LitActCallback):
                              f"max_iter >= per_block_top_k (got {max_iter})")
         self.chunk_size = v.optional(v.positive_int, "chunk_size", chunk_size)
         self.memory_budget = v.optional(v.positive_float, "memory_budget", memory_budget)
+        if memory_budget is not None and (chunk_size is not None or curvature != "hessian" or backend != "cached"):
+            raise ValueError(f"memory_budget plans the chunks of the 'cached' Hessian products; got chunk_size="
+                             f"{chunk_size}, curvature={curvature!r}, backend={backend!r} (drop memory_budget, or "
+                             "use chunk_size alone)")
         self._chunk_plans: tuple[list[int], list[ChunkPlan]] | None = None  # (batch sizes, their plans)
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
@@ -441,10 +445,9 @@ class HessianSpectrum(LitActCallback):
         return metrics, density
 
     def _chunking(self, batches: Sequence[Any]) -> dict[str, Any]:
-        """How the operator bounds a product's memory: ``chunk_size``, this fit's plan for these batches, or
-        ``memory_budget`` (planned by the operator)."""
-        if (self.chunk_size is not None or self.memory_budget is None or self.curvature != "hessian"
-                or self.backend != "cached"):
+        """How the operator bounds a product's memory: ``chunk_size`` (or nothing), this fit's plan for these
+        batches, or ``memory_budget`` (planned by the operator)."""
+        if self.memory_budget is None:
             return {"chunk_size": self.chunk_size}
         if self._chunk_plans is not None and self._chunk_plans[0] == [batch_size(b) for b in batches]:
             return {"chunk_plans": self._chunk_plans[1]}
