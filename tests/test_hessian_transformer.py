@@ -274,11 +274,14 @@ def test_chunked_ggn_and_empirical_fisher_equal_unchunked(curvature):
     torch.testing.assert_close(chunked.matmat(eye), whole.matmat(eye), rtol=1e-10, atol=1e-13)
 
 
-def test_auto_trace_tries_the_exact_rules_once_per_fit_on_an_uncovered_model(monkeypatch):
-    """``trace_method="auto"`` on a Transformer (attention is outside the exact rules): the first evaluation finds the
-    model uncovered and uses the pass's Krylov trace; later evaluations do not redo the partial exact diagonal."""
+def test_auto_trace_on_an_uncovered_model(monkeypatch):
+    """``trace_method="auto"`` on a Transformer (attention is outside the exact rules): the Hessian's trace is the
+    covered LM head exactly plus the interleaved estimator on the rest (one ``trace(method="auto")`` per evaluation,
+    the same numbers as calling it directly); for the GGN the exact rules are tried once per fit, then the pass's
+    Krylov trace is used."""
     import lit_act.callbacks.hessian as module
     from lit_act.callbacks.hessian import HessianSpectrum
+    from lit_act.hessian import trace
 
     calls = []
     real_trace = module.trace
@@ -289,9 +292,19 @@ def test_auto_trace_tries_the_exact_rules_once_per_fit_on_an_uncovered_model(mon
 
     monkeypatch.setattr(module, "trace", counting_trace)
     model, batch = tiny_lm()
-    callback = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=4, slq_iter=0)
-    first, _ = callback.compute(model.float(), [batch])
+    model = model.float()
+    callback = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=8, slq_iter=0)
+    first, _ = callback.compute(model, [batch])
     second, _ = callback.compute(model, [batch])
+    assert calls == ["auto", "auto"]
+    direct = trace(HessianOperator(model, None, [batch]), 8, method="auto", seed=callback.seed + 2)
+    assert direct.method == "control_variate+interleaved" and direct.std_error > 0
+    for metrics in (first, second):
+        assert metrics["train/hessian/trace"] == pytest.approx(direct.estimate, rel=1e-6)
+        assert metrics["train/hessian/trace_se"] == pytest.approx(direct.std_error, rel=1e-6)
+    calls.clear()
+    ggn = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=4, slq_iter=0, curvature="ggn")
+    for _ in range(2):
+        metrics, _ = ggn.compute(model, [batch])
+        assert math.isfinite(metrics["train/hessian/trace"]) and metrics["train/hessian/trace_se"] > 0  # Krylov
     assert calls == ["exact"]  # one attempt, which raised; no retry at the second evaluation
-    assert math.isfinite(first["train/hessian/trace"]) and math.isfinite(second["train/hessian/trace"])
-    assert first["train/hessian/trace_se"] > 0 and second["train/hessian/trace_se"] > 0  # the Krylov estimate

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from lit_act.hessian.lanczos import make_generator, probe_block, rademacher
-from lit_act.hessian.operator import HessianOperator
+from lit_act.hessian.operator import HessianOperator, math_attention
 from lit_act.hessian.results import DiagonalResult, TraceResult
 
 ESTIMATORS = ("hutchpp", "hutchinson", "xtrace", "interleaved")
@@ -177,8 +177,8 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     docstring): module ``i`` (in parameter order, the modules owning a chosen, unmasked parameter) joins group
     ``i mod groups``; each round draws a Rademacher vector ``z_g`` per group and adds ``z_g^T H_gg z_g`` over the
     groups, from one autograd-pruned double backward per group (the block products of
-    :func:`lit_act.hessian.block_eigenvalues`). So
-    ``budget`` counts group products: ``budget // groups`` rounds (at least 2). Hessian operators only."""
+    :func:`lit_act.hessian.block_eigenvalues`). ``budget`` counts group products: ``budget // groups`` rounds, with
+    fewer groups when the budget would not allow two rounds (``budget >= 2``). Hessian operators only."""
     from lit_act.hessian.blocks import _BlockProducts
 
     if getattr(op, "curvature", "hessian") != "hessian":
@@ -191,20 +191,22 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     modules: dict[str, list[str]] = {}
     for name in chosen:
         modules.setdefault(name.rpartition(".")[0] or "<root>", []).append(name)
-    count = min(groups, len(modules))
+    if budget < 2:
+        raise ValueError(f"the interleaved estimator needs a budget of at least 2 group products (2 rounds of one "
+                         f"group) for a standard error, got {budget}")
+    count = max(1, min(groups, len(modules), budget // 2))
     rounds = budget // count
-    if rounds < 2:
-        raise ValueError(f"the interleaved estimator needs a budget of at least {2 * count} group products (2 rounds "
-                         f"of {count} groups) for a standard error, got {budget}")
     order = list(modules)
     members = {f"group{g}": [n for module in order[g::count] for n in modules[module]] for g in range(count)}
     numels = dict(zip(op.names, op._numels))
-    products = _BlockProducts(op, members, "per_block")
     generator = make_generator(seed)
     samples, per_module = [], dict.fromkeys(order, 0.0)
+    with math_attention():  # graphs built here (chunks the operator does not keep) need a double backward
+        products = _BlockProducts(op, members, "per_block")
     for _ in range(rounds):
         vectors = {g: rademacher((sum(numels[n] for n in names),), generator, op) for g, names in members.items()}
-        out = products(vectors)
+        with math_attention():
+            out = products(vectors)
         total = 0.0
         for g, names in members.items():
             forms = (vectors[g] * out[g]).double().split([numels[n] for n in names])
