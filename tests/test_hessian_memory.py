@@ -211,3 +211,45 @@ def test_callback_plans_once_per_fit_and_logs_the_same_eigenvalues(tmp_path, mon
     for conflict in ({"chunk_size": 4}, {"curvature": "ggn"}, {"backend": "forward"}):
         with pytest.raises(ValueError, match="memory_budget plans the chunks of the 'cached' Hessian products"):
             HessianSpectrum(memory_budget=3.0, **conflict)
+
+
+def test_memory_budget_on_a_hugging_face_lm_with_padded_dict_batches():
+    """GPT-2 from a small config (random weights), right-padded dict batches with ``labels=-100`` at padding, loss
+    ``model(**batch).loss``: the plan splits the batch (the whole cached batch peaks above 3x a backward), the
+    measured peak stays within the budget, and the products equal the size-weighted mean of the chunks' Hessians
+    (the chunked operator's definition with padding), each from ``torch.autograd.functional.hvp``."""
+    from torch.utils.data import default_collate
+
+    from tests.test_zoo import ARCHS, lm_items
+
+    model = ARCHS["gpt2"].build().model.eval()
+    batch = default_collate(lm_items(8, seed=0))
+
+    def loss_fn(module, b):
+        return module(**b).loss
+
+    with TensorMemory() as backward:
+        torch.autograd.grad(loss_fn(model, batch), list(model.parameters()))
+    op = HessianOperator(model, loss_fn, [batch], memory_budget=3.0)
+    (plan,) = op.chunk_plans
+    assert sum(plan.sizes) == 8 and len(plan.sizes) > 1 and plan.cached[0]
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    with TensorMemory() as bounded:
+        product = HessianOperator(model, loss_fn, [batch], chunk_plans=op.chunk_plans).matvec(v)
+    assert bounded.peak <= 3.0 * backward.peak
+
+    params = dict(model.named_parameters())
+    expected = torch.zeros(op.dim)
+    start = 0
+    for size in plan.sizes:
+        chunk = {k: t[start:start + size] for k, t in batch.items()}
+        start += size
+
+        def chunk_loss(*values, chunk=chunk):
+            return torch.func.functional_call(model, dict(zip(params, values)), args=(), kwargs=chunk).loss
+
+        with math_attention():
+            _, hv = torch.autograd.functional.hvp(chunk_loss, tuple(p.detach() for p in params.values()),
+                                                  tuple(op.split(v).values()))
+        expected += size / 8 * torch.cat([h.reshape(-1) for h in hv])
+    torch.testing.assert_close(product, expected, rtol=1e-4, atol=1e-6)
