@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from lit_act.hessian import GGNOperator, HessianOperator, lanczos
 from lit_act.hessian.lanczos import _orthogonalise, lanczos_steps, loss_gradient, make_generator
+from tests.dense import dense_hessian
 
 
 def ce_loss(module, batch):
@@ -28,21 +28,6 @@ def make_batch(dtype=torch.float64, n: int = 24, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
     return x.to(dtype), torch.randint(0, 3, (n,), generator=gen)
-
-
-def dense_hessian(model: nn.Module, batch) -> torch.Tensor:
-    params = {n: p.detach().double() for n, p in model.named_parameters()}
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-    model64 = model.double() if next(model.parameters()).dtype != torch.float64 else model
-
-    def loss(flat):
-        values, offset = {}, 0
-        for n, p in params.items():
-            values[n] = flat[offset:offset + p.numel()].reshape(p.shape)
-            offset += p.numel()
-        return F.cross_entropy(functional_call(model64, values, (batch[0].double(),)), batch[1])
-
-    return torch.autograd.functional.hessian(loss, flat0)
 
 
 class Quadratic(nn.Module):
@@ -61,7 +46,7 @@ def quadratic_loss(module, batch):
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh], ids=["relu", "tanh"])
 def test_gradient_start_top_eigenvalues_match_dense(activation):
     model, batch = make_mlp(activation), make_batch()
-    exact = torch.linalg.eigvalsh(dense_hessian(model, batch))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, [batch], "cross_entropy"))
     op = HessianOperator(model, ce_loss, [batch])
     top = lanczos(op, k=3, tol=1e-8)
     assert top.start == "gradient" and bool(top.converged.all())
@@ -124,7 +109,7 @@ def test_all_reduce_keeps_the_start_direction_and_the_eigenvalue():
     """Two identical ranks simulated by ``all_reduce = 2 x``: the operator is unchanged, the start is the same on
     every rank (the gradient is reduced too)."""
     model, batch = make_mlp(nn.Tanh), make_batch()
-    exact = torch.linalg.eigvalsh(dense_hessian(model, batch))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, [batch], "cross_entropy"))
     op = HessianOperator(model, ce_loss, [batch], all_reduce=lambda t: 2 * t)
     single = HessianOperator(model, ce_loss, [batch])
     torch.testing.assert_close(loss_gradient(op), 2 * 24 * loss_gradient(single), rtol=1e-12, atol=1e-14)
@@ -148,7 +133,7 @@ def test_orthogonalise_skips_only_when_already_orthogonal():
 
 def test_float32_basis_stays_semi_orthogonal_and_ritz_values_match_dense():
     model, batch = make_mlp(nn.Tanh, dtype=torch.float32), make_batch(dtype=torch.float32)
-    exact = torch.linalg.eigvalsh(dense_hessian(make_mlp(nn.Tanh), make_batch()))
+    exact = torch.linalg.eigvalsh(dense_hessian(make_mlp(nn.Tanh), [make_batch()], "cross_entropy"))
     op = HessianOperator(model, ce_loss, [batch])
     steps = 60
     steps_run = lanczos_steps(op, torch.randn(op.dim, generator=make_generator(0)), steps, make_generator(0))
@@ -166,7 +151,7 @@ def test_relu_hessian_is_not_its_ggn_so_the_default_backend_stays_the_double_bac
     ``d2 f / dW1 dW2``. A GGN product is therefore not an exact Hessian product, and the default backend stays the
     cached double backward."""
     model, batch = make_mlp(nn.ReLU), make_batch()
-    dense = dense_hessian(model, batch)
+    dense = dense_hessian(model, [batch], "cross_entropy")
     ggn = GGNOperator(model, ce_loss, [batch], loss="cross_entropy").matmat(torch.eye(dense.shape[0],
                                                                                       dtype=torch.float64))
     first = 6 * 9 + 9  # parameters of the first Linear layer

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.functional import hessian
-from torch.func import functional_call
 
 from lit_act.hessian.krylov_trace import lanczos_trace
 from lit_act.hessian.operator import HessianOperator, batch_size, chunk_batch
 from lit_act.models import TransformerLM
+from tests.dense import dense_hessian
 
 torch.set_num_threads(1)
 
@@ -28,19 +27,6 @@ def small_mlp(seed: int = 0) -> nn.Module:
 def data(n: int = 10, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
-
-
-def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The Hessian of the mean cross-entropy over all examples (the unchunked definition), from autograd."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(theta: torch.Tensor) -> torch.Tensor:
-        values = dict(zip(names, (t.reshape(s) for t, s in zip(theta.split([s.numel() for s in shapes]), shapes))))
-        return F.cross_entropy(functional_call(model, values, (x,)), y)
-
-    return hessian(loss, flat)
 
 
 @dataclasses.dataclass
@@ -77,7 +63,7 @@ def test_chunked_operator_equals_dense_hessian(backend, kind):
         "dataclass": (Batch(x, y), dataclass_loss),
         "namedtuple": (Pair(x, y), tuple_loss),
     }[kind]
-    dense = dense_hessian(model, x, y)
+    dense = dense_hessian(model, [(x, y)], "cross_entropy")
     op = HessianOperator(model, loss_fn, [batch], backend=backend, chunk_size=4)  # chunks of 4, 4 and 2 examples
     assert len(op.batches) == 3 and [batch_size(b) for b in op.batches] == [4, 4, 2]
     assert not op.caching
@@ -88,7 +74,7 @@ def test_chunks_across_several_batches_weight_by_examples():
     """Two batches of 7 and 3 examples, chunks of 3 (3, 3, 1 and 3): still the mean over all 10 examples."""
     model = small_mlp()
     x, y = data(10)
-    dense = dense_hessian(model, x, y)
+    dense = dense_hessian(model, [(x, y)], "cross_entropy")
     op = HessianOperator(model, tuple_loss, [(x[:7], y[:7]), (x[7:], y[7:])], chunk_size=3)
     assert [batch_size(b) for b in op.batches] == [3, 3, 1, 3]
     torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)), dense, rtol=1e-10, atol=1e-12)
@@ -99,7 +85,8 @@ def test_a_single_chunk_keeps_the_cached_graph():
     x, y = data(6)
     op = HessianOperator(model, tuple_loss, [(x, y)], chunk_size=8)
     assert op.caching and len(op.batches) == 1
-    torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)), dense_hessian(model, x, y),
+    torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)),
+                               dense_hessian(model, [(x, y)], "cross_entropy"),
                                rtol=1e-10, atol=1e-12)
 
 
@@ -139,7 +126,8 @@ def test_chunked_callback_batches_through_the_batch_adapter():
     model = WithLoss()
     x, y = data(9)
     op = HessianOperator(model, AdaptedLoss(BatchAdapter()), [{"inputs": x, "labels": y}], chunk_size=4)
-    torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)), dense_hessian(model.net, x, y),
+    torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)),
+                               dense_hessian(model.net, [(x, y)], "cross_entropy"),
                                rtol=1e-10, atol=1e-12)
 
 
@@ -188,7 +176,7 @@ def test_transformer_encoder_layer_dict_batch_chunked_equals_unchunked():
 def test_lanczos_trace_against_dense_eigenvalues_and_trace():
     model = small_mlp()
     x, y = data(40)
-    dense = dense_hessian(model, x, y)
+    dense = dense_hessian(model, [(x, y)], "cross_entropy")
     eigs = torch.linalg.eigvalsh(dense)
     op = HessianOperator(model, tuple_loss, [(x, y)])
     res = lanczos_trace(op, k=3, tol=1e-8, max_iter=45, probes=16, smallest=True, seed=3)
@@ -213,7 +201,7 @@ def test_lanczos_trace_standard_error_is_calibrated():
     """Over seeds, the z-scores (estimate - exact) / SE have a spread of about one (Student t with 7 dof)."""
     model = small_mlp()
     x, y = data(40)
-    exact = float(dense_hessian(model, x, y).trace())
+    exact = float(dense_hessian(model, [(x, y)], "cross_entropy").trace())
     op = HessianOperator(model, tuple_loss, [(x, y)])
     z = torch.tensor([(r.trace.estimate - exact) / r.trace.std_error
                       for r in (lanczos_trace(op, k=1, tol=1e-2, max_iter=6, probes=8, seed=s) for s in range(30))])
@@ -224,7 +212,7 @@ def test_lanczos_trace_standard_error_is_calibrated():
 def test_lanczos_trace_exact_when_the_basis_spans_everything_and_slq_weights():
     model = small_mlp()
     x, y = data(12)
-    dense = dense_hessian(model, x, y)
+    dense = dense_hessian(model, [(x, y)], "cross_entropy")
     op = HessianOperator(model, tuple_loss, [(x, y)])
     # the Krylov space becomes invariant (the Hessian of 12 examples is rank deficient): P H P = 0, an exact trace
     res = lanczos_trace(op, k=2, tol=1e-300, max_iter=op.dim, probes=5)
