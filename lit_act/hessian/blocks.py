@@ -133,7 +133,7 @@ class _BlockLanczos:
                            seconds=seconds, which=self.which)
 
 
-class _BlockProducts:
+class BlockProducts:
     """``{block: v_B} -> {block: H_BB v_B}`` on one cached first-order graph per batch of ``op`` (batch-size weighted,
     summed over processes by ``op.all_reduce`` like :class:`HessianOperator`)."""
 
@@ -252,7 +252,7 @@ def block_eigenvalues(op: HessianOperator, k: int = 1, which: str = "largest", m
     steps = {b: min(d, max_iter if max_iter is not None else max(2 * k + 20, 60)) for b, d in dims.items()}
     start = time.perf_counter()
     with math_attention():
-        engine = _BlockProducts(op, blocks, products)
+        engine = BlockProducts(op, blocks, products)
         runs = {b: _BlockLanczos(dims[b], k, which, steps[b], tol, seed, op) for b in blocks}
         active = list(runs)
         while active:

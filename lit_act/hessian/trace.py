@@ -179,7 +179,7 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     groups, from one autograd-pruned double backward per group (the block products of
     :func:`lit_act.hessian.block_eigenvalues`). ``budget`` counts group products: ``budget // groups`` rounds, with
     fewer groups when the budget would not allow two rounds (``budget >= 2``). Hessian operators only."""
-    from lit_act.hessian.blocks import _BlockProducts
+    from lit_act.hessian.blocks import BlockProducts
 
     if getattr(op, "curvature", "hessian") != "hessian":
         raise ValueError(f"the interleaved estimator uses Hessian block products; got a {op.curvature!r} operator "
@@ -202,7 +202,7 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     generator = make_generator(seed)
     samples, per_module = [], dict.fromkeys(order, 0.0)
     with math_attention():  # graphs built here (chunks the operator does not keep) need a double backward
-        products = _BlockProducts(op, members, "per_block")
+        products = BlockProducts(op, members, "per_block")
     for _ in range(rounds):
         vectors = {g: rademacher((sum(numels[n] for n in names),), generator, op) for g, names in members.items()}
         with math_attention():
