@@ -134,8 +134,9 @@ class _BlockLanczos:
 
 
 class BlockProducts:
-    """``{block: v_B} -> {block: H_BB v_B}`` on one cached first-order graph per batch of ``op`` (batch-size weighted,
-    summed over processes by ``op.all_reduce`` like :class:`HessianOperator`)."""
+    """``{block: v_B} -> {block: H_BB v_B}`` from the first-order graph of each batch of ``op``, kept for the object's
+    life (rebuilt per call for the chunks a memory-bounded operator recomputes); batch-size weighted and summed over
+    processes by ``op.all_reduce`` like :class:`HessianOperator`."""
 
     def __init__(self, op: HessianOperator, blocks: dict[str, list[str]], products: str) -> None:
         self.op, self.products = op, products
