@@ -179,7 +179,7 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     groups, from one autograd-pruned double backward per group (the block products of
     :func:`lit_act.hessian.block_eigenvalues`). ``budget`` counts group products: ``budget // groups`` rounds, with
     fewer groups when the budget would not allow two rounds (``budget >= 2``). Hessian operators only."""
-    from lit_act.hessian.blocks import BlockProducts
+    from lit_act.hessian.blocks import BlockProducts, parameter_blocks
 
     if getattr(op, "curvature", "hessian") != "hessian":
         raise ValueError(f"the interleaved estimator uses Hessian block products; got a {op.curvature!r} operator "
@@ -188,9 +188,7 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
         raise ValueError(f"groups must be >= 1, got {groups}")
     start, matvecs0 = time.perf_counter(), op.matvecs
     chosen = op.names if mask is None else [n for n, m in zip(op.names, mask.split(op._numels)) if bool(m.any())]
-    modules: dict[str, list[str]] = {}
-    for name in chosen:
-        modules.setdefault(name.rpartition(".")[0] or "<root>", []).append(name)
+    modules = parameter_blocks(chosen)
     if budget < 2:
         raise ValueError(f"the interleaved estimator needs a budget of at least 2 group products (2 rounds of one "
                          f"group) for a standard error, got {budget}")
@@ -199,24 +197,20 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     order = list(modules)
     members = {f"group{g}": [n for module in order[g::count] for n in modules[module]] for g in range(count)}
     numels = dict(zip(op.names, op._numels))
+    column = {n: order.index(module) for module, names in modules.items() for n in names}
     generator = make_generator(seed)
-    samples, per_module = [], dict.fromkeys(order, 0.0)
+    forms = torch.zeros(rounds, len(order), dtype=torch.float64, device=op.device)  # z_B^T (H_gg z_g)_B per module
     with math_attention():  # graphs built here (chunks the operator does not keep) need a double backward
         products = BlockProducts(op, members, "per_block")
-    for _ in range(rounds):
-        vectors = {g: rademacher((sum(numels[n] for n in names),), generator, op) for g, names in members.items()}
-        with math_attention():
+        for r in range(rounds):
+            vectors = {g: rademacher((sum(numels[n] for n in names),), generator, op) for g, names in members.items()}
             out = products(vectors)
-        total = 0.0
-        for g, names in members.items():
-            forms = (vectors[g] * out[g]).double().split([numels[n] for n in names])
-            for name, form in zip(names, forms):
-                value = float(form.sum())
-                per_module[name.rpartition(".")[0] or "<root>"] += value / rounds
-                total += value
-        samples.append(total)
-    estimate, se = _mean_and_se(torch.tensor(samples, dtype=torch.float64))
-    return TraceResult(estimate, se, op.matvecs - matvecs0, time.perf_counter() - start, "interleaved", per_module)
+            for g, names in members.items():
+                for name, form in zip(names, (vectors[g] * out[g]).split([numels[n] for n in names])):
+                    forms[r, column[name]] += form.double().sum()
+    estimate, se = _mean_and_se(forms.sum(1))
+    return TraceResult(estimate, se, op.matvecs - matvecs0, time.perf_counter() - start, "interleaved",
+                       dict(zip(order, forms.mean(0).tolist())))
 
 
 ESTIMATOR_FUNCTIONS = {"hutchpp": hutchpp, "hutchinson": hutchinson, "xtrace": xtrace, "interleaved": interleaved}
