@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from lit_act.hessian.lanczos import make_generator, probe_block
 from lit_act.hessian.losses import output_gradient, output_hessian_factor, split_batch
 from lit_act.hessian.operator import HessianOperator, batch_size, math_attention, select_parameters
 from lit_act.hessian.results import TraceResult
+from lit_act.hessian.trace import hutchinson
 
 
 def _batch_ggn_diagonal(model: nn.Module, chosen: dict[str, nn.Parameter], inputs: Tensor, targets: Tensor,
@@ -153,11 +153,8 @@ def ggn_control_variate(op: HessianOperator, budget: int, loss: str, seed: int =
             batches.append((inputs, output_gradient(loss, op.model(inputs), targets)))
     residual = HessianOperator(op.model, _ResidualCurvatureLoss(), batches, params=op.names,
                                vmap_size=op.vmap_size, all_reduce=op.all_reduce)
-    probes = probe_block(residual, budget, make_generator(seed))
-    samples = (probes * residual.matmat(probes)).sum(0).double()
+    rest = hutchinson(residual, budget, seed)
     exact = float(diag.double().sum())
-    mean = float(samples.mean())
-    se = float(samples.std(unbiased=True)) / budget ** 0.5
     op.matvecs += residual.matvecs
-    return TraceResult(exact + mean, se, residual.matvecs, time.perf_counter() - start, "ggn_control_variate",
-                       exact_part=exact)
+    return TraceResult(exact + rest.estimate, rest.std_error, residual.matvecs, time.perf_counter() - start,
+                       "ggn_control_variate", exact_part=exact)

@@ -45,7 +45,7 @@ from lit_act.hessian.lanczos import (
 )
 from lit_act.hessian.operator import HessianOperator
 from lit_act.hessian.results import EigenResult, TraceResult
-from lit_act.hessian.trace import _Blocks
+from lit_act.hessian.trace import _Blocks, _mean_and_se
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,6 @@ def _deflated_trace(op: HessianOperator, alpha: Tensor, beta: Tensor, basis: Ten
     z = z.T.contiguous().T
     forms = z * op.matmat(z)
     residual_blocks = blocks.sums(forms)
-    samples = residual_blocks.sum(0)
-    mean = float(samples.mean())
-    se = float(samples.std(unbiased=True)) / math.sqrt(probes) if probes > 1 else math.nan
+    mean, se = _mean_and_se(residual_blocks.sum(0))
     return TraceResult(krylov_part + mean, se, op.matvecs - matvecs0, time.perf_counter() - start,
                        "lanczos+hutchinson", blocks.as_dict(krylov_blocks[:, 0] + residual_blocks.mean(1)))
