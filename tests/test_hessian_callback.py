@@ -152,7 +152,8 @@ def test_logged_values_match_dense_hessian(tmp_path, backend):
     crit = lla_criteria(nodes, weights, 0.5)
     assert math.isclose(logged["train/hessian/re"], crit.re, rel_tol=1e-4)
     assert math.isclose(logged["train/hessian/kh"], crit.kh, rel_tol=1e-4)
-    trace_products = 0 if logged["train/hessian/trace_se"] == 0 else 30  # exact, or 30 deflated probes
+    assert logged["train/hessian/trace_se"] > 0  # BatchNorm is outside the exact rules: the rest is estimated
+    trace_products = 30  # the interleaved estimator's group products (trace_budget)
     assert logged["train/hessian/matvecs"] == first.top.iterations + trace_products + 24
     assert hessian.last_metrics["train/hessian/eig_1"] == pytest.approx(logged["train/hessian/eig_1"])
     assert list((tmp_path / "figures").glob("hessian_density_step*.png"))

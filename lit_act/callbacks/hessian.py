@@ -230,7 +230,7 @@ class HessianSpectrum(LitActCallback):
             raise ValueError(f"memory_budget plans the chunks of the 'cached' Hessian products; got chunk_size="
                              f"{chunk_size}, curvature={curvature!r}, backend={backend!r} (drop memory_budget, or "
                              "use chunk_size alone)")
-        self._chunk_plans: tuple[list[int], list[ChunkPlan]] | None = None  # (batch sizes, their plans)
+        self._chunk_plans: list[ChunkPlan] | None = None  # memory_budget's plan for the cached batches
         super().__init__(adapter, save_density_figure)
         validate_every_n("every_n_steps", every_n_steps)
         validate_every_n("every_n_epochs", every_n_epochs)
@@ -443,7 +443,7 @@ class HessianSpectrum(LitActCallback):
                                     params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar,
                                     **self._chunking(batches))
             if op.chunk_plans is not None:
-                self._chunk_plans = ([batch_size(b) for b in batches], op.chunk_plans)
+                self._chunk_plans = op.chunk_plans
             metrics, density = self._spectrum(op)
         metrics[f"{PREFIX}matvecs"] = float(op.matvecs)
         metrics[f"{PREFIX}seconds"] = time.perf_counter() - start
@@ -454,8 +454,9 @@ class HessianSpectrum(LitActCallback):
         batches, or ``memory_budget`` (planned by the operator)."""
         if self.memory_budget is None:
             return {"chunk_size": self.chunk_size}
-        if self._chunk_plans is not None and self._chunk_plans[0] == [batch_size(b) for b in batches]:
-            return {"chunk_plans": self._chunk_plans[1]}
+        plans = self._chunk_plans
+        if plans is not None and [sum(p.sizes) for p in plans] == [batch_size(b) for b in batches]:
+            return {"chunk_plans": plans}
         return {"memory_budget": self.memory_budget}
 
     def pass_steps(self) -> int:
@@ -468,13 +469,13 @@ class HessianSpectrum(LitActCallback):
             warm = None
         warm = None if warm is None else warm.to(dtype=op.dtype, device=op.device)
         trace_result = None
-        if self.trace_budget and self.trace_method in ("auto", "exact"):
-            trace_result = self._exact_trace(op)
+        if self.trace_budget and self.trace_method == "auto":
+            trace_result = self._auto_trace(op)
         krylov = bool(self.trace_budget) and trace_result is None and self.trace_method in ("auto", "krylov")
         res = lanczos_trace(op, self.top_k, self.tol, min(op.dim, max(self.pass_steps(), self.top_k)),
                             probes=self.trace_budget if krylov else 0, smallest=self.lambda_min, v0=warm,
                             seed=self.seed, min_steps=self.slq_iter)
-        if self.warm_start:
+        if self.warm_start and not self.slq_iter:  # the only case in which the next pass starts from it
             self._warm_vector = res.top.eigenvectors.sum(1).detach().clone()
         metrics = {f"{PREFIX}eig_{i + 1}": float(v) for i, v in enumerate(res.top.eigenvalues)}
         converged = bool(res.top.converged.all())
@@ -510,22 +511,17 @@ class HessianSpectrum(LitActCallback):
     def _diagonal_loss(self, op: HessianOperator) -> str | None:
         return self.loss if self.curvature == "hessian" else op.loss
 
-    def _exact_trace(self, op: HessianOperator):
-        """The exact trace when every parameter is covered by the diagonal rules. Otherwise, for ``"auto"``: the
-        Hessian's covered blocks exactly plus the interleaved estimator on the rest (``trace(method="auto")``), and
-        ``None`` for the GGN / Fishers (the pass's Krylov trace is used); ``"exact"`` defers to ``on_uncovered``."""
-        from lit_act.hessian.diagonal import UncoveredModuleError
-
-        if self.trace_method == "exact":
-            return trace(op, self.trace_budget, "exact", seed=self.seed + 2, on_uncovered=self.on_uncovered,
-                         loss=self._diagonal_loss(op))
+    def _auto_trace(self, op: HessianOperator):
+        """``trace_method="auto"``: for the Hessian, ``trace(method="auto")`` (exact when every parameter is covered
+        by the diagonal rules, else the covered blocks exactly plus the interleaved estimator on the rest); for the
+        GGN / Fishers the exact trace, or ``None`` when a module is uncovered (the pass's Krylov trace is used)."""
         if self.curvature == "hessian":
             return trace(op, self.trace_budget, "auto", seed=self.seed + 2, loss=self._diagonal_loss(op))
         if self._exact_unavailable:  # found uncovered at an earlier evaluation: do not redo the partial diagonal
             return None
         try:
             return trace(op, self.trace_budget, "exact", on_uncovered="error", loss=self._diagonal_loss(op))
-        except (UncoveredModuleError, ValueError, TypeError):  # uncovered module, unknown loss or batch convention
+        except (ValueError, TypeError):  # an uncovered module (UncoveredModuleError), unknown loss or batch convention
             self._exact_unavailable = True
             return None
 
