@@ -6,8 +6,8 @@ parameters). The top eigenvalue of ``H_BB`` is the layer-wise sharpness of Sanka
 eigenspectrum of deep neural networks and its applications to regularization" (AAAI 2021, arXiv:2012.03801: the
 Hessian of the loss w.r.t. one layer's parameters, the others fixed) and the per-block sensitivity of HAWQ (Dong et
 al., ICCV 2019, top eigenvalue of each block's Hessian by power iteration). Those run one solver per block; PyHessian
-has no per-block routine. Here every block runs its own Lanczos recurrence (:mod:`lit_act.hessian.lanczos`: full
-reorthogonalisation, invariant-subspace restarts, the Ritz residual / Kato-Temple convergence test) and all recurrences
+has no per-block routine. Here every block runs its own Lanczos recurrence (:mod:`lit_act.hessian.lanczos`:
+reorthogonalisation whenever semi-orthogonality would be lost, invariant-subspace restarts, the Ritz residual / Kato-Temple convergence test) and all recurrences
 advance in lockstep on ONE cached first-order graph ``g(theta) = dL/dtheta`` per batch. A block leaves the lockstep as
 soon as its own top-``k`` pass the test, so its iterations and products are exactly those of ``lanczos`` on the block
 operator with the same seed.

@@ -1,7 +1,8 @@
 """One Lanczos pass for the top eigenvalues, the smallest one, the trace and an SLQ run together.
 
-Lanczos with full reorthogonalisation (:func:`lit_act.hessian.lanczos.lanczos_steps`) builds an orthonormal basis
-``Q`` (``m`` columns) with ``Q^T H Q = T`` tridiagonal. With ``P = I - Q Q^T``,
+Lanczos with reorthogonalisation (:func:`lit_act.hessian.lanczos.lanczos_steps`: a full sweep whenever the basis
+would lose semi-orthogonality, Simon 1984) builds a basis ``Q`` (``m`` columns), orthonormal to ``O(sqrt(eps))``, with
+``Q^T H Q = T`` tridiagonal to the same order. With ``P = I - Q Q^T``,
 
     tr(H) = tr(Q^T H Q) + tr(P H P) = sum_i alpha_i + tr(P H P),
 

@@ -151,10 +151,10 @@ def chunk_batch(batch: Any, chunk_size: int) -> list[Any]:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer (examples per chunk), got {chunk_size!r}")
     size = batch_size(batch)
-    return split_batch(batch, [min(chunk_size, size - start) for start in range(0, size, chunk_size)])
+    return split_examples(batch, [min(chunk_size, size - start) for start in range(0, size, chunk_size)])
 
 
-def split_batch(batch: Any, sizes: Sequence[int]) -> list[Any]:
+def split_examples(batch: Any, sizes: Sequence[int]) -> list[Any]:
     """``batch`` as consecutive sub-batches of ``sizes[i]`` examples (summing to :func:`batch_size`), sliced as
     :func:`chunk_batch` does; one size returns ``[batch]`` itself."""
     size = batch_size(batch)
@@ -261,7 +261,7 @@ class HessianOperator:
         if chunk_plans is not None and [batch_size(b) for b in batches] != [sum(p.sizes) for p in chunk_plans]:
             raise ValueError(f"chunk_plans for batches of {[sum(p.sizes) for p in chunk_plans]} examples do not "
                              f"fit batches of {[batch_size(b) for b in batches]}")
-        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        self.chunk_size = chunk_size
         self.model = model
         self.loss_fn = loss_fn or default_loss_fn
         self.backend: str = backend
@@ -277,7 +277,7 @@ class HessianOperator:
         self.chunk_plans: list[ChunkPlan] | None = None
         if memory_budget is not None or chunk_plans is not None:
             self.chunk_plans = list(chunk_plans) if chunk_plans is not None else self._plan(batches, memory_budget)
-            batches = [c for b, plan in zip(batches, self.chunk_plans) for c in split_batch(b, plan.sizes)]
+            batches = [c for b, plan in zip(batches, self.chunk_plans) for c in split_examples(b, plan.sizes)]
             self.keep_graph = [keep for plan in self.chunk_plans for keep in plan.cached]
         else:
             if chunk_size is not None:
@@ -512,7 +512,7 @@ class HessianOperator:
                         device=self.device)
         values = []
         for size in sizes:
-            sub = [split_batch(batch, [size, n - size])[0] if size < n else batch]
+            sub = [split_examples(batch, [size, n - size])[0] if size < n else batch]
             with TensorMemory() as cached:
                 op = HessianOperator(self.model, self.loss_fn, sub, params=self.names, backend="cached")
                 graph = cached.current
