@@ -15,6 +15,7 @@ from lit_act.hessian.memory import ChunkPlan, LinearCost, ProductCosts, TensorMe
 from lit_act.hessian.operator import HessianOperator, math_attention
 from lit_act.models import TransformerLM
 from tests.dense import dense_hessian, loss_fn_of
+from tests.test_hessian_transformer import small_mlp
 
 torch.set_num_threads(1)
 F32 = 4  # bytes
@@ -92,11 +93,6 @@ def test_plan_where_parameter_sized_buffers_dominate():
     assert plan.sizes == (1, 1, 1, 1) and plan.peak == pytest.approx(43.5) and plan.limit == pytest.approx(39.6)
     with pytest.raises(ValueError, match="memory_budget must be a positive"):
         plan_chunks([costs(4)], 0.0)
-
-
-def small_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
 def test_partly_cached_operator_equals_the_dense_hessian():
