@@ -56,7 +56,7 @@ from lit_act.hessian.losses import (
     resolve_output_loss,
     split_batch,
 )
-from lit_act.hessian.operator import LossFn, batch_size, math_attention, select_parameters
+from lit_act.hessian.operator import LossFn, batch_size, example_mean, math_attention, select_parameters
 from lit_act.hessian.results import DiagonalResult
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.CELU, nn.SELU,
@@ -698,7 +698,6 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
     name = resolve_output_loss(model, loss_fn, loss)
     start = time.perf_counter()
     chosen = select_parameters(model, params)
-    first = next(iter(chosen.values()))
     sums = {n: torch.zeros_like(p, dtype=p.dtype) for n, p in chosen.items()}
     weights = [float(batch_size(b)) for b in batches]
     chain = None
@@ -717,11 +716,7 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
             for pname, value in _batch_diagonal(chain, outputs, targets, name, curvature).items():
                 if pname in sums:
                     sums[pname].add_(value.reshape(sums[pname].shape), alpha=weight)
-    total = torch.tensor(sum(weights), dtype=torch.float64, device=first.device)
-    parts = list(sums.values())
-    if all_reduce is not None:  # DDP: every rank sums its examples; one reduction per tensor
-        total, parts = all_reduce(total), [all_reduce(t) for t in parts]
-    parts = [t / float(total) for t in parts]
+    parts = example_mean(list(sums.values()), sum(weights), all_reduce)
     covered = [n for n in chosen if n in chain.covered]
     blocks: dict[str, float] = {}
     for pname, part in zip(chosen, parts):

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from lit_act.hessian.losses import output_hessian_product, per_sample_losses, split_batch
-from lit_act.hessian.operator import batch_size, math_attention, select_parameters
+from lit_act.hessian.operator import batch_size, example_mean, math_attention, select_parameters
 
 RULE_CURVATURES = ("hessian", "ggn")
 
@@ -233,13 +233,8 @@ def example_diagonal(model: nn.Module, batches: Sequence[Any], loss: str, curvat
             for pname, value in _parameter_diagonals(name, module, a, d).items():
                 if pname in chosen:
                     sums[pname] = value.mul(weight) if pname not in sums else sums[pname].add_(value, alpha=weight)
-    total = torch.tensor(sum(weights), dtype=torch.float64)
-    names = list(sums)
-    parts = [sums[n] for n in names]
-    if all_reduce is not None and names:
-        total = all_reduce(total.to(parts[0].device))
-        parts = [all_reduce(t) for t in parts]
-    values = {n: (t / float(total)).reshape(chosen[n].shape) for n, t in zip(names, parts)}
+    parts = example_mean(list(sums.values()), sum(weights), all_reduce)
+    values = {n: t.reshape(chosen[n].shape) for n, t in zip(sums, parts)}
     missing = [n for n in chosen if n not in values]
     return ExampleDiagonal(values, list(covered), reason if missing else None, directions,
                            time.perf_counter() - start)

@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from lit_act.hessian.losses import output_gradient, output_hessian_factor, split_batch
-from lit_act.hessian.operator import HessianOperator, batch_size, math_attention, select_parameters
+from lit_act.hessian.operator import (
+    HessianOperator,
+    batch_size,
+    example_mean,
+    math_attention,
+    select_parameters,
+)
 from lit_act.hessian.results import TraceResult
 from lit_act.hessian.trace import hutchinson
 
@@ -117,10 +123,7 @@ def ggn_diagonal(model: nn.Module, batches: Sequence[Any], loss: str, params: Se
         flat = torch.cat([part[name].reshape(-1) for name in chosen]) * batch_size(batch)
         total = flat if total is None else total + flat
         count += batch_size(batch)
-    if all_reduce is not None:
-        total = all_reduce(total)
-        count = float(all_reduce(torch.tensor(count, dtype=torch.float64, device=total.device)))
-    return total / count
+    return example_mean([total], count, all_reduce)[0]
 
 
 class _ResidualCurvatureLoss:

@@ -114,6 +114,17 @@ def batch_size(batch: Any) -> int:
     return size
 
 
+def example_mean(sums: Sequence[Tensor], count: float,
+                 all_reduce: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+    """``sums / count``: example-weighted sums over ``count`` examples as means. Under DDP (``all_reduce`` sums a tensor
+    over processes) each rank holds its own examples' sums and count, so both are reduced first, one reduction per
+    tensor."""
+    if all_reduce is not None and sums:
+        count = float(all_reduce(torch.tensor(count, dtype=torch.float64, device=sums[0].device)))
+        sums = [all_reduce(t) for t in sums]
+    return [t / count for t in sums]
+
+
 def _rebuild(batch: Any, items: list[Any]) -> Any:
     """``batch``'s container type around new ``items`` (same order as :func:`_children`)."""
     if isinstance(batch, Mapping):
