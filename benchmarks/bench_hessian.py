@@ -542,7 +542,7 @@ def _flops(fn) -> int:
 def transformer_section(repeats: int = 3) -> None:
     """One evaluation (top-3 and trace) on the reference TransformerLM against one training step, timed interleaved
     (a step before every timed evaluation; medians), plus the callback's default evaluation and the cost floor."""
-    from lit_act.callbacks.hessian import HessianSpectrum
+    from lit_act.callbacks import HessianConfig, HessianSpectrum
     from lit_act.hessian.krylov_trace import lanczos_trace
 
     model = reference_lm()
@@ -605,7 +605,8 @@ def transformer_section(repeats: int = 3) -> None:
         return run
 
     callback_default = evaluation(HessianSpectrum(progress=False, save_density_figure=False))
-    bounded = HessianSpectrum(progress=False, save_density_figure=False, memory_budget=3.0)
+    bounded = HessianSpectrum(progress=False, save_density_figure=False,
+                              config=HessianConfig(memory_budget=3.0))
     bounded.compute(model, [batch])  # plans the chunks (outside math_attention, like a fit); later ones reuse it
 
     cases = [("separate: Lanczos top-3 (tol 1e-4) + trace auto 60", separate, repeats),

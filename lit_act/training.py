@@ -48,11 +48,24 @@ def _smoke_value(current: Any, smoke: Any) -> Any:
     return min(current, smoke) if numbers else smoke
 
 
+def _merge_smoke(target: Any, values: Any) -> None:
+    """Merge ``values`` into ``target`` key by key where the key exists, recursing into nested nodes (a callback's
+    ``config``)."""
+    for key, value in values.items():
+        if key not in target:
+            continue
+        if isinstance(target[key], DictConfig) and isinstance(value, DictConfig):
+            _merge_smoke(target[key], value)
+        else:
+            target[key] = _smoke_value(target[key], value)
+
+
 def apply_smoke(cfg: DictConfig) -> None:
     """``debug=smoke``: merge ``cfg.smoke.callbacks.<name>`` into each callback of the run's set and
-    ``cfg.smoke.data`` / ``cfg.smoke.model`` into the data / model config, key by key, only where the key already exists (so one smoke config
-    shortens every callback set's schedules without adding callbacks or unknown arguments). Numbers are caps (the
-    smaller of the run's and the smoke value is kept); other values replace."""
+    ``cfg.smoke.data`` / ``cfg.smoke.model`` into the data / model config, key by key (nested nodes too), only where
+    the key already exists (so one smoke config shortens every callback set's schedules without adding callbacks or
+    unknown arguments). Numbers are caps (the smaller of the run's and the smoke value is kept); other values
+    replace."""
     smoke = cfg.get("smoke")
     if not smoke:
         return
@@ -61,11 +74,8 @@ def apply_smoke(cfg: DictConfig) -> None:
     pairs += [(cfg.get(group), smoke.get(group) or {}) for group in ("data", "model")]
     with open_dict(cfg):
         for target, values in pairs:
-            if target is None:
-                continue
-            for key, value in values.items():
-                if key in target:
-                    target[key] = _smoke_value(target[key], value)
+            if target is not None:
+                _merge_smoke(target, values)
 
 
 @task_wrapper

@@ -29,6 +29,7 @@ from lit_act.callbacks import (
     ActivationHistograms,
     ActivationSparsity,
     DeadNeurons,
+    HessianConfig,
     HessianSpectrum,
     MassiveActivations,
     NeuronActivationCoverage,
@@ -415,8 +416,9 @@ def _classification():
 def test_callbacks_do_not_observe_each_others_passes(tmp_path):
     counts = []
     for others in ([], [NeuronActivationCoverage(every_n_steps=1, evaluate_on=None, figures=False),
-                        HessianSpectrum(every_n_steps=1, every_n_epochs=None, top_k=1, max_iter=4, trace_budget=0,
-                                        slq_iter=0, lambda_min=False, progress=False)]):
+                        HessianSpectrum(every_n_steps=1, every_n_epochs=None, config=HessianConfig(top_k=1,
+                                        max_iter=4, trace_budget=0, slq_iter=0, lambda_min=False),
+                                        progress=False)]):
         torch.manual_seed(0)
         hist = ActivationHistograms(every_n_steps=1, figures=False)
         _trainer(tmp_path, [*others, hist], max_steps=2, limit_val_batches=0).fit(_Net(), _classification())
@@ -437,8 +439,8 @@ def test_nac_on_padded_bert_and_hessian_on_gpt2(tmp_path):
                             "labels": d["input_ids"]} for d in data], batch_size=4)
 
     logger = CSVLogger(tmp_path, name="hess")
-    hess = HessianSpectrum(every_n_steps=1, every_n_epochs=None, top_k=1, max_iter=5, trace_budget=0, slq_iter=0,
-                           lambda_min=False, progress=False)
+    hess = HessianSpectrum(every_n_steps=1, every_n_epochs=None, config=HessianConfig(top_k=1, max_iter=5,
+                           trace_budget=0, slq_iter=0, lambda_min=False), progress=False)
     _trainer(tmp_path, [hess], max_steps=3, limit_val_batches=0, logger=logger).fit(_gpt2(), lm_batches())
     assert hess.evaluations == 3
     with open(logger.log_dir + "/metrics.csv") as f:
@@ -489,9 +491,9 @@ def test_nac_and_hessian_fail_at_train_start_with_a_fix(tmp_path):
     # with an adapter and a loss the demo Transformer runs: Hessian-vector products use the math SDPA kernel (the
     # fused kernels have no double backward), so the plain loss works
     adapter = BatchAdapter(forward_fn=lambda m, b: m(*b), targets_fn=lambda b: b[1].view(-1))
-    small = {"every_n_steps": 1, "every_n_epochs": None, "top_k": 1, "max_iter": 4, "trace_budget": 0,
-             "slq_iter": 0, "lambda_min": False, "progress": False}
-    hess = HessianSpectrum(adapter=adapter, loss_fn=_nll, **small)
+    small = HessianConfig(top_k=1, max_iter=4, trace_budget=0, slq_iter=0, lambda_min=False)
+    hess = HessianSpectrum(every_n_steps=1, every_n_epochs=None, config=small, adapter=adapter, loss_fn=_nll,
+                           progress=False)
     _trainer(tmp_path, [hess], max_steps=1).fit(model, DataLoader(LMData(), 4))
     assert hess.evaluations == 1 and model.steps == 1
 

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from lit_act.callbacks.hessian import HessianSpectrum
+from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.hessian import GGNOperator, HessianOperator, block_eigenvalues, block_sizes, hutchinson, lanczos
 from lit_act.hessian.operator import math_attention
 from lit_act.models import TransformerLM
@@ -160,13 +161,14 @@ def test_bad_input_names_the_block_and_the_choices():
     with pytest.raises(ValueError, match=r"needs the Hessian.*curvature 'ggn'; valid: \['hessian'\]"):
         block_eigenvalues(ggn)
     with pytest.raises(ValueError, match="per_block_top_k=2 needs curvature='hessian'"):
-        HessianSpectrum(per_block_top_k=2, curvature="ggn")
+        HessianSpectrum(config=HessianConfig(per_block_top_k=2, curvature="ggn"))
     with pytest.raises(ValueError, match="per_block_top_k=-1: expected a non-negative integer"):
-        HessianSpectrum(per_block_top_k=-1)
+        HessianSpectrum(config=HessianConfig(per_block_top_k=-1))
 
 
 def test_callback_too_large_k_fails_at_setup_naming_the_block(tmp_path):
-    hessian = HessianSpectrum(every_n_epochs=1, per_block_top_k=19, progress=False, save_density_figure=False)
+    hessian = HessianSpectrum(every_n_epochs=1, config=HessianConfig(per_block_top_k=19), progress=False,
+                              save_density_figure=False)
     trainer = make_trainer(tmp_path, [hessian], limit_train_batches=2)
     with pytest.raises(ValueError, match=r"k=19 is larger than block\(s\) \{'head': 18\}"):
         trainer.fit(make_model(batch_norm=False, dropout=0.0), DataLoader(make_data(), batch_size=16))
@@ -175,8 +177,9 @@ def test_callback_too_large_k_fails_at_setup_naming_the_block(tmp_path):
 def test_callback_logs_block_eigenvalues_matching_a_direct_computation(tmp_path):
     seed_everything(0)
     model = make_model(batch_norm=True, dropout=0.2)
-    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, top_k=1, lambda_min=False, trace_budget=0, slq_iter=0,
-                              per_block_top_k=2, progress=False, save_density_figure=False)
+    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, config=HessianConfig(top_k=1, lambda_min=False,
+                              trace_budget=0, slq_iter=0, per_block_top_k=2), progress=False,
+                              save_density_figure=False)
     trainer = make_trainer(tmp_path, [hessian], limit_train_batches=4)
     trainer.fit(model, DataLoader(make_data(), batch_size=16))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/hessian/")}
@@ -186,7 +189,7 @@ def test_callback_logs_block_eigenvalues_matching_a_direct_computation(tmp_path)
     assert set(logged) == set(hessian.metric_names())
     assert logged["train/hessian/block_converged"] == 1.0
     reference = copy.deepcopy(model).eval()  # the callback evaluates in eval mode
-    direct = block_eigenvalues(HessianOperator(reference, None, hessian.cached_batches), k=2, seed=hessian.seed + 4)
+    direct = block_eigenvalues(HessianOperator(reference, None, hessian.cached_batches), k=2, seed=hessian.config.seed + 4)
     dense = torch.linalg.eigvalsh(dense_hessian(model, hessian.cached_batches))
     assert math.isclose(logged["train/hessian/eig_1"], float(dense[-1]), rel_tol=1e-4)
     owners = [n.rpartition(".")[0] for n, _ in model.named_parameters()]
@@ -216,7 +219,8 @@ def test_ddp_block_eigenvalues_match_single_process(tmp_path):
     data = make_data(64)
     seed_everything(0)
     model = TinyClassifier()
-    settings = dict(top_k=1, lambda_min=False, trace_budget=0, slq_iter=0, per_block_top_k=2, progress=False)
+    settings = dict(config=HessianConfig(top_k=1, lambda_min=False, trace_budget=0, slq_iter=0, per_block_top_k=2),
+                    progress=False)
     cb = HessianSpectrum(every_n_epochs=1, num_batches=2, **settings)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

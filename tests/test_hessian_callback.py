@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,12 +19,18 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_act.callbacks.hessian import HessianSpectrum, preserved_training_state
+from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.hessian import HessianOperator, lla_criteria, slq
 from lit_act.hessian.krylov_trace import lanczos_trace
 from lit_act.models import LitActModule, MLPClassifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "callbacks" / "hessian.yaml"
-SMALL = dict(top_k=3, trace_budget=30, slq_iter=20, slq_runs=2, progress=False)
+SMALL = HessianConfig(top_k=3, trace_budget=30, slq_iter=20, slq_runs=2)
+
+
+def small(**overrides) -> dict[str, Any]:
+    """The callback arguments of the small test settings, with ``overrides`` of their config."""
+    return {"config": dataclasses.replace(SMALL, **overrides), "progress": False}
 
 
 def make_data(n: int = 96, seed: int = 0) -> TensorDataset:
@@ -102,8 +110,8 @@ def test_callback_leaves_no_trace_and_does_not_change_training(tmp_path, eval_mo
     seed_everything(0)
     model = make_model()
     before, after = Snapshot(), Snapshot()
-    hessian = HessianSpectrum(every_n_steps=4, every_n_epochs=None, num_batches=2, eval_mode=eval_mode,
-                              backend="reverse", **SMALL)
+    hessian = HessianSpectrum(every_n_steps=4, every_n_epochs=None, num_batches=2,
+                              **small(eval_mode=eval_mode, backend="reverse"))
     loader = DataLoader(make_data(), batch_size=16, shuffle=True)
     make_trainer(tmp_path, [before, hessian, after], max_epochs=2).fit(model, loader)
     assert hessian.evaluations == 3  # steps 4, 8, 12
@@ -125,8 +133,8 @@ def test_callback_leaves_no_trace_and_does_not_change_training(tmp_path, eval_mo
 def test_logged_values_match_dense_hessian(tmp_path, backend):
     seed_everything(0)
     model = make_model()
-    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, top_k=3, trace_budget=30, slq_iter=24, slq_runs=2,
-                              backend=backend, progress=True)
+    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, config=HessianConfig(top_k=3, trace_budget=30,
+                              slq_iter=24, slq_runs=2, backend=backend), progress=True)
     trainer = make_trainer(tmp_path, [hessian])
     trainer.fit(model, DataLoader(make_data(), batch_size=16))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/hessian/")}
@@ -141,8 +149,8 @@ def test_logged_values_match_dense_hessian(tmp_path, backend):
     assert logged["train/hessian/converged"] == 1.0
     # the density: the Lanczos pass (from the seed's Rademacher vector, >= 24 steps) and one more SLQ run
     op = HessianOperator(copy.deepcopy(model).eval(), None, hessian.cached_batches)
-    first = lanczos_trace(op, 3, 1e-4, 60, probes=0, smallest=True, seed=hessian.seed, min_steps=24)
-    second = slq(op, 24, 1, seed=hessian.seed + 3)
+    first = lanczos_trace(op, 3, 1e-4, 60, probes=0, smallest=True, seed=hessian.config.seed, min_steps=24)
+    second = slq(op, 24, 1, seed=hessian.config.seed + 3)
     m = max(first.nodes.numel(), 24)
     pad = m - first.nodes.numel()
     nodes = torch.stack([torch.cat([first.nodes, first.nodes[:1].repeat(pad)]),
@@ -166,7 +174,7 @@ def test_curvatures_and_exact_trace_match_dense(tmp_path, curvature):
 
     seed_everything(0)
     model = make_model(batch_norm=False, dropout=0.0)
-    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, curvature=curvature, **SMALL)
+    hessian = HessianSpectrum(every_n_epochs=1, num_batches=2, **small(curvature=curvature))
     trainer = make_trainer(tmp_path, [hessian])
     trainer.fit(model, DataLoader(make_data(), batch_size=16))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/hessian/")}
@@ -210,20 +218,19 @@ def test_state_dict_roundtrip_and_warm_start():
     batches = [(torch.randn(16, 8), torch.randint(0, 3, (16,)))]
     model = make_model()
     # a warm start applies without the density; it shortens the pass when only the top eigenvalue is asked for
-    cb = HessianSpectrum(checkpoint_vector=True, warm_start=True, lambda_min=False,
-                         **{**SMALL, "top_k": 1, "slq_iter": 0})
+    cb = HessianSpectrum(checkpoint_vector=True, **small(warm_start=True, lambda_min=False, top_k=1, slq_iter=0))
     cold, _ = cb.compute(model, batches)
     warm, _ = cb.compute(model, batches)
     assert warm["train/hessian/eig_1"] == pytest.approx(cold["train/hessian/eig_1"], rel=1e-4)
     assert warm["train/hessian/matvecs"] < cold["train/hessian/matvecs"]
     cb.last_metrics, cb.evaluations = warm, 2
     state = cb.state_dict()
-    restored = HessianSpectrum(checkpoint_vector=True, **SMALL)
+    restored = HessianSpectrum(checkpoint_vector=True, **small())
     restored.load_state_dict(state)
     assert restored.last_metrics == warm and restored.evaluations == 2
     assert torch.equal(restored._warm_vector, cb._warm_vector)
-    assert "warm_vector" not in HessianSpectrum(**SMALL).state_dict()
-    assert cb.state_key != HessianSpectrum(every_n_steps=5, **SMALL).state_key
+    assert "warm_vector" not in HessianSpectrum(**small()).state_dict()
+    assert cb.state_key != HessianSpectrum(every_n_steps=5, **small()).state_key
 
 
 class DictBatchModule(LightningModule):
@@ -248,16 +255,16 @@ def dict_loader():
 def test_loss_fn_override_and_clear_error_without_it(tmp_path):
     module = DictBatchModule()
     with pytest.raises(TypeError, match="dry run on the first training batch failed.*Fix: pass loss_fn="):
-        make_trainer(tmp_path, [HessianSpectrum(**SMALL)]).fit(module, dict_loader())
+        make_trainer(tmp_path, [HessianSpectrum(**small())]).fit(module, dict_loader())
     assert module.global_step == 0  # raised before training
-    cb = HessianSpectrum(loss_fn=lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"]), **SMALL)
+    cb = HessianSpectrum(loss_fn=lambda m, b: F.cross_entropy(m.net(b["x"]), b["y"]), **small())
     trainer = make_trainer(tmp_path, [cb])
     trainer.fit(DictBatchModule(), dict_loader())
     assert math.isfinite(float(trainer.callback_metrics["train/hessian/eig_1"]))
 
 
 def test_nan_in_matvec_is_reported_not_raised(tmp_path):
-    cb = HessianSpectrum(loss_fn=lambda m, b: m.loss(m(b[0]), b[1]) * float("nan"), **SMALL)
+    cb = HessianSpectrum(loss_fn=lambda m, b: m.loss(m(b[0]), b[1]) * float("nan"), **small())
     trainer = make_trainer(tmp_path, [cb])
     with pytest.warns(UserWarning, match="NaN/Inf in (a block )?Hessian-vector product"):
         trainer.fit(make_model(), DataLoader(make_data(32), batch_size=16))
@@ -272,22 +279,22 @@ def test_bad_arguments():
         HessianSpectrum(every_n_steps=0)
     with pytest.raises(ValueError, match="num_batches"):
         HessianSpectrum(num_batches=0)
-    with pytest.raises(ValueError, match="unknown trace_method 'magic'; valid: \\['auto', 'exact'"):
-        HessianSpectrum(trace_method="magic")
-    with pytest.raises(ValueError, match="unknown curvature 'kfac'; valid"):
-        HessianSpectrum(curvature="kfac")
+    with pytest.raises(ValueError, match="trace_method='magic': expected one of the valid choices; valid: \\['auto', 'exact'"):
+        HessianSpectrum(config=HessianConfig(trace_method="magic"))
+    with pytest.raises(ValueError, match="curvature='kfac': .*valid: \\['hessian', 'ggn'"):
+        HessianSpectrum(config=HessianConfig(curvature="kfac"))
     with pytest.raises(ValueError, match="supported losses .*'cross_entropy', 'mse'"):
-        HessianSpectrum(curvature="ggn", loss="nll")
-    with pytest.raises(ValueError, match="unknown on_uncovered"):
-        HessianSpectrum(on_uncovered="skip")
-    with pytest.raises(ValueError, match="unknown backend"):
-        HessianSpectrum(backend="jax")
+        HessianSpectrum(config=HessianConfig(curvature="ggn", loss="nll"))
+    with pytest.raises(ValueError, match="on_uncovered='skip': .*valid: \\['error', 'control_variate'\\]"):
+        HessianSpectrum(config=HessianConfig(on_uncovered="skip"))
+    with pytest.raises(ValueError, match="backend='jax': .*valid: \\['forward', 'reverse', 'cached'\\]"):
+        HessianSpectrum(config=HessianConfig(backend="jax"))
     with pytest.raises(ValueError, match="trace_budget >= 4"):
-        HessianSpectrum(trace_budget=2)
+        HessianSpectrum(config=HessianConfig(trace_budget=2))
     with pytest.raises(ValueError, match="empty batch list"):
-        HessianSpectrum(**SMALL).compute(make_model(), [])
+        HessianSpectrum(**small()).compute(make_model(), [])
     with pytest.raises(ValueError, match="k must be between 1 and"):
-        HessianSpectrum(top_k=500, max_iter=500, progress=False).compute(
+        HessianSpectrum(config=HessianConfig(top_k=500, max_iter=500), progress=False).compute(
             make_model(), [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))])
 
 
@@ -295,7 +302,8 @@ def test_hydra_config_instantiates():
     cfg = OmegaConf.load(CONF)
     assert list(cfg) == ["hessian"]
     cb = instantiate(cfg.hessian)
-    assert isinstance(cb, HessianSpectrum) and cb.every_n_epochs == 1 and cb.top_k == 3
+    assert isinstance(cb, HessianSpectrum) and cb.every_n_epochs == 1
+    assert cb.config == HessianConfig()  # the YAML spells out the defaults
 
 
 # ---------------------------------------------------------------------------------------------------- DDP
@@ -325,8 +333,8 @@ def test_ddp_matches_single_process(tmp_path, memory_budget):
     data = make_data(64)
     seed_everything(0)
     model = TinyClassifier()
-    cb = HessianSpectrum(every_n_epochs=1, num_batches=2, top_k=3, trace_budget=30, slq_iter=20, progress=False,
-                         memory_budget=memory_budget)
+    cb = HessianSpectrum(every_n_epochs=1, num_batches=2, config=HessianConfig(top_k=3, trace_budget=30,
+                         slq_iter=20, memory_budget=memory_budget), progress=False)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path, callbacks=[cb, _Record(tmp_path)])
@@ -337,7 +345,8 @@ def test_ddp_matches_single_process(tmp_path, memory_budget):
     # single process, same weights, same data (DistributedSampler without shuffle: rank r gets samples r::2)
     x, y = data.tensors
     batches = [(x[r::2][i * 16:(i + 1) * 16], y[r::2][i * 16:(i + 1) * 16]) for r in (0, 1) for i in range(2)]
-    single, _ = HessianSpectrum(num_batches=4, top_k=3, trace_budget=30, slq_iter=20, progress=False).compute(
+    single, _ = HessianSpectrum(num_batches=4, config=HessianConfig(top_k=3, trace_budget=30, slq_iter=20),
+                                progress=False).compute(
         model, batches)
     for i in range(3):
         key = f"train/hessian/eig_{i + 1}"

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_act.callbacks.hessian import HessianSpectrum
+from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.hessian import block_eigenvalues
 from lit_act.hessian.memory import ChunkPlan, LinearCost, ProductCosts, TensorMemory, plan_chunks
 from lit_act.hessian.operator import HessianOperator, math_attention
@@ -178,12 +179,12 @@ class LMData(TensorDataset):
         super().__init__(torch.randint(0, 17, (32, 32), generator=gen), torch.randint(0, 17, (32, 32), generator=gen))
 
 
-def fit(tmp_path, **kwargs) -> tuple[HessianSpectrum, dict[str, float]]:
+def fit(tmp_path, **config) -> tuple[HessianSpectrum, dict[str, float]]:
     seed_everything(0)
     model, _ = tiny_lm()
     model.train()
-    callback = HessianSpectrum(every_n_steps=1, every_n_epochs=None, top_k=2, trace_budget=0, slq_iter=0,
-                               lambda_min=False, progress=False, save_density_figure=False, **kwargs)
+    callback = HessianSpectrum(every_n_steps=1, every_n_epochs=None, progress=False, save_density_figure=False,
+                               config=HessianConfig(top_k=2, trace_budget=0, slq_iter=0, lambda_min=False, **config))
     trainer = Trainer(default_root_dir=tmp_path, max_steps=2, limit_train_batches=2, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[callback])
@@ -203,10 +204,10 @@ def test_callback_plans_once_per_fit_and_logs_the_same_eigenvalues(tmp_path, mon
     for key in ("train/hessian/eig_1", "train/hessian/eig_2"):
         assert bounded_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4)
     with pytest.raises(ValueError, match="memory_budget"):
-        HessianSpectrum(memory_budget=-1.0)
+        HessianSpectrum(config=HessianConfig(memory_budget=-1.0))
     for conflict in ({"chunk_size": 4}, {"curvature": "ggn"}, {"backend": "forward"}):
         with pytest.raises(ValueError, match="memory_budget plans the chunks of the 'cached' Hessian products"):
-            HessianSpectrum(memory_budget=3.0, **conflict)
+            HessianConfig(memory_budget=3.0, **conflict)
 
 
 def test_memory_budget_on_a_hugging_face_lm_with_padded_dict_batches():

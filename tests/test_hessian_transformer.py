@@ -229,14 +229,15 @@ def test_callback_default_evaluation_on_a_tiny_lm_chunked_and_not():
     """HessianSpectrum's one-pass evaluation on a TransformerLM: chunked batches give the same metrics (one pass from
     the same seed on the same operator), the top eigenvalues match a separate tight Lanczos run, and the trace agrees
     with Hutchinson within the reported standard errors."""
-    from lit_act.callbacks.hessian import HessianSpectrum
+    from lit_act.callbacks import HessianConfig, HessianSpectrum
     from lit_act.hessian import hutchinson, lanczos
 
     model, batch = tiny_lm()
     model = model.float()
-    whole, _ = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=20).compute(model, [batch])
-    chunked, _ = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=20,
-                                 chunk_size=2).compute(model, [batch])
+    whole, _ = HessianSpectrum(progress=False, save_density_figure=False,
+                               config=HessianConfig(trace_budget=20)).compute(model, [batch])
+    chunked, _ = HessianSpectrum(progress=False, save_density_figure=False,
+                                 config=HessianConfig(trace_budget=20, chunk_size=2)).compute(model, [batch])
     keys = [k for k in whole if not k.endswith(("seconds", "matvecs"))]
     for key in keys:
         assert chunked[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-5), key
@@ -268,7 +269,7 @@ def test_auto_trace_on_an_uncovered_model(monkeypatch):
     the same numbers as calling it directly); for the GGN the exact rules are tried once per fit, then the pass's
     Krylov trace is used."""
     import lit_act.callbacks.hessian as module
-    from lit_act.callbacks.hessian import HessianSpectrum
+    from lit_act.callbacks import HessianConfig, HessianSpectrum
     from lit_act.hessian import trace
 
     calls = []
@@ -281,17 +282,19 @@ def test_auto_trace_on_an_uncovered_model(monkeypatch):
     monkeypatch.setattr(module, "trace", counting_trace)
     model, batch = tiny_lm()
     model = model.float()
-    callback = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=8, slq_iter=0)
+    callback = HessianSpectrum(progress=False, save_density_figure=False, config=HessianConfig(trace_budget=8,
+                               slq_iter=0))
     first, _ = callback.compute(model, [batch])
     second, _ = callback.compute(model, [batch])
     assert calls == ["auto", "auto"]
-    direct = trace(HessianOperator(model, None, [batch]), 8, method="auto", seed=callback.seed + 2)
+    direct = trace(HessianOperator(model, None, [batch]), 8, method="auto", seed=callback.config.seed + 2)
     assert direct.method == "control_variate+interleaved" and direct.std_error > 0
     for metrics in (first, second):
         assert metrics["train/hessian/trace"] == pytest.approx(direct.estimate, rel=1e-6)
         assert metrics["train/hessian/trace_se"] == pytest.approx(direct.std_error, rel=1e-6)
     calls.clear()
-    ggn = HessianSpectrum(progress=False, save_density_figure=False, trace_budget=4, slq_iter=0, curvature="ggn")
+    ggn = HessianSpectrum(progress=False, save_density_figure=False, config=HessianConfig(trace_budget=4,
+                          slq_iter=0, curvature="ggn"))
     for _ in range(2):
         metrics, _ = ggn.compute(model, [batch])
         assert math.isfinite(metrics["train/hessian/trace"]) and metrics["train/hessian/trace_se"] > 0  # Krylov

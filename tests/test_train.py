@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 
-from lit_act.training import optimized_metric, train
+from lit_act.callbacks import HessianConfig
+from lit_act.training import apply_smoke, optimized_metric, train
 from lit_act.utils.validate import ConfigError
 from tests.helpers import compose_train
 from tests.test_experiments import assert_every_callback_collected
@@ -59,6 +61,20 @@ def test_default_callback_set_is_task_neutral(tmp_path):
 def test_experiment_callbacks_win_over_the_task_set(tmp_path):
     cfg = compose_train(tmp_path, ["experiment=hessian_landscape"])
     assert set(cfg.callbacks) == {"model_checkpoint", "hessian"}
+
+
+def test_smoke_caps_nested_callback_configs_and_keeps_the_rest(tmp_path):
+    """``debug=smoke`` merges into a callback's nested ``config`` key by key: numbers capped, the experiment's other
+    fields and ``_target_`` kept; the command line reaches the nested config too."""
+    cfg = compose_train(tmp_path, ["experiment=hessian_landscape", "debug=smoke",
+                                   "callbacks.hessian.config.curvature=ggn"])
+    apply_smoke(cfg)
+    hessian = cfg.callbacks.hessian
+    assert hessian.num_batches == 1  # min(4, 1)
+    assert (hessian.config.slq_iter, hessian.config.slq_runs, hessian.config.top_k) == (4, 1, 2)  # min(80, 4), ...
+    assert hessian.config.curvature == "ggn" and hessian.config.tol == 1e-4
+    callback = instantiate(hessian)
+    assert isinstance(callback.config, HessianConfig) and callback.config.slq_iter == 4
 
 
 def test_fast_dev_run_still_works(tmp_path):

@@ -17,6 +17,7 @@ from lit_act.callbacks import (
     ActivationHistograms,
     ActivationSparsity,
     DeadNeurons,
+    HessianConfig,
     HessianSpectrum,
     LearnedActivationShapes,
     MassiveActivations,
@@ -243,28 +244,32 @@ BAD_CALLBACK = [
     (ActivationHistograms, {"low": "x"}, "low"),
     (ActivationHistograms, {"low": 1.0, "high": 1.0}, "high"),
     # HessianSpectrum
-    (HessianSpectrum, {"tol": "a"}, "tol"),
-    (HessianSpectrum, {"tol": 0}, "tol"),
-    (HessianSpectrum, {"kh_power": NAN}, "kh_power"),
-    (HessianSpectrum, {"kh_power": -1}, "kh_power"),
-    (HessianSpectrum, {"max_iter": 2.5}, "max_iter"),
-    (HessianSpectrum, {"max_iter": 0}, "max_iter"),
-    (HessianSpectrum, {"max_iter": 2}, "max_iter"),  # < top_k
+    (HessianConfig, {"tol": "a"}, "tol"),
+    (HessianConfig, {"tol": 0}, "tol"),
+    (HessianConfig, {"kh_power": NAN}, "kh_power"),
+    (HessianConfig, {"kh_power": -1}, "kh_power"),
+    (HessianConfig, {"max_iter": 2.5}, "max_iter"),
+    (HessianConfig, {"max_iter": 0}, "max_iter"),
+    (HessianConfig, {"max_iter": 2}, "max_iter"),  # < top_k
     (HessianSpectrum, {"num_batches": 0}, "num_batches"),
     (HessianSpectrum, {"num_batches": True}, "num_batches"),
-    (HessianSpectrum, {"top_k": 0}, "top_k"),
-    (HessianSpectrum, {"slq_runs": 0}, "slq_runs"),
-    (HessianSpectrum, {"trace_budget": -1}, "trace_budget"),
-    (HessianSpectrum, {"trace_budget": 2}, "trace_budget"),
-    (HessianSpectrum, {"slq_iter": -1}, "slq_iter"),
-    (HessianSpectrum, {"slq_iter": 2.5}, "slq_iter"),
-    (HessianSpectrum, {"params": 3}, "params"),
-    (HessianSpectrum, {"params": [1]}, "params"),
-    (HessianSpectrum, {"backend": "jax"}, "backend"),
-    (HessianSpectrum, {"trace_method": "magic"}, "trace_method"),
-    (HessianSpectrum, {"curvature": "kfac"}, "curvature"),
-    (HessianSpectrum, {"lambda_min": "maybe"}, "lambda_min"),
-    (HessianSpectrum, {"seed": "x"}, "seed"),
+    (HessianConfig, {"top_k": 0}, "top_k"),
+    (HessianConfig, {"slq_runs": 0}, "slq_runs"),
+    (HessianConfig, {"trace_budget": -1}, "trace_budget"),
+    (HessianConfig, {"trace_budget": 2}, "trace_budget"),
+    (HessianConfig, {"slq_iter": -1}, "slq_iter"),
+    (HessianConfig, {"slq_iter": 2.5}, "slq_iter"),
+    (HessianConfig, {"params": 3}, "params"),
+    (HessianConfig, {"params": [1]}, "params"),
+    (HessianConfig, {"backend": "jax"}, "backend"),
+    (HessianConfig, {"trace_method": "magic"}, "trace_method"),
+    (HessianConfig, {"curvature": "kfac"}, "curvature"),
+    (HessianConfig, {"lambda_min": "maybe"}, "lambda_min"),
+    (HessianConfig, {"seed": "x"}, "seed"),
+    (HessianConfig, {"memory_budget": 3.0, "chunk_size": 4}, "memory_budget"),
+    (HessianConfig, {"per_block_top_k": 2, "curvature": "ggn"}, "per_block_top_k"),
+    (HessianSpectrum, {"config": {"top_kk": 3}}, "top_kk"),  # a Hydra node with a typo: the valid fields are listed
+    (HessianSpectrum, {"config": 3}, "config"),
     # NeuronActivationCoverage
     (NeuronActivationCoverage, {"ood_sets": [1, 2]}, "ood_sets"),
     (NeuronActivationCoverage, {"bins": 10**9, **NOEVAL}, "bins"),
@@ -336,10 +341,12 @@ def test_hydra_strings_are_converted_in_callbacks():
     assert DeadNeurons(threshold="0.5", window_steps="10").window_steps == 10
     hist = ActivationHistograms(bins="32", low="-2", high="2")
     assert (hist.bins, hist.low, hist.high) == (32, -2.0, 2.0)
-    hessian = HessianSpectrum(tol="1e-3", max_iter="80", kh_power="0.25", params="hidden.*")
+    # a Hydra node without _target_ (DictConfig) is a mapping of HessianConfig's fields
+    hessian = HessianSpectrum(config=OmegaConf.create({"tol": "1e-3", "max_iter": "80", "kh_power": "0.25",
+                                                       "params": "hidden.*"})).config
     assert (hessian.tol, hessian.max_iter, hessian.kh_power) == (1e-3, 80, 0.25)
-    assert hessian.params == ["hidden.*"]  # one pattern, not its characters
-    assert HessianSpectrum(params=OmegaConf.create(["a.*", "b"])).params == ["a.*", "b"]
+    assert hessian.params == ("hidden.*",)  # one pattern, not its characters
+    assert HessianConfig(params=OmegaConf.create(["a.*", "b"])).params == ("a.*", "b")
     assert LearnedActivationShapes(x_range=OmegaConf.create(["-2", 2])).x_range == (-2.0, 2.0)
     nac = NeuronActivationCoverage(alpha="0.5", saturation="10", bins="20", evaluate_on=None)
     assert (nac.params.alpha, nac.params.saturation, nac.params.bins) == (0.5, 10.0, 20)

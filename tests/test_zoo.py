@@ -676,19 +676,20 @@ def test_hessian_spectrum(arch_name: str, tmp_path) -> None:
     """HessianSpectrum at epoch end with tiny budgets: top-3 / smallest eigenvalues and the trace equal the dense
     Hessian's (``params=`` one small tensor; BoringModel: all 66 parameters). Default loss: HF ``.loss``,
     ``pl_module.loss(logits, targets)`` otherwise (tuple batches also need ``adapter=``)."""
-    from lit_act.callbacks.hessian import HessianSpectrum
+    from lit_act.callbacks import HessianSpectrum
 
     arch = ARCHS[arch_name]
     module = arch.build()
     param = HESSIAN_PARAMS[arch_name]
-    budgets = {"top_k": 3, "max_iter": 40, "trace_budget": 30, "slq_iter": 0, "save_density_figure": False,
-               "progress": False}
+    budgets = {"config": {"top_k": 3, "max_iter": 40, "trace_budget": 30, "slq_iter": 0,
+                          "params": [param] if param else None},
+               "save_density_figure": False, "progress": False}
     loss_fn = None
     if arch_name == "boring":  # BoringModel batches carry no targets: the dry run asks for loss_fn before training
         with pytest.raises(TypeError, match=r"dry run.*loss_fn=lambda module, batch"):
             fit(arch.build(), arch, [HessianSpectrum(**budgets)], tmp_path)
         loss_fn = lambda m, batch: m.loss(m(batch))  # noqa: E731
-    cb = HessianSpectrum(params=[param] if param else None, adapter=arch.adapter, loss_fn=loss_fn, **budgets)
+    cb = HessianSpectrum(adapter=arch.adapter, loss_fn=loss_fn, **budgets)
     logger = fit(module, arch, [cb], tmp_path)
     eig = torch.linalg.eigvalsh(dense_hessian(module, arch, cb.cached_batches[0], param).double())
     hess_trace = eig.sum().item()

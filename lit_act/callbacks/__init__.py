@@ -22,6 +22,7 @@ from lit_act.callbacks.base import ActivationStatisticCallback
 from lit_act.callbacks.core import LitActCallback
 from lit_act.callbacks.dead import DeadNeurons
 from lit_act.callbacks.hessian import HessianSpectrum
+from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.callbacks.histograms import ActivationHistograms
 from lit_act.callbacks.massive import MassiveActivations
 from lit_act.callbacks.nac import NeuronActivationCoverage
@@ -30,6 +31,6 @@ from lit_act.callbacks.shapes import LearnedActivationShapes
 from lit_act.callbacks.sparsity import ActivationSparsity
 from lit_act.callbacks.teacher_student import TeacherStudentMatch
 
-__all__ = ["ActivationHistograms", "ActivationSparsity", "ActivationStatisticCallback", "DeadNeurons", "HessianSpectrum",
-           "LearnedActivationShapes", "LitActCallback", "MassiveActivations", "NeuronActivationCoverage",
+__all__ = ["ActivationHistograms", "ActivationSparsity", "ActivationStatisticCallback", "DeadNeurons", "HessianConfig",
+           "HessianSpectrum", "LearnedActivationShapes", "LitActCallback", "MassiveActivations", "NeuronActivationCoverage",
            "SparseAutoencoderTrainer", "TeacherStudentMatch"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,21 +17,20 @@ from typing_extensions import override
 
 from lit_act.batch import DEFAULT_ADAPTER, BatchAdapter
 from lit_act.callbacks.core import LitActCallback, probe_batches
+from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.hessian.blocks import block_eigenvalues, block_sizes, check_block_k
-from lit_act.hessian.curvature import CURVATURES, curvature_operator
+from lit_act.hessian.curvature import curvature_operator
 from lit_act.hessian.density import gaussian_density, lla_criteria, slq
 from lit_act.hessian.krylov_trace import lanczos_trace
-from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.memory import ChunkPlan
-from lit_act.hessian.operator import BACKENDS, HessianOperator, LossFn, batch_size
-from lit_act.hessian.trace import ON_UNCOVERED, TRACE_METHODS, trace
+from lit_act.hessian.operator import HessianOperator, LossFn, batch_size
+from lit_act.hessian.trace import trace
 from lit_act.stats.tap import paused
 from lit_act.utils import validate as v
 from lit_act.utils.modes import evaluating
 from lit_act.utils.schedule import due, is_real_run, planned_steps, validate_every_n
 
 PREFIX = "train/hessian/"
-TRACE_CHOICES = (*TRACE_METHODS, "krylov")
 
 
 @contextlib.contextmanager
@@ -132,146 +131,36 @@ class HessianSpectrum(LitActCallback):
         num_batches: training batches to cache and average over (weighted by batch size); the cache takes one
             training batch per step, so ``every_n_steps`` evaluations before it is full use the batches cached so
             far (a warning at setup says so).
-        top_k: number of top eigenvalues.
-        max_iter: Lanczos steps at most of the pass (default ``max(2 top_k + 20, 60, slq_iter)``).
-        tol: Lanczos relative tolerance. On the reference TransformerLM the top-3 Ritz values were within 8e-7
-            (relative) of a tol=1e-10 solve at the default 1e-4, within 1.3e-5 at ``tol=1e-3``, which saved only 2 of
-            41 products.
-        lambda_min: also converge the smallest eigenvalue in the same pass.
-        trace_budget: matvecs of the trace beyond the pass (0 disables the trace): the group products of the
-            interleaved estimator, the deflated probes of ``"krylov"`` (Hutchinson on ``(I - QQ^T) H (I - QQ^T)``,
-            ``Q`` the pass's basis), or the budget of the other estimators.
-        trace_method: ``"auto"`` (default: exact by backpropagation when every parameter is covered, see
-            :mod:`lit_act.hessian.diagonal`; else, for the Hessian, the covered blocks exactly plus the interleaved
-            block-diagonal estimator on the rest, :func:`lit_act.hessian.trace.interleaved`, and for the GGN /
-            Fishers ``"krylov"``), ``"krylov"`` (``tr(T)`` of the pass plus deflated probes,
-            :mod:`lit_act.hessian.krylov_trace`), ``"exact"`` (``on_uncovered`` decides for uncovered networks),
-            ``"hutchpp"``, ``"hutchinson"``, ``"xtrace"`` or ``"interleaved"`` (separate products). On the reference
-            TransformerLM (``auto``, default budget) the standard error was 0.3-1.2 (2 rounds) against 1.1-1.5 for
-            ``"krylov"`` with 10 deflated probes (0.92x the evaluation time); with the default ``trace_budget=16``
-            (4 rounds of 4 groups) 0.5 in 0.97x the time.
-        on_uncovered: for ``trace_method="exact"`` on a network outside the exact rules: ``"error"`` (raise, naming
-            the module) or ``"control_variate"`` (warn and fall back).
-        curvature: ``"hessian"`` (default), ``"ggn"`` (generalised Gauss-Newton), ``"fisher"`` (the model's
-            predictive-distribution Fisher, equal to the GGN for cross-entropy and MSE) or ``"empirical_fisher"``
-            (see :mod:`lit_act.hessian.curvature`).
-        loss: the output loss for the GGN/Fisher and the exact diagonals, ``"cross_entropy"`` or ``"mse"``
-            (``None``: detected for lit-act models with the default loss).
-        slq_iter: SLQ nodes at least (0 disables the density, ``re`` and ``kh``): the pass runs at least this many
-            steps and is the first SLQ run; further runs have ``slq_iter`` steps.
-        slq_runs: SLQ runs, the pass included.
-        kh_power: the power ``n`` of ``Kh_n``.
-        params: parameter names or ``fnmatch`` patterns (``None`` = all trainable parameters).
-        backend: Hessian-vector product backend (``"cached"``, ``"forward"``, ``"reverse"``; see
-            :mod:`lit_act.hessian.operator`). ``"cached"`` (default) keeps the first-order graph of the cached
-            batches for the duration of one evaluation and is the fastest (2x ``"forward"`` on the benchmark MLP,
-            ~10x on tiny models, CPU); ``"forward"`` recomputes per product and holds one batch at a time.
-        eval_mode: compute in eval mode (BatchNorm/dropout); ``False`` keeps the current modes.
+        config: what an evaluation computes and how (:class:`~lit_act.callbacks.hessian_config.HessianConfig`: top-k,
+            trace method and budget, density, curvature, backend, memory), or a mapping of its fields; ``None``: the
+            defaults.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default (:class:`AdaptedLoss`): the output's ``.loss`` when
             there is one (HF with labels), else ``module.loss(logits, targets)`` through ``adapter``.
         adapter: batch / output adapter of the default loss (:class:`lit_act.batch.BatchAdapter`).
         dry_run: run one loss and one Hessian-vector product on the first training batch at train start.
-        seed: seed of the private generator for start vectors and probes.
-        warm_start: start the pass from the previous top eigenvectors (summed) when the density is off
-            (``slq_iter=0``; a warm-started pass is no SLQ sample). Off by default, as the density is on by
-            default and the gain was mixed on the reference TransformerLM (evaluations 10 training steps apart:
-            after 1 step, 30 Lanczos steps cold and 19 warm; after 30 steps, 21 cold and 23 warm).
         checkpoint_vector: also store the warm-start vector in checkpoints (``dim`` floats).
         save_density_figure: save the density plot.
         progress: show a progress bar over Hessian-vector products on rank zero.
-        per_block_top_k: top eigenvalues of every per-module Hessian block (0 disables; ``curvature="hessian"``;
-            at most the smallest block's size, checked at setup).
-        chunk_size: split each cached batch into sub-batches of this many examples (the same operator: see
-            :class:`lit_act.hessian.operator.HessianOperator`); bounds the memory of a Hessian-vector product by one
-            chunk's instead of the cached batches' graphs, at the price of recomputing each chunk's graph per
-            product. On the reference TransformerLM one cached HVP peaks at ~4x one backward pass; half-batch
-            chunks at ~2x (``python -m benchmarks.bench_hessian --only transformer``). ``None``: whole batches
-            (or ``memory_budget``'s plan).
-        memory_budget: instead of ``chunk_size``, the most memory one Hessian-vector product may take, as a
-            multiple of one backward pass of the cached batches (e.g. 3.0; ``None``, the default: no limit). At the
-            first evaluation of a fit the memory is measured and the batches split so that the graph of as many
-            examples as fit is kept and the rest recomputed per product
-            (:func:`lit_act.hessian.memory.plan_chunks`); the plan is reused while the cached batches stay the same.
-            On the reference TransformerLM (batch 16) a product then peaks at 2.8x one backward instead of 4.4x and
-            costs ~1.2x as much. Chunking only shrinks what grows with the examples: on models whose memory is
-            mostly parameter-sized buffers (small MLPs) a tight budget means many small recomputed chunks (slow) or
-            cannot be met (a warning says so), hence no default. Only with ``curvature="hessian"``,
-            ``backend="cached"`` and no ``chunk_size`` (else an error).
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
-                 top_k: int = 3, max_iter: int | None = None, tol: float = 1e-4, lambda_min: bool = True,
-                 trace_budget: int = 16, trace_method: str = "auto", slq_iter: int = 30, slq_runs: int = 1,
-                 kh_power: float = 0.5, params: Sequence[str] | None = None, backend: str = "cached",
-                 eval_mode: bool = True, loss_fn: LossFn | None = None, seed: int = 0, warm_start: bool = False,
-                 checkpoint_vector: bool = False, save_density_figure: bool = True, progress: bool = True,
-                 curvature: str = "hessian", loss: str | None = None, on_uncovered: str = "error",
-                 adapter: BatchAdapter | None = None, dry_run: bool = True, per_block_top_k: int = 0,
-                 chunk_size: int | None = None, memory_budget: float | None = None) -> None:
-        every_n_steps = validate_every_n("every_n_steps", every_n_steps)
-        every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
-        num_batches, top_k = v.positive_int("num_batches", num_batches), v.positive_int("top_k", top_k)
-        slq_runs, max_iter = v.positive_int("slq_runs", slq_runs), v.optional(v.positive_int, "max_iter", max_iter)
-        trace_budget = v.non_negative_int("trace_budget", trace_budget)
-        slq_iter, seed = v.non_negative_int("slq_iter", slq_iter), v.integer("seed", seed)
-        tol, kh_power = v.positive_float("tol", tol), v.positive_float("kh_power", kh_power)
-        params = v.optional(v.str_sequence, "params", params)  # "hidden.*" is one pattern
-        lambda_min, eval_mode = v.boolean("lambda_min", lambda_min), v.boolean("eval_mode", eval_mode)
-        warm_start, progress = v.boolean("warm_start", warm_start), v.boolean("progress", progress)
-        checkpoint_vector, dry_run = v.boolean("checkpoint_vector", checkpoint_vector), v.boolean("dry_run", dry_run)
-        save_density_figure = v.boolean("save_density_figure", save_density_figure)
-        per_block_top_k = v.non_negative_int("per_block_top_k", per_block_top_k)
-        if per_block_top_k and (curvature != "hessian" or (max_iter is not None and max_iter < per_block_top_k)):
-            raise ValueError(f"per_block_top_k={per_block_top_k} needs curvature='hessian' (got {curvature!r}) and "
-                             f"max_iter >= per_block_top_k (got {max_iter})")
-        self.chunk_size = v.optional(v.positive_int, "chunk_size", chunk_size)
-        self.memory_budget = v.optional(v.positive_float, "memory_budget", memory_budget)
-        if memory_budget is not None and (chunk_size is not None or curvature != "hessian" or backend != "cached"):
-            raise ValueError(f"memory_budget plans the chunks of the 'cached' Hessian products; got chunk_size="
-                             f"{chunk_size}, curvature={curvature!r}, backend={backend!r} (drop memory_budget, or "
-                             "use chunk_size alone)")
-        self._chunk_plans: list[ChunkPlan] | None = None  # memory_budget's plan for the cached batches
-        super().__init__(adapter, save_density_figure)
-        validate_every_n("every_n_steps", every_n_steps)
-        validate_every_n("every_n_epochs", every_n_epochs)
-        if every_n_steps is None and every_n_epochs is None:
+                 config: HessianConfig | Mapping[str, Any] | None = None, loss_fn: LossFn | None = None,
+                 adapter: BatchAdapter | None = None, dry_run: bool = True, checkpoint_vector: bool = False,
+                 save_density_figure: bool = True, progress: bool = True) -> None:
+        self.every_n_steps = validate_every_n("every_n_steps", every_n_steps)
+        self.every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
+        if self.every_n_steps is None and self.every_n_epochs is None:
             raise ValueError("set every_n_steps or every_n_epochs (both are None: the callback would never run)")
-        minimums = {"num_batches": (num_batches, 1), "top_k": (top_k, 1), "trace_budget": (trace_budget, 0),
-                    "slq_iter": (slq_iter, 0), "slq_runs": (slq_runs, 1)}
-        for name, (value, low) in minimums.items():
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if max_iter is not None and max_iter < top_k:
-            raise ValueError(f"max_iter ({max_iter}) must be >= top_k ({top_k})")
-        if trace_method not in TRACE_CHOICES:
-            raise ValueError(f"unknown trace_method {trace_method!r}; valid: {list(TRACE_CHOICES)}")
-        if trace_method in ("auto", "exact", "hutchpp", "xtrace") and 0 < trace_budget < 4:
-            raise ValueError(f"{trace_method} needs trace_budget >= 4 (or 0 to disable), got {trace_budget}")
-        if curvature not in CURVATURES:
-            raise ValueError(f"unknown curvature {curvature!r}; valid: {list(CURVATURES)}")
-        if loss is not None and loss not in OUTPUT_LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; supported losses (known output Hessian): {list(OUTPUT_LOSSES)}")
-        if on_uncovered not in ON_UNCOVERED:
-            raise ValueError(f"unknown on_uncovered {on_uncovered!r}; valid: {list(ON_UNCOVERED)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
-        if tol <= 0 or kh_power <= 0:
-            raise ValueError(f"tol and kh_power must be positive, got tol={tol}, kh_power={kh_power}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable(module, batch) -> scalar, got {loss_fn!r}")
-        self.every_n_steps, self.every_n_epochs, self.num_batches = every_n_steps, every_n_epochs, num_batches
-        self.top_k, self.max_iter, self.tol, self.lambda_min = top_k, max_iter, tol, lambda_min
-        self.trace_budget, self.trace_method = trace_budget, trace_method
-        self.slq_iter, self.slq_runs, self.kh_power = slq_iter, slq_runs, kh_power
-        self.params = None if params is None else list(params)
-        self.backend, self.eval_mode, self.seed = backend, eval_mode, seed
-        self.user_loss_fn = loss_fn
+        self.num_batches = v.positive_int("num_batches", num_batches)
+        self.config = HessianConfig.of(config)
+        self.user_loss_fn = v.callable_or_none("loss_fn", loss_fn)
+        self.dry_run, self.progress = v.boolean("dry_run", dry_run), v.boolean("progress", progress)
+        self.checkpoint_vector = v.boolean("checkpoint_vector", checkpoint_vector)
+        self.save_density_figure = v.boolean("save_density_figure", save_density_figure)
+        super().__init__(adapter, self.save_density_figure)
         self.loss_fn = loss_fn or AdaptedLoss(self.adapter)
-        self.dry_run = dry_run
-        self.warm_start, self.checkpoint_vector = warm_start, checkpoint_vector
-        self.save_density_figure, self.progress = save_density_figure, progress
-        self.curvature, self.loss, self.on_uncovered = curvature, loss, on_uncovered
-        self.per_block_top_k, self._block_names = per_block_top_k, []
+        self._block_names: list[str] = []
+        self._chunk_plans: list[ChunkPlan] | None = None  # memory_budget's plan for the cached batches
         self.cached_batches: list[Any] = []
         self.last_metrics: dict[str, float] = {}
         self.evaluations = 0
@@ -283,8 +172,9 @@ class HessianSpectrum(LitActCallback):
     @property
     @override
     def state_key(self) -> str:
+        params = self.config.params
         return self._generate_state_key(every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs,
-                                        params=self.params)
+                                        params=None if params is None else list(params))  # the key checkpoints carry
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -310,9 +200,9 @@ class HessianSpectrum(LitActCallback):
         if self.every_n_steps is None and epochs is not None and epochs > 0 and self.every_n_epochs > epochs \
                 and trainer.max_steps < 0:
             self.warn(f"every_n_epochs={self.every_n_epochs} but the run has {epochs} epochs: no evaluation runs")
-        if self.per_block_top_k:
-            sizes = block_sizes(pl_module, self.params)
-            check_block_k(sizes, self.per_block_top_k)
+        if self.config.per_block_top_k:
+            sizes = block_sizes(pl_module, self.config.params)
+            check_block_k(sizes, self.config.per_block_top_k)
             self._block_names = list(sizes)
 
     @override
@@ -326,11 +216,12 @@ class HessianSpectrum(LitActCallback):
         batch = next(iter(probe_batches(trainer, 2, pl_module.device)), None)
         if batch is None:
             return
+        c = self.config
         try:
-            with preserved_training_state(pl_module, self.eval_mode), paused(), torch.inference_mode(False), \
+            with preserved_training_state(pl_module, c.eval_mode), paused(), torch.inference_mode(False), \
                     torch.enable_grad():
-                op = HessianOperator(pl_module, self.loss_fn, [batch], params=self.params, backend=self.backend,
-                                     chunk_size=self.chunk_size)
+                op = HessianOperator(pl_module, self.loss_fn, [batch], params=c.params, backend=c.backend,
+                                     chunk_size=c.chunk_size)
                 op.matvec(torch.zeros(op.dim, dtype=op.dtype, device=op.device))
         except FloatingPointError:
             return  # a non-finite loss is reported by each evaluation (nan_events), not a setup error
@@ -410,12 +301,13 @@ class HessianSpectrum(LitActCallback):
 
     def metric_names(self) -> list[str]:
         """Every key an evaluation logs, in order."""
-        names = [f"{PREFIX}eig_{i + 1}" for i in range(self.top_k)]
-        names += [f"{PREFIX}lambda_min"] if self.lambda_min else []
-        names += [f"{PREFIX}trace", f"{PREFIX}trace_se"] if self.trace_budget else []
-        names += [f"{PREFIX}re", f"{PREFIX}kh"] if self.slq_iter else []
-        names += [f"{PREFIX}block_top{i + 1}/{b}" for b in self._block_names for i in range(self.per_block_top_k)]
-        names += [f"{PREFIX}block_converged"] if self.per_block_top_k else []
+        c = self.config
+        names = [f"{PREFIX}eig_{i + 1}" for i in range(c.top_k)]
+        names += [f"{PREFIX}lambda_min"] if c.lambda_min else []
+        names += [f"{PREFIX}trace", f"{PREFIX}trace_se"] if c.trace_budget else []
+        names += [f"{PREFIX}re", f"{PREFIX}kh"] if c.slq_iter else []
+        names += [f"{PREFIX}block_top{i + 1}/{b}" for b in self._block_names for i in range(c.per_block_top_k)]
+        names += [f"{PREFIX}block_converged"] if c.per_block_top_k else []
         return [*names, f"{PREFIX}converged", f"{PREFIX}matvecs", f"{PREFIX}seconds"]
 
     def compute(self, module: nn.Module, batches: Sequence[Any] | None = None,
@@ -427,11 +319,12 @@ class HessianSpectrum(LitActCallback):
         ``broadcast_buffers`` (DDP): use rank 0's buffers on every rank during the evaluation, as DDP's own forward
         does (``broadcast_buffers=True``); without it, eval-mode BatchNorm would differ across ranks by their last
         local running-statistics update. Local buffers are restored afterwards."""
+        c = self.config
         batches = self.cached_batches if batches is None else list(batches)
         start = time.perf_counter()
-        planned = self.pass_steps() + self.trace_budget + self.slq_iter * (self.slq_runs - 1)
+        planned = c.pass_steps() + c.trace_budget + c.slq_iter * (c.slq_runs - 1)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(preserved_training_state(module, self.eval_mode))
+            stack.enter_context(preserved_training_state(module, c.eval_mode))
             stack.enter_context(paused())  # no callback observes the Hessian-vector products
             if broadcast_buffers:
                 for buffer in module.buffers():
@@ -439,8 +332,8 @@ class HessianSpectrum(LitActCallback):
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             bar = stack.enter_context(_progress_bar(planned, show_progress))
-            op = curvature_operator(module, self.operator_loss_fn(module), batches, curvature=self.curvature, loss=self.loss,
-                                    params=self.params, backend=self.backend, all_reduce=all_reduce, on_matvec=bar,
+            op = curvature_operator(module, self.operator_loss_fn(module), batches, curvature=c.curvature, loss=c.loss,
+                                    params=c.params, backend=c.backend, all_reduce=all_reduce, on_matvec=bar,
                                     **self._chunking(batches))
             if op.chunk_plans is not None:
                 self._chunk_plans = op.chunk_plans
@@ -452,30 +345,28 @@ class HessianSpectrum(LitActCallback):
     def _chunking(self, batches: Sequence[Any]) -> dict[str, Any]:
         """How the operator bounds a product's memory: ``chunk_size`` (or nothing), this fit's plan for these
         batches, or ``memory_budget`` (planned by the operator)."""
-        if self.memory_budget is None:
-            return {"chunk_size": self.chunk_size}
+        c = self.config
+        if c.memory_budget is None:
+            return {"chunk_size": c.chunk_size}
         plans = self._chunk_plans
         if plans is not None and [sum(p.sizes) for p in plans] == [batch_size(b) for b in batches]:
             return {"chunk_plans": plans}
-        return {"memory_budget": self.memory_budget}
-
-    def pass_steps(self) -> int:
-        """Lanczos steps at most of the shared pass."""
-        return self.max_iter or max(2 * self.top_k + 20, 60, self.slq_iter)
+        return {"memory_budget": c.memory_budget}
 
     def _spectrum(self, op: HessianOperator) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
-        warm = self._warm_vector if self.warm_start and not self.slq_iter else None
+        c = self.config
+        warm = self._warm_vector if c.warm_start and not c.slq_iter else None
         if warm is not None and warm.shape != (op.dim,):
             warm = None
         warm = None if warm is None else warm.to(dtype=op.dtype, device=op.device)
         trace_result = None
-        if self.trace_budget and self.trace_method == "auto":
+        if c.trace_budget and c.trace_method == "auto":
             trace_result = self._auto_trace(op)
-        krylov = bool(self.trace_budget) and trace_result is None and self.trace_method in ("auto", "krylov")
-        res = lanczos_trace(op, self.top_k, self.tol, min(op.dim, max(self.pass_steps(), self.top_k)),
-                            probes=self.trace_budget if krylov else 0, smallest=self.lambda_min, v0=warm,
-                            seed=self.seed, min_steps=self.slq_iter)
-        if self.warm_start and not self.slq_iter:  # the only case in which the next pass starts from it
+        krylov = bool(c.trace_budget) and trace_result is None and c.trace_method in ("auto", "krylov")
+        res = lanczos_trace(op, c.top_k, c.tol, min(op.dim, max(c.pass_steps(), c.top_k)),
+                            probes=c.trace_budget if krylov else 0, smallest=c.lambda_min, v0=warm,
+                            seed=c.seed, min_steps=c.slq_iter)
+        if c.warm_start and not c.slq_iter:  # the only case in which the next pass starts from it
             self._warm_vector = res.top.eigenvectors.sum(1).detach().clone()
         metrics = {f"{PREFIX}eig_{i + 1}": float(v) for i, v in enumerate(res.top.eigenvalues)}
         converged = bool(res.top.converged.all())
@@ -484,56 +375,58 @@ class HessianSpectrum(LitActCallback):
             converged = converged and bool(res.smallest.converged.all())
         if krylov:
             trace_result = res.trace
-        elif self.trace_budget and trace_result is None:
-            trace_result = trace(op, self.trace_budget, self.trace_method, seed=self.seed + 2,
-                                 on_uncovered=self.on_uncovered, loss=self._diagonal_loss(op))
+        elif c.trace_budget and trace_result is None:
+            trace_result = trace(op, c.trace_budget, c.trace_method, seed=c.seed + 2,
+                                 on_uncovered=c.on_uncovered, loss=self._diagonal_loss(op))
         if trace_result is not None:
             metrics[f"{PREFIX}trace"], metrics[f"{PREFIX}trace_se"] = trace_result.estimate, trace_result.std_error
         density = None
-        if self.slq_iter:
+        if c.slq_iter:
             nodes, weights = [res.nodes], [res.weights]
-            if self.slq_runs > 1:
-                extra = slq(op, self.slq_iter, self.slq_runs - 1, seed=self.seed + 3)
+            if c.slq_runs > 1:
+                extra = slq(op, c.slq_iter, c.slq_runs - 1, seed=c.seed + 3)
                 nodes += list(extra.nodes)
                 weights += list(extra.weights)
             nodes, weights = _stack_runs(nodes, weights)
-            crit = lla_criteria(nodes, weights, self.kh_power)
+            crit = lla_criteria(nodes, weights, c.kh_power)
             metrics[f"{PREFIX}re"], metrics[f"{PREFIX}kh"] = crit.re, crit.kh
             density = gaussian_density(nodes, weights)
-        if self.per_block_top_k:
+        if c.per_block_top_k:
             metrics.update(self._block_spectrum(op))
         if not converged:
-            rank_zero_warn(f"HessianSpectrum: Lanczos did not reach tol={self.tol} within max_iter; "
+            rank_zero_warn(f"HessianSpectrum: Lanczos did not reach tol={c.tol} within max_iter; "
                            "raise max_iter for converged eigenvalues")
         metrics[f"{PREFIX}converged"] = float(converged)
         return metrics, density
 
     def _diagonal_loss(self, op: HessianOperator) -> str | None:
-        return self.loss if self.curvature == "hessian" else op.loss
+        return self.config.loss if self.config.curvature == "hessian" else op.loss
 
     def _auto_trace(self, op: HessianOperator):
         """``trace_method="auto"``: for the Hessian, ``trace(method="auto")`` (exact when every parameter is covered
         by the diagonal rules, else the covered blocks exactly plus the interleaved estimator on the rest); for the
         GGN / Fishers the exact trace, or ``None`` when a module is uncovered (the pass's Krylov trace is used)."""
-        if self.curvature == "hessian":
-            return trace(op, self.trace_budget, "auto", seed=self.seed + 2, loss=self._diagonal_loss(op))
+        c = self.config
+        if c.curvature == "hessian":
+            return trace(op, c.trace_budget, "auto", seed=c.seed + 2, loss=self._diagonal_loss(op))
         if self._exact_unavailable:  # found uncovered at an earlier evaluation: do not redo the partial diagonal
             return None
         try:
-            return trace(op, self.trace_budget, "exact", on_uncovered="error", loss=self._diagonal_loss(op))
+            return trace(op, c.trace_budget, "exact", on_uncovered="error", loss=self._diagonal_loss(op))
         except (ValueError, TypeError):  # an uncovered module (UncoveredModuleError), unknown loss or batch convention
             self._exact_unavailable = True
             return None
 
     def _block_spectrum(self, op: HessianOperator) -> dict[str, float]:
         """Per-block top eigenvalues (one lockstep pass over all blocks), a separate step of the evaluation."""
-        results = block_eigenvalues(op, self.per_block_top_k, "largest", self.max_iter, self.tol, seed=self.seed + 4)
+        c = self.config
+        results = block_eigenvalues(op, c.per_block_top_k, "largest", c.max_iter, c.tol, seed=c.seed + 4)
         self._block_names = list(results)
         metrics = {f"{PREFIX}block_top{i + 1}/{b}": float(value) for b, r in results.items()
                    for i, value in enumerate(r.eigenvalues)}
         converged = all(bool(r.converged.all()) for r in results.values())
         if not converged:
-            rank_zero_warn(f"HessianSpectrum: per-block Lanczos did not reach tol={self.tol} within max_iter")
+            rank_zero_warn(f"HessianSpectrum: per-block Lanczos did not reach tol={c.tol} within max_iter")
         metrics[f"{PREFIX}block_converged"] = float(converged)
         return metrics
 
