@@ -1,7 +1,7 @@
 """lit_act.hessian against curvlinops, BackPACK and PyHessian, side by side in one run (CPU, 1 thread).
 
 Run: ``.venv/bin/python -m benchmarks.bench_hessian [--quick] [--only SECTION]`` (``SECTION`` one of
-``top1, mlp, residual, transformer-trace, transformer, blocks, conv``; default all) after ``make bench``'s installs
+``top1, mlp, residual, transformer-trace, transformer, warm, blocks, conv``; default all) after ``make bench``'s installs
 (``pip install --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 pyhessian einops unfoldNd einconv
 linear_operator``); an anchor that cannot be imported is skipped with a message.
 
@@ -30,6 +30,9 @@ Models: the 784-256-256-10 MLP with ReLU and with tanh, one random batch of 256,
    processes; default and chunked, batches 16 and 128); one evaluation (top-3 and trace) in training steps: separate
    Lanczos and trace runs, the one-pass ``lanczos_trace``, the callback's default evaluation; the FLOP cost floor; warm
    starts.
+6b. Warm starts during training (``--only warm``): on the reference architecture trained on the Python-source corpus,
+   top-3 accuracy at 6, 8 and 10 Lanczos products from the previous evaluation's eigenvectors against a random start,
+   for evaluations 1-200 training steps apart.
 5. Density: our SLQ (64 steps) against curvlinops' ``lanczos_approximate_spectrum`` (ncv 64), with its boundary
    estimation.
 7. Per-block top-1 eigenvalues (``--only blocks``: this section alone) on the ReLU MLP and the TransformerLM of 6 (one
@@ -677,6 +680,59 @@ def transformer_section(repeats: int = 3) -> None:
           f"{first.top.iterations})")
 
 
+def warm_section(quick: bool) -> None:
+    """Evaluations during training at a fixed number of products: Lanczos started from the previous evaluation's
+    top-3 eigenvectors, summed (``HessianConfig(warm_start=True, slq_iter=0)``), against a random start, on the
+    reference TransformerLM architecture trained on the Python-source corpus that ships with Python (a trained LM's
+    top eigenvalues separate from the bulk, unlike the random-token model at initialisation). Reference: Lanczos to
+    1e-8 at each evaluation point."""
+    from lit_act.data.pysource import VOCAB_SIZE, PySourceDataModule
+    from lit_act.hessian.krylov_trace import lanczos_trace
+    from lit_act.models import TransformerLM
+
+    data = PySourceDataModule(block_size=64, batch_size=16, max_chars=300_000)
+    data.setup("fit")
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=VOCAB_SIZE, block_size=64, d_model=64, n_layer=2, n_head=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = iter(data.train_dataloader())
+    batch = next(batches)  # the evaluation batch (the callback's cached one)
+
+    def train(steps: int) -> None:
+        nonlocal batches
+        model.train()
+        for _ in range(steps):
+            x, y = next(batches, None) or next(batches := iter(data.train_dataloader()))
+            opt.zero_grad()
+            model.loss(model(x), y).backward()
+            opt.step()
+        model.eval()
+
+    def top3(op, steps: int, v0=None, seed: int = 0) -> torch.Tensor:
+        return lanczos_trace(op, k=3, tol=1e-12, max_iter=steps, probes=0, v0=v0, seed=seed).top.eigenvalues
+
+    budgets, gaps = (6, 8, 10), ((1, 50) if quick else (1, 10, 50, 200))
+    print(f"[TransformerLM on Python source, {sum(p.numel() for p in model.parameters()):,} params, batch 16x64] "
+          f"top-3 max relative error at a fixed number of Lanczos products (1 HVP each), evaluations during training; "
+          f"warm = from the previous evaluation's top-3 eigenvectors summed, cold = random start (median of 3 seeds)")
+    train(200)
+    with math_attention():
+        previous = lanczos(HessianOperator(model, None, [batch]), k=3, tol=1e-8, max_iter=300).eigenvectors
+        for gap in gaps:
+            train(gap)
+            op = HessianOperator(model, None, [batch])
+            ref = lanczos(op, k=3, tol=1e-8, max_iter=300)
+            cells = []
+            for steps in budgets:
+                warm = float(((top3(op, steps, previous.sum(1)) - ref.eigenvalues) / ref.eigenvalues).abs().max())
+                cold = median(float(((top3(op, steps, seed=s) - ref.eigenvalues) / ref.eigenvalues).abs().max())
+                              for s in range(3))
+                cells.append(f"{steps} HVPs warm {warm:.1e} / cold {cold:.1e} (RATIO {cold / max(warm, 1e-12):.2g})")
+            print(f"  {gap:3d} steps after the previous evaluation (top-3 {[round(float(e), 3) for e in ref.eigenvalues]}): "
+                  + "; ".join(cells))
+            previous = ref.eigenvectors
+
+
 def blocks_case(name: str, model: nn.Module, loss_fn, batch, repeats: int) -> None:
     """One model of the per-block section: median times over interleaved repeats, ratio naive / ours."""
     def naive():
@@ -800,7 +856,7 @@ def conv_case(bp, model, x, y, runs: int, diag_hessian: bool = True) -> None:
           f"{med['DiagGGNExact'] / med['ggn']:.2f}x (goal >= 1)")
 
 
-SECTIONS = ("top1", "mlp", "residual", "transformer-trace", "transformer", "blocks", "conv")
+SECTIONS = ("top1", "mlp", "residual", "transformer-trace", "transformer", "warm", "blocks", "conv")
 
 
 def main() -> None:
@@ -842,6 +898,9 @@ def main() -> None:
         print()
         transformer_memory_section((16,) if quick else (16, 128))
         transformer_section(1 if quick else 3)
+    if wanted("warm"):
+        print()
+        warm_section(quick)
     if wanted("blocks"):
         print()
         blocks_section(quick)

@@ -49,12 +49,12 @@ def _smoke_value(current: Any, smoke: Any) -> Any:
 
 
 def _merge_smoke(target: Any, values: Any) -> None:
-    """Merge ``values`` into ``target`` key by key where the key exists, recursing into nested nodes (a callback's
-    ``config``)."""
+    """Merge ``values`` into ``target`` key by key where the key exists, recursing into nested object nodes (with a
+    ``_target_``, e.g. a callback's ``config``); other values, plain mappings included (``search_kwargs``), replace."""
     for key, value in values.items():
         if key not in target:
             continue
-        if isinstance(target[key], DictConfig) and isinstance(value, DictConfig):
+        if isinstance(target[key], DictConfig) and "_target_" in target[key] and isinstance(value, DictConfig):
             _merge_smoke(target[key], value)
         else:
             target[key] = _smoke_value(target[key], value)
@@ -62,10 +62,10 @@ def _merge_smoke(target: Any, values: Any) -> None:
 
 def apply_smoke(cfg: DictConfig) -> None:
     """``debug=smoke``: merge ``cfg.smoke.callbacks.<name>`` into each callback of the run's set and
-    ``cfg.smoke.data`` / ``cfg.smoke.model`` into the data / model config, key by key (nested nodes too), only where
-    the key already exists (so one smoke config shortens every callback set's schedules without adding callbacks or
-    unknown arguments). Numbers are caps (the smaller of the run's and the smoke value is kept); other values
-    replace."""
+    ``cfg.smoke.data`` / ``cfg.smoke.model`` into the data / model config, key by key (nested object nodes too),
+    only where the key already exists (so one smoke config shortens every callback set's schedules without adding
+    callbacks or unknown arguments). Numbers are caps (the smaller of the run's and the smoke value is kept); other
+    values replace."""
     smoke = cfg.get("smoke")
     if not smoke:
         return

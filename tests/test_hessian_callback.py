@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning import Callback, LightningModule, Trainer, seed_everything
 from omegaconf import OmegaConf
@@ -304,6 +305,16 @@ def test_hydra_config_instantiates():
     cb = instantiate(cfg.hessian)
     assert isinstance(cb, HessianSpectrum) and cb.every_n_epochs == 1
     assert cb.config == HessianConfig()  # the YAML spells out the defaults
+    # a typo in the config node (Hydra path) and in a plain mapping name the field and list the valid ones; a node's
+    # Hydra keys are not fields; flat fields point to config=
+    typo = OmegaConf.merge(cfg, {"hessian": {"config": {"topk": 5}}})
+    with pytest.raises(InstantiationException, match=r"unknown HessianConfig field\(s\) \['topk'\]; valid: \['top_k'"):
+        instantiate(typo.hessian)
+    assert HessianConfig.of(OmegaConf.merge(cfg.hessian.config, {"top_k": 5})) == HessianConfig(top_k=5)
+    with pytest.raises(ValueError, match=r"pass HessianSpectrum\(config=HessianConfig\(top_k=5\)\)"):
+        HessianSpectrum(top_k=5)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        HessianSpectrum(top_k=5, colour="red")
 
 
 # ---------------------------------------------------------------------------------------------------- DDP

@@ -64,8 +64,8 @@ def test_experiment_callbacks_win_over_the_task_set(tmp_path):
 
 
 def test_smoke_caps_nested_callback_configs_and_keeps_the_rest(tmp_path):
-    """``debug=smoke`` merges into a callback's nested ``config`` key by key: numbers capped, the experiment's other
-    fields and ``_target_`` kept; the command line reaches the nested config too."""
+    """``debug=smoke`` merges into a callback's nested object node (``config``, with a ``_target_``) key by key:
+    numbers capped, the experiment's other fields and ``_target_`` kept; the command line reaches it too."""
     cfg = compose_train(tmp_path, ["experiment=hessian_landscape", "debug=smoke",
                                    "callbacks.hessian.config.curvature=ggn"])
     apply_smoke(cfg)
@@ -75,6 +75,10 @@ def test_smoke_caps_nested_callback_configs_and_keeps_the_rest(tmp_path):
     assert hessian.config.curvature == "ggn" and hessian.config.tol == 1e-4
     callback = instantiate(hessian)
     assert isinstance(callback.config, HessianConfig) and callback.config.slq_iter == 4
+    # a plain mapping argument (no _target_) is replaced whole, as before: the NAC search's smoke settings
+    cfg = compose_train(tmp_path, ["experiment=nac_ood", "debug=smoke"])
+    apply_smoke(cfg)
+    assert dict(cfg.callbacks.nac.search_kwargs) == {"strategy": "random", "num_trials": 2, "seed": 0}
 
 
 def test_fast_dev_run_still_works(tmp_path):

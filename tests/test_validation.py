@@ -270,6 +270,7 @@ BAD_CALLBACK = [
     (HessianConfig, {"per_block_top_k": 2, "curvature": "ggn"}, "per_block_top_k"),
     (HessianSpectrum, {"config": {"top_kk": 3}}, "top_kk"),  # a Hydra node with a typo: the valid fields are listed
     (HessianSpectrum, {"config": 3}, "config"),
+    (HessianSpectrum, {"top_k": 5}, "top_k"),  # a field passed flat, as in earlier versions: the error says where
     # NeuronActivationCoverage
     (NeuronActivationCoverage, {"ood_sets": [1, 2]}, "ood_sets"),
     (NeuronActivationCoverage, {"bins": 10**9, **NOEVAL}, "bins"),

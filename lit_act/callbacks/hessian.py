@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -103,9 +104,10 @@ class HessianSpectrum(LitActCallback):
     One evaluation is one Lanczos pass (:func:`lit_act.hessian.krylov_trace.lanczos_trace`) from a Rademacher vector,
     which gives together the top-``k`` eigenvalues, the smallest one and one SLQ run, then the trace (exact, or the
     covered blocks exactly plus ``trace_budget`` products of the interleaved estimator; with ``"krylov"`` the pass's
-    Krylov part plus deflated probes) and ``slq_runs - 1`` further SLQ runs. On the reference TransformerLM
-    (``python -m benchmarks.bench_hessian --only transformer``) this takes ~6x fewer Hessian-vector products than
-    separate top-k, smallest-eigenvalue, trace and SLQ runs at equal settings.
+    Krylov part plus deflated probes) and ``slq_runs - 1`` further SLQ runs (``trace_budget``, ``slq_runs`` and the
+    other settings of an evaluation are fields of ``config``, :class:`~lit_act.callbacks.hessian_config.HessianConfig`).
+    On the reference TransformerLM (``python -m benchmarks.bench_hessian --only transformer``) this takes ~6x fewer
+    Hessian-vector products than separate top-k, smallest-eigenvalue, trace and SLQ runs at equal settings.
 
     Logged keys (through the emitter: every evaluation reaches the loggers at its step and
     ``trainer.callback_metrics``, also with ``every_n_steps``):
@@ -117,7 +119,7 @@ class HessianSpectrum(LitActCallback):
       (:func:`lit_act.hessian.density.lla_criteria`);
     * ``train/hessian/converged``: 1.0 when every Lanczos Ritz value passed its residual test, else 0.0;
     * ``train/hessian/matvecs``: Hessian-vector products of the evaluation; ``train/hessian/seconds``: its wall time;
-    * with ``per_block_top_k``: ``train/hessian/block_top{i}/{block}``, the ``i``-th largest eigenvalue of the diagonal
+    * with ``config.per_block_top_k``: ``train/hessian/block_top{i}/{block}``, the ``i``-th largest eigenvalue of the diagonal
       block of each module owning parameters (:func:`lit_act.hessian.block_eigenvalues`), and
       ``train/hessian/block_converged``.
 
@@ -146,7 +148,16 @@ class HessianSpectrum(LitActCallback):
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1, num_batches: int = 1,
                  config: HessianConfig | Mapping[str, Any] | None = None, loss_fn: LossFn | None = None,
                  adapter: BatchAdapter | None = None, dry_run: bool = True, checkpoint_vector: bool = False,
-                 save_density_figure: bool = True, progress: bool = True) -> None:
+                 save_density_figure: bool = True, progress: bool = True, **config_fields: Any) -> None:
+        if config_fields:  # the flat arguments of earlier versions: say where they went
+            fields = {f.name for f in dataclasses.fields(HessianConfig)}
+            known = sorted(set(config_fields) & fields)
+            if len(known) < len(config_fields):
+                raise TypeError(f"HessianSpectrum got unexpected keyword argument(s) "
+                                f"{sorted(set(config_fields) - fields)}")
+            example = ", ".join(f"{k}={config_fields[k]!r}" for k in known)
+            raise v.ConfigError(f"{known} are fields of the evaluation's config: pass HessianSpectrum(config="
+                                f"HessianConfig({example})) (Hydra: callbacks.hessian.config.{known[0]}=...)")
         self.every_n_steps = validate_every_n("every_n_steps", every_n_steps)
         self.every_n_epochs = validate_every_n("every_n_epochs", every_n_epochs)
         if self.every_n_steps is None and self.every_n_epochs is None:

@@ -14,6 +14,7 @@ from lit_act.hessian.trace import ON_UNCOVERED, TRACE_METHODS
 from lit_act.utils import validate as v
 
 TRACE_CHOICES = (*TRACE_METHODS, "krylov")
+_HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,11 @@ class HessianConfig:
         seed: seed of the private generator for start vectors and probes.
         warm_start: start the pass from the previous top eigenvectors (summed) when the density is off
             (``slq_iter=0``; a warm-started pass is no SLQ sample). Off by default, as the density is on by
-            default and the gain was mixed on the reference TransformerLM (evaluations 10 training steps apart:
-            after 1 step, 30 Lanczos steps cold and 19 warm; after 30 steps, 21 cold and 23 warm).
+            default. Run to convergence at ``tol`` the gain was mixed on the reference TransformerLM (evaluations
+            10 training steps apart: after 1 step, 30 Lanczos steps cold and 19 warm; after 30 steps, 21 cold and
+            23 warm); with a small ``max_iter`` it is large: at 8 products, top-3 within 5e-5 to 7e-3 (warm) against
+            8e-3 to 6e-2 (cold) for evaluations 1 to 200 steps apart on the reference architecture trained on Python
+            source (``python -m benchmarks.bench_hessian --only warm``).
     """
 
     top_k: int = 3
@@ -112,17 +116,23 @@ class HessianConfig:
             object.__setattr__(self, name, value)
 
     @classmethod
+    def from_fields(cls, **fields: Any) -> HessianConfig:
+        """``HessianConfig(**fields)``, with a misspelt field named and the valid ones listed (the ``_target_`` of
+        ``conf/callbacks/hessian.yaml``'s ``config`` node, so a typo on the command line gets the list too)."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(valid))
+        if unknown:
+            raise v.ConfigError(f"config: unknown HessianConfig field(s) {unknown}; valid: {valid}")
+        return cls(**fields)
+
+    @classmethod
     def of(cls, config: HessianConfig | Mapping[str, Any] | None) -> HessianConfig:
-        """``config`` as a :class:`HessianConfig`: itself, built from a mapping (a Hydra node without
-        ``_target_``), or the defaults for ``None``."""
+        """``config`` as a :class:`HessianConfig`: itself, built from a mapping of its fields (a Hydra node; Hydra's
+        own keys such as ``_target_`` are ignored), or the defaults for ``None``."""
         if config is None or isinstance(config, cls):
             return config or cls()
         if isinstance(config, Mapping):
-            unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
-            if unknown:
-                raise ValueError(f"unknown HessianConfig field(s) {unknown}; valid: "
-                                 f"{[f.name for f in dataclasses.fields(cls)]}")
-            return cls(**config)
+            return cls.from_fields(**{k: val for k, val in config.items() if k not in _HYDRA_KEYS})
         raise v.ConfigError(f"config={config!r}: expected a HessianConfig, a mapping of its fields or None")
 
     def pass_steps(self) -> int:
