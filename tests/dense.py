@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -29,18 +30,46 @@ def unflatten(params, flat):
     return values
 
 
-def dense_hessian(model, batches, loss):
-    """``sum_b n_b Hess L_b / sum_b n_b`` w.r.t. the flattened parameters (``named_parameters`` order)."""
-    params = flat_params(model)
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-    total = sum(x.shape[0] for x, _ in batches)
+class Substituted(nn.Module):
+    """``model`` called with substituted parameter values (``functional_call``); ``.loss`` is the model's, so a loss
+    written as ``module.loss(module(x), y)`` runs on it."""
 
-    def objective(flat):
-        values = unflatten(params, flat)
-        return sum(x.shape[0] * LOSSES[loss](functional_call(model, values, (x,)), y) for x, y in batches) / total
+    def __init__(self, model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.inner, self.values = model, values
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.inner, self.values, args, kwargs)
+
+    def loss(self, *args, **kwargs):
+        return self.inner.loss(*args, **kwargs)
+
+
+def weighted_loss(loss_fn, batches):
+    """``module -> sum_b n_b loss_fn(module, b) / sum_b n_b`` (``n_b`` the batch's leading size)."""
+    total = sum(b[0].shape[0] for b in batches)
+    return lambda module: sum(b[0].shape[0] * loss_fn(module, b) for b in batches) / total
+
+
+def hessian_of(model, objective, names=None, vectorize=False):
+    """Hessian of ``objective(module)`` w.r.t. the flattened parameters ``names`` (default: all, in
+    ``named_parameters`` order), ``module`` being ``model`` with those parameters substituted; math attention (the
+    fused kernels have no double backward)."""
+    params = flat_params(model)
+    chosen = {n: p for n, p in params.items() if names is None or n in names}
+    flat0 = torch.cat([p.reshape(-1) for p in chosen.values()])
+
+    def f(flat):
+        return objective(Substituted(model, {**params, **unflatten(chosen, flat)}))
 
     with sdpa_kernel(SDPBackend.MATH):
-        return torch.autograd.functional.hessian(objective, flat0, vectorize=True)  # vmapped rows, same matrix
+        return torch.autograd.functional.hessian(f, flat0, vectorize=vectorize)
+
+
+def dense_hessian(model, batches, loss, names=None):
+    """``sum_b n_b Hess L_b / sum_b n_b`` w.r.t. the flattened parameters ``names`` (default all, in
+    ``named_parameters`` order), ``L_b`` the :data:`LOSSES` ``loss`` of ``model(x_b)``."""
+    return hessian_of(model, weighted_loss(loss_fn_of(loss), batches), names, vectorize=True)  # vmapped rows
 
 
 def dense_ggn(model, batches, loss):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from lit_act.hessian import (
     HessianOperator,
@@ -20,6 +19,7 @@ from lit_act.hessian import (
     slq,
     trace,
 )
+from tests import dense
 
 
 def ce_loss(module, batch):
@@ -47,21 +47,8 @@ def make_batches(sizes=(20, 12), seed: int = 1):
 
 
 def dense_hessian(model: nn.Module, batches, names=None) -> torch.Tensor:
-    """Exact Hessian of the example-weighted mean loss over ``batches`` w.r.t. the flattened ``names``."""
-    params = {n: p.detach() for n, p in model.named_parameters() if names is None or n in names}
-    shapes = {n: p.shape for n, p in params.items()}
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-    total = sum(b[0].shape[0] for b in batches)
-
-    def loss(flat):
-        values, offset = {}, 0
-        for n, shape in shapes.items():
-            values[n] = flat[offset:offset + shape.numel()].reshape(shape)
-            offset += shape.numel()
-        return sum(b[0].shape[0] * F.cross_entropy(functional_call(model, values, (b[0],)), b[1])
-                   for b in batches) / total
-
-    return torch.autograd.functional.hessian(loss, flat0)
+    """Exact Hessian of the example-weighted mean cross-entropy over ``batches`` w.r.t. the flattened ``names``."""
+    return dense.dense_hessian(model, batches, "cross_entropy", names)
 
 
 CASES = [("relu", False), ("tanh", False), ("relu", True), ("tanh", True)]

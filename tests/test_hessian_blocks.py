@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from lightning import seed_everything
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from lit_act.callbacks.hessian import HessianSpectrum
 from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.hessian import GGNOperator, HessianOperator, block_eigenvalues, block_sizes, hutchinson, lanczos
-from lit_act.hessian.operator import math_attention
 from lit_act.models import TransformerLM
+from tests.dense import hessian_of, weighted_loss
 from tests.test_hessian_callback import dense_hessian, make_data, make_model, make_trainer
 
 PRODUCTS = ["per_block", "batched"]
@@ -32,41 +31,14 @@ def lm_loss(module: nn.Module, batch) -> torch.Tensor:
 
 
 def dense_blocks(model: nn.Module, loss_fn, batches) -> dict[str, torch.Tensor]:
-    """Eigenvalues (ascending) of each module's diagonal block of the batch-size-weighted float64 Hessian."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    total = sum(b[0].shape[0] for b in batches)
-
-    def loss(flat):
-        values = dict(zip(params, (t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in params.values()]),
-                                                                     params.values()))))
-        wrapped = _Call(model, values)
-        return sum(b[0].shape[0] * loss_fn(wrapped, b) for b in batches) / total
-
-    with math_attention():
-        dense = torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params.values()]))
-    owners, offset, index = {}, 0, {}
-    for n, p in params.items():
-        owner = n.rpartition(".")[0] or "<root>"
-        index.setdefault(owner, []).extend(range(offset, offset + p.numel()))
+    """Eigenvalues (ascending) of each module's diagonal block of the batch-size-weighted Hessian."""
+    dense = hessian_of(model, weighted_loss(loss_fn, batches))
+    index: dict[str, list[int]] = {}
+    offset = 0
+    for n, p in model.named_parameters():
+        index.setdefault(n.rpartition(".")[0] or "<root>", []).extend(range(offset, offset + p.numel()))
         offset += p.numel()
-    for owner, idx in index.items():
-        idx = torch.tensor(idx)
-        owners[owner] = torch.linalg.eigvalsh(dense[idx][:, idx])
-    return owners
-
-
-class _Call(nn.Module):
-    """``model`` called with substituted parameters (``functional_call``), so ``loss_fn`` can use ``module.loss``."""
-
-    def __init__(self, model: nn.Module, values: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.inner, self.values = model, values
-
-    def forward(self, x):
-        return functional_call(self.inner, self.values, (x,))
-
-    def loss(self, logits, targets):
-        return self.inner.loss(logits, targets)
+    return {owner: torch.linalg.eigvalsh(dense[torch.tensor(idx)][:, torch.tensor(idx)]) for owner, idx in index.items()}
 
 
 def small_mlp() -> tuple[nn.Module, list]:

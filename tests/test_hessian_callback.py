@@ -16,7 +16,6 @@ from hydra.utils import instantiate
 from lightning import Callback, LightningModule, Trainer, seed_everything
 from omegaconf import OmegaConf
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_act.callbacks.hessian import HessianSpectrum, preserved_training_state
@@ -24,6 +23,7 @@ from lit_act.callbacks.hessian_config import HessianConfig
 from lit_act.hessian import HessianOperator, lla_criteria, slq
 from lit_act.hessian.krylov_trace import lanczos_trace
 from lit_act.models import LitActModule, MLPClassifier
+from tests.dense import hessian_of, weighted_loss
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "callbacks" / "hessian.yaml"
 SMALL = HessianConfig(top_k=3, trace_budget=30, slq_iter=20, slq_runs=2)
@@ -51,21 +51,9 @@ def make_trainer(tmp_path, callbacks, max_epochs: int = 1, **kw) -> Trainer:
 
 
 def dense_hessian(model: nn.Module, batches) -> torch.Tensor:
-    """Exact float64 Hessian of the batch-size-weighted mean loss, model in eval mode."""
-    model = copy.deepcopy(model).double().eval()
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-    total = sum(x.shape[0] for x, _ in batches)
-
-    def loss(flat):
-        values, offset = {}, 0
-        for n, p in params.items():
-            values[n] = flat[offset:offset + p.numel()].reshape(p.shape)
-            offset += p.numel()
-        losses = [x.shape[0] * model.loss(functional_call(model, values, (x.double(),)), y) for x, y in batches]
-        return sum(losses) / total
-
-    return torch.autograd.functional.hessian(loss, flat0)
+    """Exact float64 Hessian of the batch-size-weighted mean loss ``model.loss``, model in eval mode."""
+    return hessian_of(copy.deepcopy(model).double().eval(),
+                      weighted_loss(lambda m, b: m.loss(m(b[0].double()), b[1]), batches))
 
 
 class Snapshot(Callback):

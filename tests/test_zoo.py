@@ -32,6 +32,7 @@ from lit_act.callbacks.dead import DeadNeurons
 from lit_act.callbacks.histograms import ActivationHistograms
 from lit_act.callbacks.massive import MassiveActivations
 from lit_act.callbacks.sparsity import ActivationSparsity
+from tests.dense import hessian_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -649,26 +650,19 @@ def dense_hessian(module: L.LightningModule, arch: Arch, batch: Any, name: str |
     """The loss Hessian with respect to parameter ``name`` (all parameters when ``None``) by
     ``torch.autograd.functional.hessian``, model in eval mode."""
     module.eval()
-    names = [name] if name is not None else [n for n, _ in module.named_parameters()]
-    params = {n: p.detach() for n, p in module.named_parameters()}
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
 
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        chunks = dict(zip(names, (c.reshape(s) for c, s in zip(flat.split(sizes), shapes, strict=True)),
-                          strict=True))
+    def loss(m) -> torch.Tensor:
         if isinstance(batch, dict):
-            return torch.func.functional_call(module, params | chunks, args=(), kwargs=batch).loss
+            return m(**batch).loss
         if isinstance(batch, list | tuple):
-            logits = torch.func.functional_call(module, params | chunks, args=(batch[0], batch[1]))
+            logits = m(batch[0], batch[1])
             if arch.name == "demo_transformer":
                 return F.cross_entropy(logits, batch[1].reshape(-1))
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
-        preds = torch.func.functional_call(module, params | chunks, args=(batch,))
+        preds = m(batch)
         return F.mse_loss(preds, torch.ones_like(preds))  # BoringModel.loss
 
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return torch.autograd.functional.hessian(loss, torch.cat([params[n].flatten() for n in names]))
+    return hessian_of(module, loss, None if name is None else [name])
 
 
 @pytest.mark.parametrize("arch_name", STAT_ARCHS)

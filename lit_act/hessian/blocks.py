@@ -48,10 +48,11 @@ from torch import Tensor, nn
 from lit_act.hessian.lanczos import (
     WHICH,
     LanczosRecurrence,
-    _select,
+    default_max_iter,
     make_generator,
     rademacher,
     ritz_test,
+    select_ritz,
     tridiagonal_eigh,
 )
 from lit_act.hessian.operator import HessianOperator, math_attention, select_parameters
@@ -118,7 +119,7 @@ class _BlockLanczos:
         """``min(r_i, r_i^2 / gap_i) <= tol |theta_i|`` for the chosen Ritz values, as in ``lanczos``."""
         j, k = self.j, self.k
         theta, s = tridiagonal_eigh(*self.rec.tridiagonal())
-        chosen = _select(theta, k, self.which)
+        chosen = select_ritz(theta, k, self.which)
         residuals, converged = ritz_test(theta, s, beta_next, chosen, self.tol)
         self.done = bool(converged.all()) or j == self.dim
         self.theta, self.s, self.chosen, self.residuals = theta, s, chosen, residuals
@@ -250,7 +251,7 @@ def block_eigenvalues(op: HessianOperator, k: int = 1, which: str = "largest", m
     blocks = parameter_blocks(op.names)
     dims = block_sizes(op.model, op.names)
     check_block_k(dims, k)
-    steps = {b: min(d, max_iter if max_iter is not None else max(2 * k + 20, 60)) for b, d in dims.items()}
+    steps = {b: default_max_iter(d, k) if max_iter is None else min(d, max_iter) for b, d in dims.items()}
     start = time.perf_counter()
     with math_attention():
         engine = BlockProducts(op, blocks, products)

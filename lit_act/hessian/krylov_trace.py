@@ -37,11 +37,13 @@ from torch import Tensor
 
 from lit_act.hessian.lanczos import (
     check_lanczos_args,
+    check_v0,
     lanczos_steps,
     make_generator,
     probe_block,
     rademacher,
     ritz_test,
+    select_ritz,
     tridiagonal_eigh,
 )
 from lit_act.hessian.operator import HessianOperator
@@ -102,16 +104,15 @@ def lanczos_trace(op: HessianOperator, k: int = 3, tol: float = 1e-4, max_iter: 
     random_start = v0 is None
     if v0 is None:
         v0 = rademacher((op.dim,), generator, op)
-    elif v0.shape != (op.dim,) or not torch.isfinite(v0).all() or float(v0.norm()) == 0:
-        raise ValueError(f"v0 must be a finite non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
+    else:
+        check_v0(op, v0)
     for step in lanczos_steps(op, v0, max_iter, generator):
         alpha, beta, basis, beta_next = step  # the basis after the loop is the final one
         j = alpha.numel()
         if j < k:
             continue
         theta, s = tridiagonal_eigh(alpha, beta)
-        top = torch.argsort(theta, descending=True)[:k]
-        low = torch.argsort(theta)[:1]
+        top, low = select_ritz(theta, k, "largest"), select_ritz(theta, 1, "smallest")
         top_res, top_ok = ritz_test(theta, s, beta_next, top, tol)
         low_res, low_ok = ritz_test(theta, s, beta_next, low, tol)
         if j == op.dim:

@@ -204,17 +204,28 @@ def tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(t)
 
 
+def default_max_iter(dim: int, k: int) -> int:
+    """Lanczos steps at most when not given: ``min(dim, max(2k + 20, 60))``."""
+    return min(dim, max(2 * k + 20, 60))
+
+
 def check_lanczos_args(op: HessianOperator, k: int, max_iter: int | None, tol: float) -> int:
-    """Validates ``k``, ``max_iter`` and ``tol``; returns ``max_iter`` (default ``min(dim, max(2k + 20, 60))``)."""
+    """Validates ``k``, ``max_iter`` and ``tol``; returns ``max_iter`` (default :func:`default_max_iter`)."""
     if not 1 <= k <= op.dim:
         raise ValueError(f"k must be between 1 and the number of parameters ({op.dim}), got {k}")
     if max_iter is None:
-        max_iter = min(op.dim, max(2 * k + 20, 60))
+        max_iter = default_max_iter(op.dim, k)
     if max_iter < k:
         raise ValueError(f"max_iter ({max_iter}) must be >= k ({k})")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
     return max_iter
+
+
+def check_v0(op: HessianOperator, v0: Tensor) -> None:
+    """Raise ``ValueError`` unless the warm start ``v0`` is a finite non-zero vector of shape ``(op.dim,)``."""
+    if v0.shape != (op.dim,) or not torch.isfinite(v0).all() or float(v0.norm()) == 0:
+        raise ValueError(f"v0 must be a finite non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
 
 
 def ritz_test(theta: Tensor, s: Tensor, beta_next: float, chosen: Tensor, tol: float) -> tuple[Tensor, Tensor]:
@@ -230,7 +241,8 @@ def ritz_test(theta: Tensor, s: Tensor, beta_next: float, chosen: Tensor, tol: f
     return residuals, bound <= tol * theta[chosen].abs().clamp_min(1e-30)
 
 
-def _select(theta: Tensor, k: int, which: str) -> Tensor:
+def select_ritz(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the ``k`` Ritz values ``theta`` that ``which`` asks for (``largest``, ``smallest``, ``magnitude``)."""
     if which == "largest":
         return torch.argsort(theta, descending=True)[:k]
     if which == "smallest":
@@ -273,9 +285,8 @@ def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: i
         v0 = gradient_start(op, generator) if start == "gradient" else None
         if v0 is None:
             start, v0 = "random", rademacher((op.dim,), generator, op)
-    elif v0.shape != (op.dim,) or not torch.isfinite(v0).all() or float(v0.norm()) == 0:
-        raise ValueError(f"v0 must be a finite non-zero vector of shape ({op.dim},), got {tuple(v0.shape)}")
     else:
+        check_v0(op, v0)
         start = "v0"
     for step in lanczos_steps(op, v0, max_iter, generator):
         alpha, beta, basis, beta_next = step
@@ -283,7 +294,7 @@ def lanczos(op: HessianOperator, k: int = 1, which: str = "largest", max_iter: i
         if j < k:
             continue
         theta, s = tridiagonal_eigh(alpha, beta)
-        chosen = _select(theta, k, which)
+        chosen = select_ritz(theta, k, which)
         residuals, converged = ritz_test(theta, s, beta_next, chosen, tol)
         if bool(converged.all()) or j == op.dim:
             converged = converged | (j == op.dim)
