@@ -14,6 +14,7 @@ from lit_act.hessian import (
     HessianOperator,
     UncoveredModuleError,
     curvature_operator,
+    diagonal,
     empirical_fisher_diagonal,
     exact_diagonal,
     hutchinson,
@@ -24,7 +25,7 @@ from lit_act.hessian import (
 )
 from lit_act.hessian.lanczos import make_generator, probe_block
 from lit_act.models import MLPClassifier, TransformerLM
-from tests.dense import LOSSES, dense_ggn, dense_hessian, loss_fn_of, make_batches
+from tests.dense import LOSSES, dense_ggn, dense_hessian, hessian_of, loss_fn_of, make_batches, weighted_loss
 
 
 def make_mlp(activation, seed=0):
@@ -62,6 +63,42 @@ def test_exact_diagonals_match_dense(activation, loss):
         torch.testing.assert_close(hess, ggn, rtol=1e-9, atol=1e-12)
     else:  # a real difference, so the test above can tell the two apart
         assert float((hess - ggn).abs().max()) > 1e-3 * float(hess.abs().max())
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_exact_diagonal_drains_many_output_columns_in_blocks(monkeypatch, loss):
+    """A block budget of 2 output-Hessian factor columns: 12 classes in 6 blocks per batch, the tanh residual terms
+    joined once; the diagonals still equal the dense Hessian's and GGN's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 12)).double().eval()
+    batches = make_batches(loss, sizes=(10, 10), classes=12, out_shape=(12,))
+    monkeypatch.setattr(diagonal, "_BLOCK_ELEMENTS", 10 * 12 * 2)  # a batch's R C entries x 2 columns
+    blocks = []
+    factor = diagonal.output_hessian_factor
+    monkeypatch.setattr(diagonal, "output_hessian_factor", lambda *a: blocks.append(a[2]) or factor(*a))
+    for curvature, reference in (("hessian", dense_hessian(model, batches, loss).diagonal()),
+                                 ("ggn", dense_ggn(model, batches, loss).diagonal())):
+        res = exact_diagonal(model, batches, loss_fn_of(loss), loss=loss, curvature=curvature)
+        assert float((res.diagonal - reference).abs().max()) <= 1e-9 * float(reference.abs().max())
+    assert len(blocks) == 2 * 2 * 6 and blocks[:6] == [slice(lo, lo + 2) for lo in range(0, 12, 2)]
+
+
+def test_exact_diagonal_of_a_lone_head_needs_only_the_output_hessian_diagonal(monkeypatch):
+    """A TransformerLM's chain is its head alone (the final LayerNorm is outside the rules): the head's exact
+    diagonal is ``sum_r (p_r - p_r^2) a_r^2 / R``, from no ``(R, C, C)`` factor (vocab 300: 300x the memory)."""
+    monkeypatch.setattr(diagonal, "output_hessian_factor", lambda *a: pytest.fail("factor built for a lone head"))
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=300, block_size=8, d_model=8, n_layer=1, n_head=2).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 300, (n, 8), generator=gen), torch.randint(0, 300, (n, 8), generator=gen))
+               for n in (3, 2)]
+    res = exact_diagonal(model, batches, on_uncovered="partial")
+    assert res.covered == ["lm_head.weight"]
+    head = dict(zip(res.names, res.diagonal.split([p.numel() for p in model.parameters()])))["lm_head.weight"]
+    reference = hessian_of(model, weighted_loss(lambda m, b: m.loss(m(b[0]), b[1]), batches),
+                           ["lm_head.weight"]).diagonal()
+    # 1e-6 as the other exact-vs-dense checks: the reference's math attention kernel and the default one differ at ~1e-8
+    assert float((head - reference).abs().max()) <= 1e-6 * float(reference.abs().max())
 
 
 def test_exact_diagonal_of_deeper_chain_with_other_activations():

@@ -87,14 +87,23 @@ def output_hessian_product(name: str, outputs: Tensor, u: Tensor) -> Tensor:
     return u * (2.0 / outputs.numel())
 
 
-def output_hessian_factor(name: str, outputs: Tensor) -> Tensor:
-    """``(R, C, K)`` factors with ``d2L/df_r^2 = S_r S_r^T`` over the rows ``f.reshape(-1, C)``."""
+def output_hessian_factor(name: str, outputs: Tensor, columns: slice = slice(None)) -> Tensor:
+    """``(R, C, K)`` factors with ``d2L/df_r^2 = S_r S_r^T`` over the rows ``f.reshape(-1, C)`` (``K = C``), or only
+    the ``columns`` of ``S_r`` (so a large ``C`` can be drained in blocks: ``R C^2`` entries in all)."""
     classes = outputs.shape[-1] if outputs.ndim > 1 else 1
     rows = outputs.reshape(-1, classes)
-    if name == "cross_entropy":
+    eye = torch.eye(classes, dtype=rows.dtype, device=rows.device)[:, columns]
+    if name == "cross_entropy":  # S_r[:, k] = sqrt(p_k) (e_k - p)
         p = torch.softmax(rows, dim=-1)
-        root = p.sqrt()
-        factor = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+        factor = (eye[None] - p[:, :, None]) * p[:, None, columns].sqrt()
         return factor / math.sqrt(rows.shape[0])
-    eye = torch.eye(classes, dtype=rows.dtype, device=rows.device)
-    return eye.expand(rows.shape[0], classes, classes) * math.sqrt(2.0 / outputs.numel())
+    return eye.expand(rows.shape[0], *eye.shape) * math.sqrt(2.0 / outputs.numel())
+
+
+def output_hessian_diagonal(name: str, outputs: Tensor) -> Tensor:
+    """``diag(d2L/df_r^2)`` for every row, shaped like ``outputs`` (``p (1 - p) / R`` for cross-entropy)."""
+    if name == "cross_entropy":
+        classes = outputs.shape[-1]
+        p = torch.softmax(outputs.reshape(-1, classes), dim=-1)
+        return (p * (1 - p) / p.shape[0]).reshape(outputs.shape)
+    return torch.full_like(outputs, 2.0 / outputs.numel())
