@@ -50,6 +50,9 @@ from lit_act.hessian.trace import hutchinson
 
 def _batch_ggn_diagonal(model: nn.Module, chosen: dict[str, nn.Parameter], inputs: Tensor, targets: Tensor,
                         loss: str, max_elements: int) -> dict[str, Tensor]:
+    """One batch's ``sum_n sum_{r in n} sum_k (J_n^T S_r e_k)^2``: vmapped vector-Jacobian products over chunks of
+    examples and, within an example, of its ``rows x K`` cotangent columns, each chunk's per-column gradients at most
+    ``max_elements`` numbers (one column at least); the cotangents are built per chunk."""
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
     values = {n: p.detach() for n, p in chosen.items()}
     with torch.no_grad(), math_attention():
@@ -57,32 +60,38 @@ def _batch_ggn_diagonal(model: nn.Module, chosen: dict[str, nn.Parameter], input
     n = outputs.shape[0]
     classes = outputs.shape[-1] if outputs.ndim > 1 else 1
     factor = output_hessian_factor(loss, outputs)  # (R, C, K), scaled for the mean over all R rows
-    rows = factor.shape[0] // n
-    k = factor.shape[2]
-    # per example: cotangents (rows * K, rows, C), column (r, j) = S_r e_j on row r
-    cot = torch.zeros(n, rows * k, rows, classes, dtype=factor.dtype, device=factor.device)
+    rows, k = factor.shape[0] // n, factor.shape[2]
     per_example = factor.reshape(n, rows, classes, k)
-    r_idx = torch.arange(rows).repeat_interleave(k)
-    j_idx = torch.arange(k).repeat(rows)
-    cot[:, torch.arange(rows * k), r_idx, :] = per_example[:, r_idx, :, j_idx].transpose(0, 1)
-    cot = cot.reshape(n, rows * k, *outputs.shape[1:])
 
-    def squares(x: Tensor, cotangents: Tensor) -> dict[str, Tensor]:
+    def cotangents(examples: slice, lo: int, hi: int) -> Tensor:
+        """Columns ``lo:hi`` of the ``(r, j)``-ordered cotangents ``S_r e_j`` on row ``r`` of each example."""
+        index = torch.arange(lo, hi, device=factor.device)
+        r_idx, j_idx = index // k, index % k
+        block = per_example[examples]
+        cot = torch.zeros(block.shape[0], hi - lo, rows, classes, dtype=factor.dtype, device=factor.device)
+        cot[:, torch.arange(hi - lo), r_idx, :] = block[:, r_idx, :, j_idx].transpose(0, 1)
+        return cot.reshape(block.shape[0], hi - lo, *outputs.shape[1:])
+
+    def squares(x: Tensor, cot: Tensor) -> dict[str, Tensor]:
         def out(v: dict[str, Tensor]) -> Tensor:
             return functional_call(model, {**v, **frozen}, (x[None],))[0]
 
         _, pullback = vjp(out, values)
-        grads = vmap(pullback)(cotangents)[0]
+        grads = vmap(pullback)(cot)[0]
         return {name: g.square().sum(0) for name, g in grads.items()}
 
     dim = sum(p.numel() for p in chosen.values())
-    step = max(1, max_elements // max(1, rows * k * dim))
+    columns = rows * k
+    width = max(1, min(columns, max_elements // max(1, dim)))  # cotangent columns per chunk
+    step = max(1, max_elements // max(1, columns * dim)) if width == columns else 1  # examples per chunk
     total = {name: torch.zeros_like(p) for name, p in values.items()}
     with math_attention():
         for start in range(0, n, step):
-            part = vmap(squares)(inputs[start:start + step], cot[start:start + step])
-            for name in total:
-                total[name] += part[name].sum(0)
+            examples = slice(start, start + step)
+            for lo in range(0, columns, width):
+                part = vmap(squares)(inputs[examples], cotangents(examples, lo, min(lo + width, columns)))
+                for name in total:
+                    total[name] += part[name].sum(0)
     return total
 
 
@@ -95,8 +104,8 @@ def ggn_diagonal(model: nn.Module, batches: Sequence[Any], loss: str, params: Se
         model: a network whose examples do not interact (eval mode).
         batches: ``(inputs, targets)`` batches; ``loss`` (``"cross_entropy"`` or ``"mse"``) of ``model(inputs)``.
         params: parameter names or patterns (``None`` = all trainable).
-        max_elements: memory bound: examples are processed in chunks whose per-column gradients hold at most this
-            many numbers.
+        max_elements: memory bound: examples, and an example's cotangent columns when one example's exceed it, are
+            processed in chunks whose per-column gradients hold at most this many numbers (one column at least).
         all_reduce: sums a tensor over processes (DDP): the example-weighted sums and the example count are
             reduced, so every rank returns the diagonal over all ranks' batches.
 
