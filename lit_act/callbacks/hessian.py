@@ -119,8 +119,8 @@ class HessianSpectrum(LitActCallback):
       (:func:`lit_act.hessian.density.lla_criteria`);
     * ``train/hessian/converged``: 1.0 when every Lanczos Ritz value passed its residual test, else 0.0;
     * ``train/hessian/matvecs``: Hessian-vector products of the evaluation; ``train/hessian/seconds``: its wall time;
-    * with ``config.per_block_top_k``: ``train/hessian/block_top{i}/{block}``, the ``i``-th largest eigenvalue of the diagonal
-      block of each module owning parameters (:func:`lit_act.hessian.block_eigenvalues`), and
+    * with ``config.per_block_top_k``: ``train/hessian/block_top{i}/{block}``, the ``i``-th largest eigenvalue of the
+      diagonal block of each module owning parameters (:func:`lit_act.hessian.block_eigenvalues`), and
       ``train/hessian/block_converged``.
 
     The SLQ density is saved as ``figures/hessian_density_step<step>.png`` (and a W&B image when W&B is on). A NaN/Inf
@@ -167,8 +167,7 @@ class HessianSpectrum(LitActCallback):
         self.user_loss_fn = v.callable_or_none("loss_fn", loss_fn)
         self.dry_run, self.progress = v.boolean("dry_run", dry_run), v.boolean("progress", progress)
         self.checkpoint_vector = v.boolean("checkpoint_vector", checkpoint_vector)
-        self.save_density_figure = v.boolean("save_density_figure", save_density_figure)
-        super().__init__(adapter, self.save_density_figure)
+        super().__init__(adapter, v.boolean("save_density_figure", save_density_figure))
         self.loss_fn = loss_fn or AdaptedLoss(self.adapter)
         self._block_names: list[str] = []
         self._chunk_plans: list[ChunkPlan] | None = None  # memory_budget's plan for the cached batches
@@ -296,7 +295,7 @@ class HessianSpectrum(LitActCallback):
         self.log_metrics(trainer, metrics, trainer.global_step)
         rank_zero_info(f"HessianSpectrum step {trainer.global_step}: "
                        + ", ".join(f"{k.removeprefix(PREFIX)}={v:.4g}" for k, v in metrics.items()))
-        if density is not None and self.save_density_figure and trainer.is_global_zero:
+        if density is not None and self.figures and trainer.is_global_zero:
             self.save_figure(trainer, self._density_figure(*density, trainer.global_step), "hessian_density",
                              step=trainer.global_step)
 
