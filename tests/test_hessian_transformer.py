@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_act.hessian.curvature import GGNOperator
 from lit_act.hessian.krylov_trace import lanczos_trace
 from lit_act.hessian.operator import HessianOperator, batch_size, chunk_batch
 from lit_act.models import TransformerLM
-from tests.dense import dense_hessian
+from tests.dense import dense_ggn, dense_hessian
 
 torch.set_num_threads(1)
 
@@ -68,6 +69,19 @@ def test_chunked_operator_equals_dense_hessian(backend, kind):
     assert len(op.batches) == 3 and [batch_size(b) for b in op.batches] == [4, 4, 2]
     assert not op.caching
     torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_ggn_operator_keeps_no_chunk_graph_and_equals_dense_ggn():
+    """``chunk_size`` bounds a GGN product's memory as a Hessian one's: each chunk's Jacobian graph is rebuilt per
+    product, none kept; ``memory_budget`` (planned from Hessian costs) is refused with the fix."""
+    model = small_mlp()
+    x, y = data(10)
+    op = GGNOperator(model, tuple_loss, [(x, y)], curvature="ggn", loss="cross_entropy", chunk_size=4)
+    products = op.matmat(torch.eye(op.dim, dtype=torch.float64))
+    assert [batch_size(b) for b in op.batches] == [4, 4, 2] and op._graphs == {}
+    torch.testing.assert_close(products, dense_ggn(model, [(x, y)], "cross_entropy"), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="bound the memory with chunk_size"):
+        GGNOperator(model, tuple_loss, [(x, y)], curvature="ggn", loss="cross_entropy", memory_budget=3.0)
 
 
 def test_chunks_across_several_batches_weight_by_examples():

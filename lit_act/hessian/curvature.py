@@ -61,6 +61,9 @@ class GGNOperator(HessianOperator):
         self.curvature = curvature
         self.loss = resolve_output_loss(model, loss_fn, loss)
         kwargs.pop("backend", None)
+        if kwargs.get("memory_budget") is not None or kwargs.get("chunk_plans") is not None:
+            raise ValueError(f"memory_budget / chunk_plans plan the Hessian's products; for curvature={curvature!r} "
+                             "bound the memory with chunk_size (each chunk's graph is rebuilt per product)")
         super().__init__(model, loss_fn, batches, params=params, backend="cached", **kwargs)
         self.backend = "ggn"
 
@@ -71,8 +74,10 @@ class GGNOperator(HessianOperator):
         with torch.no_grad():
             outputs = self.model(inputs)
         _check_loss_matches(self.model, self.loss_fn, self.batches[0], self.loss, outputs, targets)
-        self._graphs[0] = self._graph(self.batches[0])
-        if all(g is None for g in self._graphs[0][2]):
+        graph = self._graph(self.batches[0])
+        if self.keep_graph[0]:
+            self._graphs[0] = graph
+        if all(g is None for g in graph[2]):
             raise ValueError(f"the outputs do not depend on any chosen parameter: {self.names}")
 
     def first_order(self, index: int) -> tuple[Tensor | None, ...]:
@@ -93,9 +98,10 @@ class GGNOperator(HessianOperator):
         return vector, dummy, jt
 
     def _batch_products(self, index: int, batch: Any, rows: Tensor) -> Tensor:
-        if index not in self._graphs:
-            self._graphs[index] = self._graph(batch)
-        vector, dummy, jt = self._graphs[index]
+        graph = self._graphs.get(index) or self._graph(batch)  # kept only where keep_graph says (chunk_size)
+        if self.keep_graph[index]:
+            self._graphs[index] = graph
+        vector, dummy, jt = graph
         params = list(self._params.values())
         keep = [i for i, g in enumerate(jt) if g is not None]
         out = []
