@@ -81,7 +81,7 @@ def test_ggn_diagonal_matches_dense_ggn(case):
     expected = dense_ggn(model, batches, loss).diagonal()
     torch.testing.assert_close(ggn_diagonal(model, batches, loss), expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ggn_diagonal(model, batches, loss, max_elements=1), expected, rtol=1e-9, atol=1e-12)
-    # 7 cotangent columns per chunk: an example's rows x K columns split unevenly (one example at a time)
+    # chunks of 7 columns' gradients: the LM's rows x K columns split unevenly, the others 2 examples per chunk
     dim = sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(ggn_diagonal(model, batches, loss, max_elements=7 * dim), expected, rtol=1e-9,
                                atol=1e-12)

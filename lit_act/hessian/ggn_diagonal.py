@@ -59,17 +59,19 @@ def _batch_ggn_diagonal(model: nn.Module, chosen: dict[str, nn.Parameter], input
         outputs = model(inputs)
     n = outputs.shape[0]
     classes = outputs.shape[-1] if outputs.ndim > 1 else 1
-    factor = output_hessian_factor(loss, outputs)  # (R, C, K), scaled for the mean over all R rows
-    rows, k = factor.shape[0] // n, factor.shape[2]
-    per_example = factor.reshape(n, rows, classes, k)
+    rows = outputs.reshape(-1, classes).shape[0] // n
+    k = classes  # factor columns per row (S_r is C x C)
 
     def cotangents(examples: slice, lo: int, hi: int) -> Tensor:
-        """Columns ``lo:hi`` of the ``(r, j)``-ordered cotangents ``S_r e_j`` on row ``r`` of each example."""
-        index = torch.arange(lo, hi, device=factor.device)
-        r_idx, j_idx = index // k, index % k
-        block = per_example[examples]
+        """Columns ``lo:hi`` of the ``(j, r)``-ordered cotangents ``S_r e_j`` on row ``r`` of each example; only the
+        factor columns ``j`` they use are built."""
+        index = torch.arange(lo, hi, device=outputs.device)
+        j_idx, r_idx = index // rows, index % rows
+        j0, j1 = int(j_idx[0]), int(j_idx[-1]) + 1
+        factor = output_hessian_factor(loss, outputs, slice(j0, j1))  # (R, C, j1 - j0), the mean over all R rows
+        block = factor.reshape(n, rows, classes, j1 - j0)[examples]
         cot = torch.zeros(block.shape[0], hi - lo, rows, classes, dtype=factor.dtype, device=factor.device)
-        cot[:, torch.arange(hi - lo), r_idx, :] = block[:, r_idx, :, j_idx].transpose(0, 1)
+        cot[:, torch.arange(hi - lo), r_idx, :] = block[:, r_idx, :, j_idx - j0].transpose(0, 1)
         return cot.reshape(block.shape[0], hi - lo, *outputs.shape[1:])
 
     def squares(x: Tensor, cot: Tensor) -> dict[str, Tensor]:

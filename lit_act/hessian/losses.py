@@ -92,7 +92,8 @@ def output_hessian_factor(name: str, outputs: Tensor, columns: slice = slice(Non
     the ``columns`` of ``S_r`` (so a large ``C`` can be drained in blocks: ``R C^2`` entries in all)."""
     classes = outputs.shape[-1] if outputs.ndim > 1 else 1
     rows = outputs.reshape(-1, classes)
-    eye = torch.eye(classes, dtype=rows.dtype, device=rows.device)[:, columns]
+    index = torch.arange(classes, device=rows.device)[columns]
+    eye = (torch.arange(classes, device=rows.device)[:, None] == index).to(rows.dtype)  # (C, K): only these columns
     if name == "cross_entropy":  # S_r[:, k] = sqrt(p_k) (e_k - p)
         p = torch.softmax(rows, dim=-1)
         factor = (eye[None] - p[:, :, None]) * p[:, None, columns].sqrt()
