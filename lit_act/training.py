@@ -50,7 +50,8 @@ def _smoke_value(current: Any, smoke: Any) -> Any:
 
 def _merge_smoke(target: Any, values: Any) -> None:
     """Merge ``values`` into ``target`` key by key where the key exists, recursing into nested object nodes (with a
-    ``_target_``, e.g. a callback's ``config``); other values, plain mappings included (``search_kwargs``), replace."""
+    ``_target_``, e.g. a callback's ``config``); other values, plain mappings included (``search_kwargs``), replace,
+    so a callback ``config`` written as a plain mapping would be replaced whole: keep its ``_target_``."""
     for key, value in values.items():
         if key not in target:
             continue

@@ -19,7 +19,7 @@ from lit_act.hessian import (
     slq,
     trace,
 )
-from tests import dense
+from tests.dense import dense_hessian
 
 
 def ce_loss(module, batch):
@@ -46,11 +46,6 @@ def make_batches(sizes=(20, 12), seed: int = 1):
             for n in sizes]
 
 
-def dense_hessian(model: nn.Module, batches, names=None) -> torch.Tensor:
-    """Exact Hessian of the example-weighted mean cross-entropy over ``batches`` w.r.t. the flattened ``names``."""
-    return dense.dense_hessian(model, batches, "cross_entropy", names)
-
-
 CASES = [("relu", False), ("tanh", False), ("relu", True), ("tanh", True)]
 
 
@@ -58,7 +53,7 @@ CASES = [("relu", False), ("tanh", False), ("relu", True), ("tanh", True)]
 def problem(request):
     activation, batch_norm = request.param
     model, batches = make_mlp(activation, batch_norm), make_batches()
-    dense = dense_hessian(model, batches)
+    dense = dense_hessian(model, batches, "cross_entropy")
     return model, batches, dense, torch.linalg.eigvalsh(dense)
 
 
@@ -95,7 +90,7 @@ def test_top3_and_extremes_match_dense(problem):
 
 def test_full_krylov_space_is_exact():
     model, batches = make_mlp("tanh"), make_batches()
-    exact = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batches, "cross_entropy"))
     op = HessianOperator(model, ce_loss, batches)
     res = lanczos(op, k=op.dim, max_iter=op.dim, tol=1e-12)
     torch.testing.assert_close(res.eigenvalues.flip(0), exact, rtol=1e-7, atol=1e-9)
@@ -114,7 +109,7 @@ def test_warm_start_converges_faster_and_unconverged_flag():
 
 def test_subset_and_per_layer_blocks_match_dense_blocks():
     model, batches = make_mlp("relu"), make_batches()
-    dense = dense_hessian(model, batches)
+    dense = dense_hessian(model, batches, "cross_entropy")
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
@@ -126,7 +121,7 @@ def test_subset_and_per_layer_blocks_match_dense_blocks():
         v = torch.randn(op.dim, dtype=torch.float64)
         torch.testing.assert_close(op.matvec(v), dense[lo:hi, lo:hi] @ v, rtol=1e-9, atol=1e-11)
     head = HessianOperator(model, ce_loss, batches, params=["4.*"])
-    exact = torch.linalg.eigvalsh(dense_hessian(model, batches, names=set(names[4:])))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batches, "cross_entropy", names=set(names[4:])))
     torch.testing.assert_close(lanczos(head, k=2).eigenvalues, exact.flip(0)[:2], rtol=1e-4, atol=0)
 
 
@@ -147,7 +142,7 @@ def test_trace_estimators_within_standard_errors(problem):
 
 def test_hutchinson_plain_formula_and_private_generator():
     model, batches = make_mlp("tanh"), make_batches()
-    dense = dense_hessian(model, batches)
+    dense = dense_hessian(model, batches, "cross_entropy")
     op = HessianOperator(model, ce_loss, batches)
     state = torch.get_rng_state()
     res = hutchinson(op, budget=7, seed=11)
@@ -177,7 +172,7 @@ def test_slq_extremes_weights_and_density(problem):
 def test_slq_quadrature_is_exact_for_full_krylov_space():
     """With m = dim steps, sum_i w_i theta_i^p = v^T H^p v / v^T v for the Rademacher start vector."""
     model, batches = make_mlp("tanh"), make_batches()
-    dense = dense_hessian(model, batches)
+    dense = dense_hessian(model, batches, "cross_entropy")
     op = HessianOperator(model, ce_loss, batches)
     res = slq(op, num_iter=op.dim, runs=1, seed=5)
     v = (torch.randint(0, 2, (op.dim,), generator=torch.Generator().manual_seed(5), dtype=torch.float32) * 2
@@ -191,7 +186,7 @@ def test_slq_quadrature_is_exact_for_full_krylov_space():
 
 def test_lla_criteria_from_exact_eigenpairs_match_plain_formula():
     model, batches = make_mlp("tanh"), make_batches()
-    eigenvalues, eigenvectors = torch.linalg.eigh(dense_hessian(model, batches))
+    eigenvalues, eigenvectors = torch.linalg.eigh(dense_hessian(model, batches, "cross_entropy"))
     assert (eigenvalues < 0).any() and (eigenvalues > 0).any()
     v = torch.randn(eigenvalues.numel(), dtype=torch.float64)
     weights = (eigenvectors.T @ (v / v.norm())) ** 2

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lit_act.hessian.curvature import CURVATURES
+from lit_act.hessian.lanczos import default_steps
 from lit_act.hessian.losses import OUTPUT_LOSSES
 from lit_act.hessian.operator import BACKENDS
 from lit_act.hessian.trace import ON_UNCOVERED, TRACE_METHODS
@@ -85,9 +86,10 @@ class HessianConfig:
             (``slq_iter=0``; a warm-started pass is no SLQ sample). Off by default, as the density is on by
             default. Run to convergence at ``tol`` the gain was mixed on the reference TransformerLM (evaluations
             10 training steps apart: after 1 step, 30 Lanczos steps cold and 19 warm; after 30 steps, 21 cold and
-            23 warm); with a small ``max_iter`` it is large: at 8 products, top-3 within 5e-5 to 7e-3 (warm) against
-            8e-3 to 6e-2 (cold) for evaluations 1 to 200 steps apart on the reference architecture trained on Python
-            source (``python -m benchmarks.bench_hessian --only warm``).
+            23 warm); with a small ``max_iter`` it can be large: at ``max_iter=8``, top-3 within 6e-5 to 1.2e-3 (warm)
+            against 8e-3 to 5e-2 (cold) for evaluations 1 to 50 steps apart on a TransformerLM trained on Python
+            source, but 3.3e-2 against 6.0e-2 for evaluations 200 steps apart
+            (``python -m benchmarks.bench_hessian --only warm``).
     """
 
     top_k: int = 3
@@ -137,7 +139,7 @@ class HessianConfig:
 
     def pass_steps(self) -> int:
         """Lanczos steps at most of the shared pass."""
-        return self.max_iter or max(2 * self.top_k + 20, 60, self.slq_iter)
+        return self.max_iter or max(default_steps(self.top_k), self.slq_iter)
 
 
 def _arg_validation(c: HessianConfig) -> dict[str, Any]:

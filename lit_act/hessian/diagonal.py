@@ -27,7 +27,8 @@ factor column (``C`` columns for ``C`` classes, plus one per entry of each curve
 parametrised layer). The output factor is built and column blocks are run to the input ``_BLOCK_ELEMENTS`` entries
 at a time, so the memory stays bounded. A chain whose only parametrised layer is the last Linear (a Transformer LM's
 head: the final LayerNorm is outside the rules) needs no factor at all, only ``diag(d2L/df_r^2)`` (``p (1 - p)`` for
-cross-entropy): on a 2,048-token vocabulary and 32 rows the factor had taken 2 GB. For ReLU (``phi'' = 0``) there is
+cross-entropy): on a 2,048-token vocabulary and 32 rows, building the factor (0.5 GB, and its temporaries) had
+made the process peak at 2 GB. For ReLU (``phi'' = 0``) there is
 no residual and the Hessian diagonal is the GGN's.
 
 The chain is found from the modules, not assumed: one forward with hooks on the leaf modules records their calls, then

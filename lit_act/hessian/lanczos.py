@@ -204,9 +204,14 @@ def tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(t)
 
 
+def default_steps(k: int) -> int:
+    """Lanczos steps for ``k`` eigenvalues when not given, before the dimension cap: ``max(2k + 20, 60)``."""
+    return max(2 * k + 20, 60)
+
+
 def default_max_iter(dim: int, k: int) -> int:
-    """Lanczos steps at most when not given: ``min(dim, max(2k + 20, 60))``."""
-    return min(dim, max(2 * k + 20, 60))
+    """Lanczos steps at most when not given: ``min(dim, default_steps(k))``."""
+    return min(dim, default_steps(k))
 
 
 def check_lanczos_args(op: HessianOperator, k: int, max_iter: int | None, tol: float) -> int:
