@@ -163,7 +163,8 @@ class BlockProducts:
         if self.op.all_reduce is not None:
             flat = self.op.all_reduce(torch.cat(list(out.values())))
             out = dict(zip(out, flat.split([v.numel() for v in out.values()])))
-        if not all(torch.isfinite(t.sum()) or torch.isfinite(t).all() for t in out.values()):  # cheap sum first
+        sums = torch.stack([t.sum() for t in out.values()])  # one sync per call; entries only if a sum is not finite
+        if not bool(torch.isfinite(sums).all()) and not all(bool(torch.isfinite(t).all()) for t in out.values()):
             raise FloatingPointError("NaN/Inf in a block Hessian-vector product: the loss or its curvature is not "
                                      "finite at the current parameters (check for diverged training or NaN inputs)")
         for _ in out:

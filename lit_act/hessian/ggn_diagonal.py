@@ -166,6 +166,7 @@ def ggn_control_variate(op: HessianOperator, budget: int, loss: str, seed: int =
         with torch.no_grad(), math_attention():
             batches.append((inputs, output_gradient(loss, op.model(inputs), targets)))
     residual = HessianOperator(op.model, _ResidualCurvatureLoss(), batches, params=op.names,
+                               backend="cached" if op.caching else "reverse",  # chunked: no chunk graph kept
                                vmap_size=op.vmap_size, all_reduce=op.all_reduce)
     rest = hutchinson(residual, budget, seed)
     exact = float(diag.double().sum())

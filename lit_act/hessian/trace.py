@@ -199,19 +199,22 @@ def interleaved(op: HessianOperator, budget: int, seed: int = 0, mask: Tensor | 
     count = max(1, min(groups, len(modules), budget // 2))
     rounds = budget // count
     order = list(modules)
-    members = {f"group{g}": [n for module in order[g::count] for n in modules[module]] for g in range(count)}
     numels = dict(zip(op.names, op._numels))
-    column = {n: order.index(module) for module, names in modules.items() for n in names}
+    grouped = {f"group{g}": order[g::count] for g in range(count)}  # module names per group, in order
+    members = {g: [n for module in mods for n in modules[module]] for g, mods in grouped.items()}
+    sizes = {g: [sum(numels[n] for n in modules[module]) for module in mods] for g, mods in grouped.items()}
+    columns = {g: torch.tensor([order.index(module) for module in mods], device=op.device)
+               for g, mods in grouped.items()}
     generator = make_generator(seed)
     forms = torch.zeros(rounds, len(order), dtype=torch.float64, device=op.device)  # z_B^T (H_gg z_g)_B per module
     with math_attention():  # graphs built here (chunks the operator does not keep) need a double backward
         products = BlockProducts(op, members, "per_block")
         for r in range(rounds):
-            vectors = {g: rademacher((sum(numels[n] for n in names),), generator, op) for g, names in members.items()}
+            vectors = {g: rademacher((sum(sizes[g]),), generator, op) for g in members}
             out = products(vectors)
-            for g, names in members.items():
-                for name, form in zip(names, (vectors[g] * out[g]).split([numels[n] for n in names])):
-                    forms[r, column[name]] += form.double().sum()
+            for g in members:  # one split by modules per group, no host sync
+                per_module = torch.stack([t.sum() for t in (vectors[g] * out[g]).double().split(sizes[g])])
+                forms[r].index_add_(0, columns[g], per_module)
     estimate, se = _mean_and_se(forms.sum(1))
     return TraceResult(estimate, se, op.matvecs - matvecs0, time.perf_counter() - start, "interleaved",
                        dict(zip(order, forms.mean(0).tolist())))
