@@ -908,7 +908,7 @@ def main() -> None:
         residual_section(trace_seeds, cl, ph)
     if wanted("transformer-trace"):
         print()
-        transformer_trace_section(trace_seeds, cl, ph, reference_budget=300 if quick else 600)
+        transformer_trace_section(trace_seeds, cl, ph, reference_budget=400 if quick else 2000)
     if wanted("transformer"):
         print()
         transformer_memory_section((16,) if quick else (16, 128))

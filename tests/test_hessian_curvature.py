@@ -84,8 +84,9 @@ def test_exact_diagonal_drains_many_output_columns_in_blocks(monkeypatch, loss):
 
 
 def test_exact_diagonal_of_a_lone_head_needs_only_the_output_hessian_diagonal(monkeypatch):
-    """A TransformerLM's chain is its head alone (the final LayerNorm is outside the rules): the head's exact
-    diagonal is ``sum_r (p_r - p_r^2) a_r^2 / R``, from no ``(R, C, C)`` factor (vocab 300: 300x the memory)."""
+    """A TransformerLM's chain is its head alone (the final LayerNorm and the MLP branch before it have the
+    closed-form tail rule instead): the head's exact diagonal is ``sum_r (p_r - p_r^2) a_r^2 / R``, from no
+    ``(R, C, C)`` factor (vocab 300: 300x the memory)."""
     monkeypatch.setattr(diagonal, "output_hessian_factor", lambda *a: pytest.fail("factor built for a lone head"))
     torch.manual_seed(0)
     model = TransformerLM(vocab_size=300, block_size=8, d_model=8, n_layer=1, n_head=2).double().eval()
@@ -93,7 +94,8 @@ def test_exact_diagonal_of_a_lone_head_needs_only_the_output_hessian_diagonal(mo
     batches = [(torch.randint(0, 300, (n, 8), generator=gen), torch.randint(0, 300, (n, 8), generator=gen))
                for n in (3, 2)]
     res = exact_diagonal(model, batches, on_uncovered="partial")
-    assert res.covered == ["lm_head.weight"]
+    assert res.covered == [f"blocks.0.mlp.{m}.{p}" for m in ("fc_in", "fc_out") for p in ("weight", "bias")] + [
+        "ln_f.weight", "ln_f.bias", "lm_head.weight"]
     head = dict(zip(res.names, res.diagonal.split([p.numel() for p in model.parameters()])))["lm_head.weight"]
     reference = hessian_of(model, weighted_loss(lambda m, b: m.loss(m(b[0]), b[1]), batches),
                            ["lm_head.weight"]).diagonal()
@@ -268,10 +270,11 @@ def test_transformer_ggn_and_control_variate_trace():
     torch.testing.assert_close(op.matvec(v), ggn @ v, rtol=1e-8, atol=1e-10)
     dense = dense_hessian(model, batches, "cross_entropy")
     hessian = HessianOperator(model, loss_fn_of("cross_entropy"), batches)
-    res = trace(hessian, 2 * op.dim, method="auto", estimator="hutchpp", loss="cross_entropy")  # lm_head exact
+    res = trace(hessian, 2 * op.dim, method="auto", estimator="hutchpp", loss="cross_entropy")  # the tail exact
     assert res.method == "control_variate+hutchpp"
-    head = model.lm_head.weight.numel()
-    assert math.isclose(res.exact_part, float(dense.diagonal()[-head:].sum()), rel_tol=1e-8)
+    tail = ("blocks.0.mlp.", "ln_f.", "lm_head.")
+    covered = torch.cat([torch.full((p.numel(),), n.startswith(tail)) for n, p in model.named_parameters()])
+    assert math.isclose(res.exact_part, float(dense.diagonal()[covered].sum()), rel_tol=1e-8)
     assert math.isclose(res.estimate, float(dense.trace()), rel_tol=1e-8)
 
 

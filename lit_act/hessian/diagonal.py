@@ -26,7 +26,7 @@ So ``diag(H)`` (and the GGN's) for every parameter of the chain costs one forwar
 factor column (``C`` columns for ``C`` classes, plus one per entry of each curved activation after a second
 parametrised layer). The output factor is built and column blocks are run to the input ``_BLOCK_ELEMENTS`` entries
 at a time, so the memory stays bounded. A chain whose only parametrised layer is the last Linear (a Transformer LM's
-head: the final LayerNorm is outside the rules) needs no factor at all, only ``diag(d2L/df_r^2)`` (``p (1 - p)`` for
+head: the walk stops at the final LayerNorm) needs no factor at all, only ``diag(d2L/df_r^2)`` (``p (1 - p)`` for
 cross-entropy): on a 2,048-token vocabulary and 32 rows, building the factor (0.5 GB, and its temporaries) had
 made the process peak at 2 GB. For ReLU (``phi'' = 0``) there is
 no residual and the Hessian diagonal is the GGN's.
@@ -36,7 +36,9 @@ walking back from the model's output, each call must have produced exactly the t
 covered modules are ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (zero padding; stride, dilation, groups, ``"same"``),
 parameter-free elementwise activations (:data:`ELEMENTWISE`), max and average pooling (1d/2d, adaptive),
 ``nn.Identity``, dropout in eval mode and ``nn.Flatten``. The walk stops at the first module outside these rules or
-the first functional op / residual connection; parameters before it are "uncovered". :func:`exact_diagonal` raises
+the first functional op / residual connection; parameters before it are "uncovered". When it stops at a final
+``nn.LayerNorm`` / ``nn.RMSNorm`` before a Linear head, the pre-norm tail rule (:mod:`lit_act.hessian.norm_tail`)
+covers that normalisation and the residual MLP branch before it in closed form. :func:`exact_diagonal` raises
 naming that module, or (``on_uncovered="partial"``) returns the covered blocks only, which
 :func:`lit_act.hessian.trace.trace` uses as a control variate.
 """
@@ -61,6 +63,7 @@ from lit_act.hessian.losses import (
     resolve_output_loss,
     split_batch,
 )
+from lit_act.hessian.norm_tail import NORMS, NormTail, norm_tail_diagonal
 from lit_act.hessian.operator import LossFn, batch_size, example_mean, math_attention, select_parameters
 from lit_act.hessian.results import DiagonalResult
 
@@ -96,11 +99,14 @@ class _Call:
 @dataclass(frozen=True)
 class Chain:
     """The covered tail of the network: calls in forward order, the parameter names they own, and why the walk
-    stopped (``None`` when it reached the input)."""
+    stopped (``None`` when it reached the input); ``norm_tail`` when the walk stopped at a final normalisation layer
+    before a Linear head and a residual MLP branch precedes it (:mod:`lit_act.hessian.norm_tail`, whose parameters
+    ``covered`` includes)."""
 
     calls: list[_Call]
     covered: list[str]
     stop: str | None
+    norm_tail: NormTail | None = None
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -179,8 +185,9 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{module_name}.{pname}" if module_name else pname)
     tail: list[_Call] = []
-    current, stop, spatial = outputs, None, False
-    for call in reversed(calls):
+    current, stop, spatial, norm_tail = outputs, None, False, None
+    for index in range(len(calls) - 1, -1, -1):
+        call = calls[index]
         if call.output is None or call.output is not current:
             if tail:
                 stop = (f"the input of {tail[-1].name!r} is not the output of the module called before it "
@@ -195,13 +202,63 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         why = _not_covered(call, kind, counts[id(call.module)], shared, spatial)
         if why is not None:
             stop = f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}"
+            if isinstance(call.module, NORMS) and not shared and counts[id(call.module)] == 1 and tail \
+                    and _kind(tail[-1].module) == "linear" and all(_kind(c.module) == "identity" for c in tail[:-1]):
+                norm_tail, stop = _find_norm_tail(calls, index, tail[-1].module, counts, owners)
             break
         spatial = spatial or kind in _SPATIAL or (kind == "flatten" and call.input.shape != call.output.shape)
         tail.append(call)
         current = call.input
     tail.reverse()
     covered = [f"{c.name}.{n}" if c.name else n for c in tail for n, _ in c.module.named_parameters(recurse=False)]
-    return Chain(tail, covered, stop), outputs
+    if norm_tail is not None:
+        covered += [f"{name}.{n}" for name, module in (norm_tail.fc_in, norm_tail.fc_out, norm_tail.norm)
+                    for n, _ in module.named_parameters(recurse=False)]
+    return Chain(tail, covered, stop, norm_tail), outputs
+
+
+def _find_norm_tail(calls: list[_Call], index: int, head: nn.Linear, counts: dict[int, int],
+                    owners: dict[int, list[str]]) -> tuple[NormTail | None, str]:
+    """The residual MLP branch ``fc_out(phi(fc_in(h)))`` (identity calls between allowed) whose output, plus a
+    tensor computed before ``fc_in`` ran (or nothing), is the input of the normalisation call ``calls[index]``
+    (:mod:`lit_act.hessian.norm_tail`), and where the rules stop; or ``(None, why not)``."""
+    norm = calls[index]
+    prefix = f"the final normalisation {norm.name!r} ({type(norm.module).__name__}) is covered only after a residual " \
+             "MLP branch fc_out(act(fc_in(h))) of nn.Linear layers and a parameter-free elementwise activation"
+    d = norm.input.shape[-1] if norm.input is not None else 0
+    if tuple(norm.module.normalized_shape) != (d,):
+        return None, f"{prefix}; it must normalise the last dimension only"
+
+    def back(j: int, consumer: Tensor) -> int:  # the call producing ``consumer``, through identity calls
+        while j >= 0 and calls[j].output is consumer and _kind(calls[j].module) == "identity":
+            consumer, j = calls[j].input, j - 1
+        return j if j >= 0 and calls[j].output is consumer else -1
+
+    end = calls[index - 1] if index > 0 else None
+    if end is None or end.output is None:
+        return None, prefix
+    j_out = back(index - 1, end.output)
+    j_act = back(j_out - 1, calls[j_out].input) if j_out > 0 else -1
+    j_in = back(j_act - 1, calls[j_act].input) if j_act > 0 else -1
+    if j_in < 0 or [_kind(calls[j].module) for j in (j_in, j_act, j_out)] != ["linear", "elementwise", "linear"]:
+        return None, prefix
+    fc_in, act, fc_out = calls[j_in], calls[j_act], calls[j_out]
+    for c in (fc_in, fc_out):
+        if counts[id(c.module)] > 1 or any(len(owners.get(id(p), [])) > 1 for p in c.module.parameters()):
+            return None, f"{prefix}; {c.name!r} is called more than once or shares a parameter"
+    r, z = norm.input, end.output
+    if r is not z:
+        if r.shape != z.shape:
+            return None, f"{prefix}; its input is not the branch's output plus a residual"
+        s, tol = r - z, 1e-5 * (r.abs() + z.abs()) + torch.finfo(r.dtype).tiny
+        earlier = [t for c in calls[:j_in] for t in (c.input, c.output)] + [fc_in.input]
+        if not any(t is not None and t.shape == s.shape and bool(((t - s).abs() <= tol).all()) for t in earlier):
+            return None, f"{prefix}; the residual added to the branch's output is not computed before {fc_in.name!r}"
+    d1, d2 = _elementwise_derivatives(act.module, act.input, act.output)
+    return (NormTail((fc_in.name, fc_in.module), (fc_out.name, fc_out.module), (norm.name, norm.module), head,
+                     fc_in.input, act.output, r, d1, d2),
+            f"the pre-norm tail rule covers {fc_in.name!r}, {fc_out.name!r} and {norm.name!r}; what computes the "
+            f"input of {fc_in.name!r} and the residual stream is not covered")
 
 
 def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -665,7 +722,9 @@ def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
     """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters (:class:`_Backprop`)."""
     if not chain.calls:
         return {}
+    tail = {} if chain.norm_tail is None else norm_tail_diagonal(chain.norm_tail, outputs, targets, loss, curvature)
     bp = _Backprop(chain, curvature)
+    bp.result.update(tail)
     last = len(chain.calls) - 1
     grad = output_gradient(loss, outputs, targets) if bp.grad_needed[last] else None
     if bp.kinds[last] == "linear" and not bp.params_before[last]:  # the head alone: only diag(d2L/df^2) is needed

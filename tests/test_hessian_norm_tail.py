@@ -1,0 +1,125 @@
+"""The closed-form diagonal of a pre-norm tail (last MLP branch, residual, final norm, head) against dense autograd
+Hessians and GGNs, on lit-act's TransformerLM and on models written here the way users write them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_act.hessian.diagonal import exact_diagonal, trace_chain
+from lit_act.models import TransformerLM
+from tests.dense import dense_ggn, dense_hessian, make_batches
+
+TAIL = ["mlp.fc_in.weight", "mlp.fc_in.bias", "mlp.fc_out.weight", "mlp.fc_out.bias"]
+
+
+def perturbed(model: nn.Module) -> nn.Module:
+    """Float64, eval, norm gains and biases away from 1 and 0 (their second-derivative terms then matter)."""
+    model = model.double().eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=gen))
+    return model
+
+
+class NanoGPT(nn.Module):
+    """A user's decoder: SDPA attention, bias-free Linear layers, SiLU MLP, RMSNorm, untied head."""
+
+    def __init__(self, vocab=7, d=6, t=4):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(t, d) * 0.1)
+        self.norm1, self.qkv, self.proj = nn.RMSNorm(d), nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.norm2, self.up, self.act = nn.RMSNorm(d), nn.Linear(d, 10, bias=False), nn.SiLU()
+        self.down = nn.Linear(10, d, bias=False)
+        self.final, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos[: idx.shape[1]]
+        q, k, v = self.qkv(self.norm1(x)).split(x.shape[-1], -1)
+        x = x + self.proj(F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=True)[:, 0])
+        x = x + self.down(self.act(self.up(self.norm2(x))))
+        return self.head(self.final(x))
+
+
+class FlatTail(nn.Module):
+    """A flat regressor ``head(norm(h + fc_out(tanh(fc_in(h)))))`` (``residual=False``: without ``h +``)."""
+
+    def __init__(self, residual=True, affine=True):
+        super().__init__()
+        torch.manual_seed(2)
+        self.residual = residual
+        self.inp, self.fc_in, self.act, self.fc_out = nn.Linear(5, 4), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)
+        self.drop, self.norm, self.head = nn.Dropout(0.1), nn.LayerNorm(4, elementwise_affine=affine), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        z = self.drop(self.fc_out(self.act(self.fc_in(h))))
+        return self.head(self.norm(h + z if self.residual else z))
+
+
+def lm_batches(vocab, t=4, sizes=(3, 2)):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, vocab, (n, t), generator=gen), torch.randint(0, vocab, (n, t), generator=gen))
+            for n in sizes]
+
+
+def assert_matches_dense(model, batches, loss, expected):
+    """The covered parameters are exactly ``expected``; their diagonal equals the dense Hessian's and GGN's."""
+    names = [n for n, _ in model.named_parameters()]
+    for curvature, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        res = exact_diagonal(model, batches, loss=loss, curvature=curvature, on_uncovered="partial")
+        assert sorted(res.covered) == sorted(expected)
+        mask = torch.cat([torch.full((p.numel(),), n in expected) for n, p in model.named_parameters()])
+        reference = dense(model, batches, loss).diagonal()
+        torch.testing.assert_close(res.diagonal[mask], reference[mask], rtol=1e-9, atol=1e-13)
+        assert bool(torch.isnan(res.diagonal[~mask]).all()) and len(names) > len(expected)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_transformer_lm_tail_matches_dense(activation):
+    """lit-act's pre-LN TransformerLM (residual + dropout in eval, 2 layers): the last block's MLP, ln_f and the head
+    are covered exactly; the attention before them is not."""
+    model = perturbed(TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=2, n_head=2, d_ff=8,
+                                    activation=activation))
+    assert_matches_dense(model, lm_batches(7), "cross_entropy",
+                         [f"blocks.1.{n}" for n in TAIL] + ["ln_f.weight", "ln_f.bias", "lm_head.weight"])
+
+
+def test_users_decoder_with_rmsnorm_and_bias_free_layers_matches_dense():
+    model = perturbed(NanoGPT())
+    chain, _ = trace_chain(model, lm_batches(7)[0][0])
+    assert chain.stop.startswith("the pre-norm tail rule covers 'up', 'down' and 'final'")
+    assert_matches_dense(model, lm_batches(7), "cross_entropy", ["up.weight", "down.weight", "final.weight",
+                                                                  "head.weight"])
+
+
+@pytest.mark.parametrize("residual,affine", [(True, True), (False, True), (True, False)])
+def test_flat_tail_with_mse_matches_dense(residual, affine):
+    model = perturbed(FlatTail(residual, affine))
+    expected = ["fc_in.weight", "fc_in.bias", "fc_out.weight", "fc_out.bias", "head.weight", "head.bias"]
+    assert_matches_dense(model, make_batches("mse", (5, 3), seed=4, shape=(5,)), "mse",
+                         expected + (["norm.weight", "norm.bias"] if affine else []))
+
+
+class LateResidual(FlatTail):
+    """The residual added to the branch depends on ``fc_in`` (computed after it): not a pre-norm tail."""
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        u = self.fc_in(h)
+        return self.head(self.norm(u[:, :4] + self.fc_out(self.act(u))))
+
+
+def test_tails_outside_the_rule_are_left_to_the_estimator_with_the_reason():
+    x = make_batches("mse", (4,), shape=(5,))[0][0]
+    chain, _ = trace_chain(perturbed(LateResidual()), x)
+    assert chain.norm_tail is None and chain.covered == ["head.weight", "head.bias"]
+    assert "residual added to the branch's output is not computed before 'fc_in'" in chain.stop
+    model = FlatTail()
+    model.fc_in = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))  # no activation between the branch's Linears
+    chain, _ = trace_chain(perturbed(model), x)
+    assert chain.norm_tail is None and "covered only after a residual MLP branch" in chain.stop
