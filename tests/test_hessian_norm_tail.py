@@ -123,3 +123,54 @@ def test_tails_outside_the_rule_are_left_to_the_estimator_with_the_reason():
     model.fc_in = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))  # no activation between the branch's Linears
     chain, _ = trace_chain(perturbed(model), x)
     assert chain.norm_tail is None and "covered only after a residual MLP branch" in chain.stop
+
+
+class Logits(nn.Module):
+    """``model(idx).logits``: a Hugging Face LM as ``model(inputs) -> outputs`` for the output-loss rules."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx).logits
+
+
+def test_hugging_face_gpt_neox_tail_matches_dense():
+    """GPT-NeoX (Pythia's architecture) from a small config, SDPA attention, sequential residual: the head reads a view
+    of the final LayerNorm's output (``hidden[:, 0:]``), the MLP's activation is Hugging Face's ``GELUActivation``
+    (checked to act elementwise), dropout modules sit between the branch and the residual add."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=7, hidden_size=6, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=8, max_position_embeddings=8, use_parallel_residual=False,
+                                        attn_implementation="sdpa")
+    torch.manual_seed(3)
+    model = perturbed(Logits(transformers.GPTNeoXForCausalLM(config)))
+    layer = "model.gpt_neox.layers.1.mlp."
+    expected = [layer + n for n in ("dense_h_to_4h.weight", "dense_h_to_4h.bias", "dense_4h_to_h.weight",
+                                    "dense_4h_to_h.bias")]
+    assert_matches_dense(model, lm_batches(7), "cross_entropy", expected + [
+        "model.gpt_neox.final_layer_norm.weight", "model.gpt_neox.final_layer_norm.bias", "model.lm_head.weight"])
+    config.use_parallel_residual = True  # r = mlp + attn + h: the residual is a sum formed after the branch
+    chain, _ = trace_chain(perturbed(Logits(transformers.GPTNeoXForCausalLM(config))), lm_batches(7)[0][0])
+    assert chain.norm_tail is None and "residual added to the branch's output is not computed before" in chain.stop
+
+
+class PairMax(nn.Module):
+    """A parameter-free activation that is not elementwise (registered as an activation class)."""
+
+    def forward(self, x):
+        return torch.maximum(x, x.roll(1, -1))
+
+
+def test_activations_from_the_table_are_checked_to_act_elementwise():
+    from lit_act.selection import _REGISTERED, register_activation_type
+
+    register_activation_type(PairMax)
+    try:
+        model = FlatTail()
+        model.act = PairMax()
+        chain, _ = trace_chain(perturbed(model), make_batches("mse", (4,), shape=(5,))[0][0])
+    finally:
+        _REGISTERED.remove(PairMax)
+    assert chain.norm_tail is None and "covered only after a residual MLP branch" in chain.stop

@@ -34,8 +34,10 @@ no residual and the Hessian diagonal is the GGN's.
 The chain is found from the modules, not assumed: one forward with hooks on the leaf modules records their calls, then
 walking back from the model's output, each call must have produced exactly the tensor the next one consumed. The
 covered modules are ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (zero padding; stride, dilation, groups, ``"same"``),
-parameter-free elementwise activations (:data:`ELEMENTWISE`), max and average pooling (1d/2d, adaptive),
-``nn.Identity``, dropout in eval mode and ``nn.Flatten``. The walk stops at the first module outside these rules or
+parameter-free elementwise activations (:data:`ELEMENTWISE`, and the other parameter-free classes of lit-act's
+activation table, such as Hugging Face's ``GELUActivation``, once checked to act elementwise), max and average pooling
+(1d/2d, adaptive), ``nn.Identity``, dropout in eval mode and ``nn.Flatten``; a view of the previous output with the
+same memory and layout (``hidden[:, 0:]``) counts as that output. The walk stops at the first module outside these rules or
 the first functional op / residual connection; parameters before it are "uncovered". When it stops at a final
 ``nn.LayerNorm`` / ``nn.RMSNorm`` before a Linear head, the pre-norm tail rule (:mod:`lit_act.hessian.norm_tail`)
 covers that normalisation and the residual MLP branch before it in closed form. :func:`exact_diagonal` raises
@@ -66,6 +68,7 @@ from lit_act.hessian.losses import (
 from lit_act.hessian.norm_tail import NORMS, NormTail, norm_tail_diagonal
 from lit_act.hessian.operator import LossFn, batch_size, example_mean, math_attention, select_parameters
 from lit_act.hessian.results import DiagonalResult
+from lit_act.selection import is_activation
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.CELU, nn.SELU,
                nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardswish,
@@ -114,7 +117,7 @@ def _kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, CONVS) and module.padding_mode == "zeros":
         return "conv"
-    if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
+    if (isinstance(module, ELEMENTWISE) or is_activation(module)) and not any(True for _ in module.parameters()):
         return "elementwise"
     if isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd)
                                            and (not module.training or module.p == 0)):
@@ -133,6 +136,8 @@ def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatia
     flatten comes later in the forward pass (its factor then has one block per example, not per row)."""
     if kind is None:
         return "is not covered"
+    if kind == "elementwise" and not _acts_elementwise(call):
+        return "is an activation that does not act elementwise (its vector-Jacobian product is not phi' * v)"
     if calls > 1:
         return "is called more than once"
     if shared:
@@ -145,6 +150,34 @@ def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatia
     if kind == "linear" and spatial_after and call.input.ndim > 2:
         return f"acts on a {call.input.ndim}-D input before a convolution, pooling or flatten layer"
     return None
+
+
+def _acts_elementwise(call: _Call) -> bool:
+    """Whether an activation call acts entry by entry: the torch classes of :data:`ELEMENTWISE` do; any other
+    parameter-free class of the activation table (:func:`lit_act.selection.activation_types`: Hugging Face's
+    ``GELUActivation``, your registered ones) is checked on its recorded input, as ``J^T v = phi'(x) * v`` (with
+    ``phi' = J^T 1``) for a random ``v``."""
+    if isinstance(call.module, ELEMENTWISE):
+        return True
+    x = call.input
+    if call.output is None or call.output.shape != x.shape or not x.is_floating_point():
+        return False
+    v = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), dtype=x.dtype, device=x.device)
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        y = call.module(xr)
+        if not y.requires_grad:
+            return False
+        (jv,) = torch.autograd.grad(y, xr, v, retain_graph=True)
+        (d1,) = torch.autograd.grad(y, xr, torch.ones_like(v))
+    return bool(torch.allclose(jv, d1 * v, rtol=1e-4, atol=1e-6 * float(d1.abs().max()) + 1e-30))
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """``a`` is ``b``, or a view of the same memory with the same layout (``hidden[:, 0:]`` before a Hugging Face
+    LM head): the same values, an identity in between."""
+    return a is b or (a is not None and b is not None and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr())
 
 
 def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
@@ -188,7 +221,7 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
     current, stop, spatial, norm_tail = outputs, None, False, None
     for index in range(len(calls) - 1, -1, -1):
         call = calls[index]
-        if call.output is None or call.output is not current:
+        if call.output is None or not _same(call.output, current):
             if tail:
                 stop = (f"the input of {tail[-1].name!r} is not the output of the module called before it "
                         f"({call.name!r}, {type(call.module).__name__}): a functional op, a residual connection or "
@@ -230,9 +263,9 @@ def _find_norm_tail(calls: list[_Call], index: int, head: nn.Linear, counts: dic
         return None, f"{prefix}; it must normalise the last dimension only"
 
     def back(j: int, consumer: Tensor) -> int:  # the call producing ``consumer``, through identity calls
-        while j >= 0 and calls[j].output is consumer and _kind(calls[j].module) == "identity":
+        while j >= 0 and _same(calls[j].output, consumer) and _kind(calls[j].module) == "identity":
             consumer, j = calls[j].input, j - 1
-        return j if j >= 0 and calls[j].output is consumer else -1
+        return j if j >= 0 and _same(calls[j].output, consumer) else -1
 
     end = calls[index - 1] if index > 0 else None
     if end is None or end.output is None:
@@ -240,14 +273,15 @@ def _find_norm_tail(calls: list[_Call], index: int, head: nn.Linear, counts: dic
     j_out = back(index - 1, end.output)
     j_act = back(j_out - 1, calls[j_out].input) if j_out > 0 else -1
     j_in = back(j_act - 1, calls[j_act].input) if j_act > 0 else -1
-    if j_in < 0 or [_kind(calls[j].module) for j in (j_in, j_act, j_out)] != ["linear", "elementwise", "linear"]:
+    if j_in < 0 or [_kind(calls[j].module) for j in (j_in, j_act, j_out)] != ["linear", "elementwise", "linear"] \
+            or not _acts_elementwise(calls[j_act]):
         return None, prefix
     fc_in, act, fc_out = calls[j_in], calls[j_act], calls[j_out]
     for c in (fc_in, fc_out):
         if counts[id(c.module)] > 1 or any(len(owners.get(id(p), [])) > 1 for p in c.module.parameters()):
             return None, f"{prefix}; {c.name!r} is called more than once or shares a parameter"
     r, z = norm.input, end.output
-    if r is not z:
+    if not _same(r, z):
         if r.shape != z.shape:
             return None, f"{prefix}; its input is not the branch's output plus a residual"
         s, tol = r - z, 1e-5 * (r.abs() + z.abs()) + torch.finfo(r.dtype).tiny
