@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_act.hessian import norm_tail
 from lit_act.hessian.diagonal import exact_diagonal, trace_chain
 from lit_act.models import TransformerLM
 from tests.dense import dense_ggn, dense_hessian, make_batches
@@ -79,10 +80,12 @@ def assert_matches_dense(model, batches, loss, expected):
         assert bool(torch.isnan(res.diagonal[~mask]).all()) and len(names) > len(expected)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "tanh"])
-def test_transformer_lm_tail_matches_dense(activation):
+@pytest.mark.parametrize("activation,blocks", [("gelu", False), ("tanh", False), ("gelu", True)])
+def test_transformer_lm_tail_matches_dense(activation, blocks, monkeypatch):
     """lit-act's pre-LN TransformerLM (residual + dropout in eval, 2 layers): the last block's MLP, ln_f and the head
-    are covered exactly; the attention before them is not."""
+    are covered exactly; the attention before them is not. ``blocks``: rows and vocabulary in blocks of two."""
+    if blocks:
+        monkeypatch.setattr(norm_tail, "_BLOCK_ELEMENTS", 16)
     model = perturbed(TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=2, n_head=2, d_ff=8,
                                     activation=activation))
     assert_matches_dense(model, lm_batches(7), "cross_entropy",

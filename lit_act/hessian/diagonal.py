@@ -285,7 +285,7 @@ def _find_norm_tail(calls: list[_Call], index: int, head: nn.Linear, counts: dic
         if r.shape != z.shape:
             return None, f"{prefix}; its input is not the branch's output plus a residual"
         s, tol = r - z, 1e-5 * (r.abs() + z.abs()) + torch.finfo(r.dtype).tiny
-        earlier = [t for c in calls[:j_in] for t in (c.input, c.output)] + [fc_in.input]
+        earlier = [fc_in.input] + [t for c in reversed(calls[:j_in]) for t in (c.input, c.output)]  # nearest first
         if not any(t is not None and t.shape == s.shape and bool(((t - s).abs() <= tol).all()) for t in earlier):
             return None, f"{prefix}; the residual added to the branch's output is not computed before {fc_in.name!r}"
     d1, d2 = _elementwise_derivatives(act.module, act.input, act.output)

@@ -68,22 +68,22 @@ class NormTail:
     d2: Tensor
 
 
-def _normalised(norm: nn.Module, r: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """``(xhat, sigma, centred)`` over the rows of ``r`` ``(R, d)`` as ``norm`` computes them."""
-    centred = isinstance(norm, nn.LayerNorm)
-    c = r - r.mean(-1, keepdim=True) if centred else r
+def _normalised(norm: nn.Module, r: Tensor) -> tuple[Tensor, Tensor]:
+    """``(xhat, sigma)`` over the rows of ``r`` ``(R, d)`` as ``norm`` computes them."""
+    c = r - r.mean(-1, keepdim=True) if isinstance(norm, nn.LayerNorm) else r
     eps = norm.eps if norm.eps is not None else torch.finfo(r.dtype).eps
     sigma = (c.square().mean(-1, keepdim=True) + eps).sqrt()
-    return c / sigma, sigma, centred
+    return c / sigma, sigma
 
 
-def _loss_curvature(loss: str, outputs: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(w, rho)`` with ``d2L/df_r^2 = diag(w_r) - rho_r rho_r^T`` over the rows of ``outputs`` ``(R, V)``."""
+def _loss_curvature(loss: str, f: Tensor, total: int) -> tuple[Tensor, Tensor | None]:
+    """``(w, rho)`` with ``d2L/df_r^2 = diag(w_r) - rho_r rho_r^T`` for the rows ``f`` ``(R_b, V)`` of a batch whose
+    outputs have ``total`` entries (the mean's denominator: ``R V`` for cross-entropy, ``M`` for MSE)."""
     if loss == "cross_entropy":
-        p = torch.softmax(outputs, dim=-1)
-        return p / p.shape[0], p / math.sqrt(p.shape[0])
-    return torch.full((1, outputs.shape[-1]), 2.0 / outputs.numel(), dtype=outputs.dtype,
-                      device=outputs.device), None
+        p = torch.softmax(f, dim=-1)
+        rows = total // f.shape[-1]
+        return p / rows, p / math.sqrt(rows)
+    return torch.full((1, f.shape[-1]), 2.0 / total, dtype=f.dtype, device=f.device), None
 
 
 def _quadratic_diagonal(m: Tensor, w: Tensor, rho: Tensor | None, v: Tensor, q: Tensor, d: int) -> Tensor:
@@ -107,41 +107,54 @@ def _quadratic_diagonal(m: Tensor, w: Tensor, rho: Tensor | None, v: Tensor, q: 
 def norm_tail_diagonal(tail: NormTail, outputs: Tensor, targets: Tensor, loss: str,
                        curvature: str) -> dict[str, Tensor]:
     """``{parameter name: diagonal}`` of the mean loss of one batch for ``fc_in``, ``fc_out`` and ``norm``
-    (module docstring); ``curvature`` ``"hessian"`` or ``"ggn"``."""
+    (module docstring); ``curvature`` ``"hessian"`` or ``"ggn"``. Rows are processed in blocks of at most
+    :data:`_BLOCK_ELEMENTS` entries per ``(rows, V)`` or ``(rows, d_ff)`` tensor."""
     (in_name, fc_in), (out_name, fc_out), (norm_name, norm) = tail.fc_in, tail.fc_out, tail.norm
-    d = tail.r.shape[-1]
-    r, h, a = tail.r.reshape(-1, d), tail.h.reshape(-1, tail.h.shape[-1]), tail.a.reshape(-1, tail.a.shape[-1])
-    f = outputs.reshape(-1, outputs.shape[-1])
-    xhat, sigma, centred = _normalised(norm, r)
-    gamma = norm.weight if norm.weight is not None else torch.ones(d, dtype=r.dtype, device=r.device)
+    d, d_ff, vocab = tail.r.shape[-1], tail.a.shape[-1], outputs.shape[-1]
+    rows = {"r": tail.r.reshape(-1, d), "h": tail.h.reshape(-1, tail.h.shape[-1]), "a": tail.a.reshape(-1, d_ff),
+            "d1": tail.d1.reshape(-1, d_ff), "d2": tail.d2.reshape(-1, d_ff), "f": outputs.reshape(-1, vocab)}
+    if curvature == "hessian":
+        rows["g"] = output_gradient(loss, outputs, targets).reshape(-1, vocab)
+    centred = isinstance(norm, nn.LayerNorm)
+    gamma = norm.weight if norm.weight is not None else torch.ones(d, dtype=tail.r.dtype, device=tail.r.device)
     w_head, w2 = tail.head.weight, fc_out.weight
     b = w_head * gamma
     bc = b - b.mean(1, keepdim=True) if centred else b  # B C
-    w2c = w2 - w2.mean(0, keepdim=True) if centred else w2  # C W_2
-    w, rho = _loss_curvature(loss, f)
-    v, q, s2 = xhat @ bc.T, xhat @ w2, sigma.square()
-    zero = torch.zeros_like(xhat[:, :1])
-    a_r = _quadratic_diagonal(bc, w, rho, v, xhat, d) / s2  # diag d2L/dr2, Gauss-Newton part
-    a_z = _quadratic_diagonal(bc @ w2, w, rho, v, q, d) / s2  # diag W_2^T (d2L/dr2) W_2, Gauss-Newton part
-    a_n = _quadratic_diagonal(w_head, w, rho, zero.expand_as(v), zero.expand_as(xhat), d)  # diag d2L/dn2
-    if curvature == "hessian":
-        g = (output_gradient(loss, outputs, targets).reshape(f.shape) @ w_head) * gamma
-        gc = g - g.mean(-1, keepdim=True) if centred else g
-        gx = (g * xhat).sum(-1, keepdim=True)
-        diag_c = 1 - 1 / d if centred else 1.0
-        a_r = a_r + (-2 * gc * xhat / d - gx * diag_c / d + 3 * gx * xhat.square() / d ** 2) / s2
-        a_z = a_z + (-2 * (gc @ w2) * q / d - gx * w2c.square().sum(0) / d + 3 * gx * q.square() / d ** 2) / s2
-        grad_a = ((gc - xhat * gx / d) / sigma) @ w2  # W_2^T dL/dr
-    a_u = tail.d1.reshape(a_z.shape).square() * a_z
-    if curvature == "hessian":
-        a_u = a_u + tail.d2.reshape(a_z.shape) * grad_a
-    out = {f"{out_name}.weight": a_r.T @ a.square(), f"{in_name}.weight": a_u.T @ h.square()}
+    k = bc @ w2  # B C W_2
+    w2c_norms = (w2 - w2.mean(0, keepdim=True) if centred else w2).square().sum(0)  # diag(W_2^T C W_2)
+    sums = {"a_r": 0, "a_u": 0, "a_n": 0, "W2": 0, "W1": 0, "gamma": 0}
+    step = max(1, _BLOCK_ELEMENTS // max(vocab, d_ff))
+    for lo in range(0, rows["r"].shape[0], step):
+        block = {key: t[lo:lo + step] for key, t in rows.items()}
+        xhat, sigma = _normalised(norm, block["r"])
+        w, rho = _loss_curvature(loss, block["f"], outputs.numel())
+        v, q, s2 = xhat @ bc.T, xhat @ w2, sigma.square()
+        a_r = _quadratic_diagonal(bc, w, rho, v, xhat, d) / s2  # diag d2L/dr2, Gauss-Newton part
+        a_z = _quadratic_diagonal(k, w, rho, v, q, d) / s2  # diag W_2^T (d2L/dr2) W_2, Gauss-Newton part
+        a_n = w @ w_head.square() - (0 if rho is None else (rho @ w_head).square())  # diag d2L/dn2
+        a_u = block["d1"].square() * a_z
+        if curvature == "hessian":
+            g = (block["g"] @ w_head) * gamma
+            gc = g - g.mean(-1, keepdim=True) if centred else g
+            gx = (g * xhat).sum(-1, keepdim=True)
+            diag_c = 1 - 1 / d if centred else 1.0
+            a_r = a_r + (-2 * gc * xhat / d - gx * diag_c / d + 3 * gx * xhat.square() / d ** 2) / s2
+            norm_z = (-2 * (gc @ w2) * q / d - gx * w2c_norms / d + 3 * gx * q.square() / d ** 2) / s2
+            a_u = a_u + block["d1"].square() * norm_z + block["d2"] * (((gc - xhat * gx / d) / sigma) @ w2)
+        a_n = a_n.expand_as(xhat)
+        sums["a_r"] = sums["a_r"] + a_r.sum(0)
+        sums["a_u"] = sums["a_u"] + a_u.sum(0)
+        sums["a_n"] = sums["a_n"] + a_n.sum(0)
+        sums["W2"] = sums["W2"] + a_r.T @ block["a"].square()
+        sums["W1"] = sums["W1"] + a_u.T @ block["h"].square()
+        sums["gamma"] = sums["gamma"] + (a_n * xhat.square()).sum(0)
+    out = {f"{out_name}.weight": sums["W2"], f"{in_name}.weight": sums["W1"]}
     if fc_out.bias is not None:
-        out[f"{out_name}.bias"] = a_r.sum(0)
+        out[f"{out_name}.bias"] = sums["a_r"]
     if fc_in.bias is not None:
-        out[f"{in_name}.bias"] = a_u.sum(0)
+        out[f"{in_name}.bias"] = sums["a_u"]
     if norm.weight is not None:
-        out[f"{norm_name}.weight"] = (a_n * xhat.square()).sum(0)
+        out[f"{norm_name}.weight"] = sums["gamma"]
     if getattr(norm, "bias", None) is not None:
-        out[f"{norm_name}.bias"] = a_n.sum(0)
+        out[f"{norm_name}.bias"] = sums["a_n"]
     return out
