@@ -177,3 +177,119 @@ def test_activations_from_the_table_are_checked_to_act_elementwise():
     finally:
         _REGISTERED.remove(PairMax)
     assert chain.norm_tail is None and "covered only after a residual MLP branch" in chain.stop
+
+
+class Variant(FlatTail):
+    """FlatTail with the branch written by ``branch(self, h) -> r`` (what the norm reads)."""
+
+    def __init__(self, branch):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x):
+        return self.head(self.norm(self.branch(self, torch.relu(self.inp(x)))))
+
+
+def scaled_in_place(m, h):
+    a = m.act(m.fc_in(h))
+    a.mul_(3.0)  # after the activation's call was recorded
+    return h + m.fc_out(a)
+
+
+def added_in_place(m, h):
+    u = m.fc_in(h)
+    z = m.fc_out(m.act(u))
+    z += u[:, :4]  # the norm reads z itself, changed after fc_out's call
+    return z
+
+
+def detached(m, h):
+    return h + m.fc_out(m.act(m.fc_in(h)).detach())
+
+
+class LoraLinear(nn.Linear):
+    def __init__(self, *shape):
+        super().__init__(*shape)
+        self.lora = nn.Parameter(torch.full((shape[0], 2), 0.1))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora.sum(1, keepdim=True)
+
+
+class OnePlusRMSNorm(nn.RMSNorm):  # Gemma's convention: scale by 1 + weight
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, None, self.eps) * (1 + self.weight)
+
+
+class NoAutograd(nn.Module):
+    def forward(self, x):
+        if x.requires_grad:
+            raise RuntimeError("no autograd here")
+        return torch.tanh(x)
+
+
+@pytest.mark.parametrize("case", ["scaled_in_place", "added_in_place", "detached", "inplace_silu", "lora",
+                                  "one_plus_rmsnorm", "raising_activation"])
+def test_branches_the_closed_form_does_not_describe_are_rejected(case):
+    """Each of these computes something other than the rule's formula (a review measured the closed form 2-4x and
+    70-90% off the dense diagonal on such models): the walk must not cover the branch, and must say why."""
+    from lit_act.selection import _REGISTERED, register_activation_type
+
+    model = {"scaled_in_place": lambda: Variant(scaled_in_place), "added_in_place": lambda: Variant(added_in_place),
+             "detached": lambda: Variant(detached)}.get(case, FlatTail)()
+    if case == "inplace_silu":
+        model.act = nn.SiLU(inplace=True)
+    if case == "lora":
+        model.fc_out = LoraLinear(6, 4)
+    if case == "one_plus_rmsnorm":
+        model.norm = OnePlusRMSNorm(4)
+    if case == "raising_activation":
+        register_activation_type(NoAutograd)
+        model.act = NoAutograd()
+    model = perturbed(model)
+    batches = make_batches("mse", (5, 3), seed=4, shape=(5,))
+    try:
+        chain, _ = trace_chain(model, batches[0][0])
+        res = exact_diagonal(model, batches, loss="mse", on_uncovered="partial")
+    finally:
+        if case == "raising_activation":
+            _REGISTERED.remove(NoAutograd)
+    assert chain.norm_tail is None and not {"fc_in.weight", "fc_out.weight"} & set(res.covered)
+    assert "covered only after a residual MLP branch" in chain.stop
+    reasons = {"scaled_in_place": "modified in place", "added_in_place": "modified in place",
+               "inplace_silu": "works in place", "lora": "other than weight and bias",
+               "one_plus_rmsnorm": "compute what its torch base class computes",
+               "raising_activation": "does not act elementwise"}  # detached: fc_out's input is not act's output
+    assert case == "detached" or reasons[case] in chain.stop
+
+
+def test_tied_head_still_covers_the_tail():
+    """nanoGPT ties its head to the token embedding: the head is not covered, the tail before it is."""
+    model = NanoGPT()
+    model.head.weight = model.emb.weight
+    model = perturbed(model)
+    chain, _ = trace_chain(model, lm_batches(7)[0][0])
+    assert chain.norm_tail is not None and "head.weight" not in chain.covered
+    assert_matches_dense(model, lm_batches(7), "cross_entropy", ["up.weight", "down.weight", "final.weight"])
+
+
+def test_half_precision_model_gets_the_rule():
+    """bfloat16: the residual check's tolerance follows the dtype; values agree with the float32 model's to bf16
+    precision."""
+    model = TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=2, n_head=2, d_ff=8).eval()
+    batches = lm_batches(7)
+    full = exact_diagonal(model, batches, loss="cross_entropy", on_uncovered="partial")
+    half = exact_diagonal(model.to(torch.bfloat16), batches, loss="cross_entropy", on_uncovered="partial")
+    assert half.covered == full.covered and "ln_f.weight" in half.covered
+    mask = ~torch.isnan(full.diagonal)
+    assert float((half.diagonal[mask].float() - full.diagonal[mask]).abs().max()) <= 0.05 * float(
+        full.diagonal[mask].abs().max())
+
+
+def test_ignored_targets_raise_with_the_fix():
+    model = TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=1, n_head=2).eval()
+    x, y = lm_batches(7)[0]
+    y = y.clone()
+    y[0, -1] = -100
+    with pytest.raises(ValueError, match=r"ignore_index \(-100, padding\) have no output-loss rule"):
+        exact_diagonal(model, [(x, y)], loss="cross_entropy", on_uncovered="partial")

@@ -56,7 +56,7 @@ from lit_act.hessian.lanczos import (
     tridiagonal_eigh,
 )
 from lit_act.hessian.operator import HessianOperator, math_attention, select_parameters
-from lit_act.hessian.results import EigenResult
+from lit_act.hessian.results import EigenResult, block_of
 
 PRODUCTS = ("per_block", "batched")
 
@@ -66,7 +66,7 @@ def parameter_blocks(names: Sequence[str]) -> dict[str, list[str]]:
     first appearance: the block names of ``HessianOperator.blocks`` and of ``TraceResult.blocks``."""
     blocks: dict[str, list[str]] = {}
     for name in names:
-        blocks.setdefault(name.rpartition(".")[0] or "<root>", []).append(name)
+        blocks.setdefault(block_of(name), []).append(name)
     return blocks
 
 

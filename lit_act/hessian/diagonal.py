@@ -67,7 +67,7 @@ from lit_act.hessian.losses import (
 )
 from lit_act.hessian.norm_tail import NORMS, NormTail, norm_tail_diagonal
 from lit_act.hessian.operator import LossFn, batch_size, example_mean, math_attention, select_parameters
-from lit_act.hessian.results import DiagonalResult
+from lit_act.hessian.results import DiagonalResult, block_of
 from lit_act.selection import is_activation
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.CELU, nn.SELU,
@@ -97,6 +97,11 @@ class _Call:
     input: Tensor
     output: Tensor
     indices: Tensor | None = None  # a max pooling layer's argmax indices, recorded in the same forward
+    versions: tuple[int, int] | None = None  # the input's and output's ``_version`` right after the call
+
+    def unchanged(self) -> bool:
+        """Whether nothing modified the recorded input or output in place after the call."""
+        return self.input is None or (self.input._version, self.output._version) == self.versions
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,8 @@ def _kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, CONVS) and module.padding_mode == "zeros":
         return "conv"
+    if isinstance(module, nn.RReLU) and module.training:  # random slopes at every call
+        return None
     if (isinstance(module, ELEMENTWISE) or is_activation(module)) and not any(True for _ in module.parameters()):
         return "elementwise"
     if isinstance(module, nn.Identity) or (isinstance(module, nn.modules.dropout._DropoutNd)
@@ -136,8 +143,13 @@ def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatia
     flatten comes later in the forward pass (its factor then has one block per example, not per row)."""
     if kind is None:
         return "is not covered"
+    if kind == "elementwise" and getattr(call.module, "inplace", False) and not isinstance(call.module, nn.ReLU):
+        return "works in place (its recorded input is overwritten)"
     if kind == "elementwise" and not _acts_elementwise(call):
         return "is an activation that does not act elementwise (its vector-Jacobian product is not phi' * v)"
+    if kind in ("linear", "conv") and not _as_declared(call):
+        return ("has parameters other than weight and bias (an adapter such as LoRA?) or a forward that does not "
+                "compute its layer")
     if calls > 1:
         return "is called more than once"
     if shared:
@@ -152,6 +164,33 @@ def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatia
     return None
 
 
+_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.RMSNorm)
+
+
+def _as_declared(call: _Call) -> bool:
+    """Whether a Linear, convolution or normalisation call computes what its base class declares from ``weight`` and
+    ``bias`` alone: no other parameters (LoRA adapters, ``weight_norm``'s ``weight_g``), and a subclass that
+    overrides ``forward`` (e.g. a norm scaling by ``1 + weight``) is checked on the recorded call (convolutions are
+    not: they need the base class's own forward)."""
+    module = call.module
+    if not {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}:
+        return False
+    base = next(b for b in _BASES if isinstance(module, b))
+    if type(module).forward is base.forward:
+        return True
+    if call.input is None or base in (nn.Conv1d, nn.Conv2d):
+        return False
+    with torch.no_grad():
+        if base is nn.Linear:
+            expected = F.linear(call.input, module.weight, module.bias)
+        elif base is nn.LayerNorm:
+            expected = F.layer_norm(call.input, module.normalized_shape, module.weight, module.bias, module.eps)
+        else:
+            expected = F.rms_norm(call.input, module.normalized_shape, module.weight, module.eps)
+    tol = 8 * torch.finfo(expected.dtype).eps * float(expected.abs().max()) if expected.numel() else 0.0
+    return expected.shape == call.output.shape and bool(((expected - call.output).abs() <= tol).all())
+
+
 def _acts_elementwise(call: _Call) -> bool:
     """Whether an activation call acts entry by entry: the torch classes of :data:`ELEMENTWISE` do; any other
     parameter-free class of the activation table (:func:`lit_act.selection.activation_types`: Hugging Face's
@@ -160,24 +199,32 @@ def _acts_elementwise(call: _Call) -> bool:
     if isinstance(call.module, ELEMENTWISE):
         return True
     x = call.input
-    if call.output is None or call.output.shape != x.shape or not x.is_floating_point():
+    if call.output is None or call.output.shape != x.shape or not x.is_floating_point() or not x.numel():
         return False
     v = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), dtype=x.dtype, device=x.device)
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        y = call.module(xr)
-        if not y.requires_grad:
-            return False
-        (jv,) = torch.autograd.grad(y, xr, v, retain_graph=True)
-        (d1,) = torch.autograd.grad(y, xr, torch.ones_like(v))
+    try:
+        with torch.enable_grad():
+            xr = x.detach().clone().requires_grad_(True)
+            y = call.module(xr * 1)  # not the leaf itself: an in-place module must not fail here
+            if not isinstance(y, Tensor) or not y.requires_grad or y.shape != x.shape:
+                return False
+            (jv,) = torch.autograd.grad(y, xr, v, retain_graph=True)
+            (d1,) = torch.autograd.grad(y, xr, torch.ones_like(v))
+    except Exception:  # noqa: BLE001  (any failure of a user's module: not shown to act elementwise)
+        return False
     return bool(torch.allclose(jv, d1 * v, rtol=1e-4, atol=1e-6 * float(d1.abs().max()) + 1e-30))
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
-    """``a`` is ``b``, or a view of the same memory with the same layout (``hidden[:, 0:]`` before a Hugging Face
-    LM head): the same values, an identity in between."""
-    return a is b or (a is not None and b is not None and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr())
+    """``a`` is ``b``, or a differentiable view of it with the same memory and layout (``hidden[:, 0:]`` before a
+    Hugging Face LM head): the same values, an identity in between (``detach()`` shares the memory but has no
+    ``_base``: a stop-gradient is not an identity)."""
+    if a is b:
+        return True
+    if a is None or b is None or a._base is None and b._base is None:
+        return False
+    related = a._base is b or b._base is a or a._base is b._base
+    return related and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
 
 
 def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
@@ -197,7 +244,7 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         if id(module) in with_indices:
             output, indices = output
         if len(args) == 1 and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-            calls.append(_Call(name, module, args[0], output, indices))
+            calls.append(_Call(name, module, args[0], output, indices, (args[0]._version, output._version)))
         else:
             calls.append(_Call(name, module, None, None))  # type: ignore[arg-type]
         return output if indices is not None else None
@@ -235,9 +282,10 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         why = _not_covered(call, kind, counts[id(call.module)], shared, spatial)
         if why is not None:
             stop = f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}"
-            if isinstance(call.module, NORMS) and not shared and counts[id(call.module)] == 1 and tail \
-                    and _kind(tail[-1].module) == "linear" and all(_kind(c.module) == "identity" for c in tail[:-1]):
-                norm_tail, stop = _find_norm_tail(calls, index, tail[-1].module, counts, owners)
+            untied = _not_covered(call, kind, counts[id(call.module)], False, spatial) is None
+            start = _norm_before_head(calls, index, tail, untied)
+            if start is not None:
+                norm_tail, stop = _find_norm_tail(calls, *start, counts, owners)
             break
         spatial = spatial or kind in _SPATIAL or (kind == "flatten" and call.input.shape != call.output.shape)
         tail.append(call)
@@ -250,17 +298,38 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
     return Chain(tail, covered, stop, norm_tail), outputs
 
 
-def _find_norm_tail(calls: list[_Call], index: int, head: nn.Linear, counts: dict[int, int],
+def _norm_before_head(calls: list[_Call], index: int, tail: list[_Call], untied: bool) -> tuple[int, _Call] | None:
+    """Where the walk stopped at ``calls[index]``: ``(index of a normalisation call, the Linear head reading its
+    output)`` when the stop is that normalisation right before the covered head, or the head itself when only its
+    tied weight stopped it (``untied``: covered but for the sharing; the tail before it is covered all the same),
+    only identity calls after the head; else ``None``."""
+    call = calls[index]
+    if not all(_kind(c.module) == "identity" for c in tail[:-1]):
+        return None
+    if isinstance(call.module, NORMS) and tail and _kind(tail[-1].module) == "linear":
+        return index, tail[-1]
+    if untied and _kind(call.module) == "linear" and index > 0 and isinstance(calls[index - 1].module, NORMS) \
+            and all(_kind(c.module) == "identity" for c in tail) and _same(calls[index - 1].output, call.input):
+        return index - 1, call
+    return None
+
+
+def _find_norm_tail(calls: list[_Call], index: int, head: _Call, counts: dict[int, int],
                     owners: dict[int, list[str]]) -> tuple[NormTail | None, str]:
     """The residual MLP branch ``fc_out(phi(fc_in(h)))`` (identity calls between allowed) whose output, plus a
     tensor computed before ``fc_in`` ran (or nothing), is the input of the normalisation call ``calls[index]``
-    (:mod:`lit_act.hessian.norm_tail`), and where the rules stop; or ``(None, why not)``."""
+    before the Linear ``head`` (:mod:`lit_act.hessian.norm_tail`), and where the rules stop; or
+    ``(None, why not)``. Every call from ``fc_in`` to the head must be as recorded (nothing modified in place)."""
     norm = calls[index]
     prefix = f"the final normalisation {norm.name!r} ({type(norm.module).__name__}) is covered only after a residual " \
              "MLP branch fc_out(act(fc_in(h))) of nn.Linear layers and a parameter-free elementwise activation"
     d = norm.input.shape[-1] if norm.input is not None else 0
     if tuple(norm.module.normalized_shape) != (d,):
         return None, f"{prefix}; it must normalise the last dimension only"
+    shared = any(len(owners.get(id(p), [])) > 1 for p in norm.module.parameters())
+    if counts[id(norm.module)] > 1 or shared or not _as_declared(norm):
+        return None, (f"{prefix}; the normalisation must be called once, own only its weight and bias, and compute "
+                      "what its torch base class computes")
 
     def back(j: int, consumer: Tensor) -> int:  # the call producing ``consumer``, through identity calls
         while j >= 0 and _same(calls[j].output, consumer) and _kind(calls[j].module) == "identity":
@@ -273,23 +342,26 @@ def _find_norm_tail(calls: list[_Call], index: int, head: nn.Linear, counts: dic
     j_out = back(index - 1, end.output)
     j_act = back(j_out - 1, calls[j_out].input) if j_out > 0 else -1
     j_in = back(j_act - 1, calls[j_act].input) if j_act > 0 else -1
-    if j_in < 0 or [_kind(calls[j].module) for j in (j_in, j_act, j_out)] != ["linear", "elementwise", "linear"] \
-            or not _acts_elementwise(calls[j_act]):
+    if j_in < 0 or [_kind(calls[j].module) for j in (j_in, j_act, j_out)] != ["linear", "elementwise", "linear"]:
         return None, prefix
     fc_in, act, fc_out = calls[j_in], calls[j_act], calls[j_out]
-    for c in (fc_in, fc_out):
-        if counts[id(c.module)] > 1 or any(len(owners.get(id(p), [])) > 1 for p in c.module.parameters()):
-            return None, f"{prefix}; {c.name!r} is called more than once or shares a parameter"
+    for c in (fc_in, act, fc_out):
+        shared = any(len(owners.get(id(p), [])) > 1 for p in c.module.parameters())
+        why = _not_covered(c, _kind(c.module), 1 if c is act else counts[id(c.module)], shared, False)
+        if why is not None:
+            return None, f"{prefix}; {c.name!r} {why}"
+    if not all(c.unchanged() for c in [*calls[j_in:index + 1], head]):
+        return None, f"{prefix}; a tensor between {fc_in.name!r} and the head was modified in place after its call"
     r, z = norm.input, end.output
     if not _same(r, z):
         if r.shape != z.shape:
             return None, f"{prefix}; its input is not the branch's output plus a residual"
-        s, tol = r - z, 1e-5 * (r.abs() + z.abs()) + torch.finfo(r.dtype).tiny
+        s, tol = r - z, 8 * torch.finfo(r.dtype).eps * (r.abs() + z.abs()) + torch.finfo(r.dtype).tiny
         earlier = [fc_in.input] + [t for c in reversed(calls[:j_in]) for t in (c.input, c.output)]  # nearest first
         if not any(t is not None and t.shape == s.shape and bool(((t - s).abs() <= tol).all()) for t in earlier):
             return None, f"{prefix}; the residual added to the branch's output is not computed before {fc_in.name!r}"
     d1, d2 = _elementwise_derivatives(act.module, act.input, act.output)
-    return (NormTail((fc_in.name, fc_in.module), (fc_out.name, fc_out.module), (norm.name, norm.module), head,
+    return (NormTail((fc_in.name, fc_in.module), (fc_out.name, fc_out.module), (norm.name, norm.module), head.module,
                      fc_in.input, act.output, r, d1, d2),
             f"the pre-norm tail rule covers {fc_in.name!r}, {fc_out.name!r} and {norm.name!r}; what computes the "
             f"input of {fc_in.name!r} and the residual stream is not covered")
@@ -754,9 +826,9 @@ def _max_pool_indices(module: nn.Module, x: Tensor) -> Tensor:
 def _batch_diagonal(chain: Chain, outputs: Tensor, targets: Tensor, loss: str,
                     curvature: str) -> dict[str, Tensor]:
     """``{parameter name: diagonal}`` of one batch's mean loss for the covered parameters (:class:`_Backprop`)."""
-    if not chain.calls:
-        return {}
     tail = {} if chain.norm_tail is None else norm_tail_diagonal(chain.norm_tail, outputs, targets, loss, curvature)
+    if not chain.calls:  # a tied head: the tail before it alone
+        return tail
     bp = _Backprop(chain, curvature)
     bp.result.update(tail)
     last = len(chain.calls) - 1
@@ -817,19 +889,24 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
                     f"no exact diagonal for {missing[:4]}{' ...' if len(missing) > 4 else ''}: {chain.stop}. Pass "
                     "on_uncovered='partial' (or trace(..., on_uncovered='control_variate')) to compute the covered "
                     "blocks exactly and estimate the rest")
+            covered = [n for n in chosen if n in chain.covered]
+        elif [n for n in chosen if n in chain.covered] != covered:
+            raise ValueError(f"the exact rules cover other parameters on batch {index} than on batch 0 ({chain.stop}); "
+                             "pass batches on which the model computes the same way")
         with torch.no_grad():
-            for pname, value in _batch_diagonal(chain, outputs, targets, name, curvature).items():
-                if pname in sums:
-                    sums[pname].add_(value.reshape(sums[pname].shape), alpha=weight)
+            values = _batch_diagonal(chain, outputs, targets, name, curvature)
+            if not set(covered) <= set(values):
+                raise RuntimeError(f"the exact rules returned no value for {sorted(set(covered) - set(values))}")
+            for pname in covered:
+                sums[pname].add_(values[pname].reshape(sums[pname].shape), alpha=weight)
     parts = example_mean(list(sums.values()), sum(weights), all_reduce)
-    covered = [n for n in chosen if n in chain.covered]
     blocks: dict[str, float] = {}
     for pname, part in zip(chosen, parts):
-        if pname in chain.covered:
+        if pname in covered:
             if not torch.isfinite(part.sum()):
                 raise FloatingPointError(f"NaN/Inf in the exact diagonal of {pname}: the loss or its curvature is "
                                          "not finite at the current parameters")
-            owner = pname.rpartition(".")[0] or "<root>"
+            owner = block_of(pname)
             blocks[owner] = blocks.get(owner, 0.0) + float(part.double().sum())
         else:
             part.fill_(float("nan"))

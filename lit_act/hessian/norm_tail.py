@@ -34,8 +34,12 @@ fixed matrix plus a rank-one correction per row, so with ``K = B C W_2`` (fixed,
 
 and likewise for ``r``'s own diagonal (``B C`` instead of ``K``): ``O(V d_ff)`` per row, a few matrix products the
 size of the head's, instead of ``O(V d d_ff)`` for a factor backpropagated BackPACK-style (Dangel, Kunstner & Hennig,
-ICLR 2020), which has no rule for normalisation layers or residual connections. The vocabulary is processed in
-blocks of :data:`_BLOCK_ELEMENTS` entries of ``K``.
+ICLR 2020), which has no rule for normalisation layers or residual connections. Rows and the vocabulary are processed
+in blocks of :data:`_BLOCK_ELEMENTS` entries; ``K`` is formed once when it fits in one block, else one vocabulary
+block at a time for every block of rows (``O(V d d_ff)`` more per block of rows: large vocabularies and ``d_ff``).
+
+Not visible to the rule (it reads values, not the autograd graph): a stop-gradient on the residual's branch side
+(``norm(h + z.detach())``) passes its checks.
 """
 
 from __future__ import annotations
@@ -86,14 +90,17 @@ def _loss_curvature(loss: str, f: Tensor, total: int) -> tuple[Tensor, Tensor | 
     return torch.full((1, f.shape[-1]), 2.0 / total, dtype=f.dtype, device=f.device), None
 
 
-def _quadratic_diagonal(m: Tensor, w: Tensor, rho: Tensor | None, v: Tensor, q: Tensor, d: int) -> Tensor:
-    """``diag((M - v q^T / d)^T (diag(w) - rho rho^T) (M - v q^T / d))`` per row: ``m`` ``(V, k)`` fixed, ``w``,
-    ``rho``, ``v`` ``(R, V)`` (``w`` may be one broadcast row), ``q`` ``(R, k)``; the vocabulary in blocks."""
-    step = max(1, _BLOCK_ELEMENTS // max(1, m.shape[1]))
+def _quadratic_diagonal(m: Tensor, right: Tensor | None, w: Tensor, rho: Tensor | None, v: Tensor, q: Tensor,
+                        d: int) -> Tensor:
+    """``diag((M - v q^T / d)^T (diag(w) - rho rho^T) (M - v q^T / d))`` per row, ``M = m @ right`` (``right``
+    ``None``: ``M = m``) ``(V, k)`` fixed, ``w``, ``rho``, ``v`` ``(R, V)`` (``w`` may be one broadcast row), ``q``
+    ``(R, k)``; the vocabulary in blocks of ``M``'s rows, formed one block at a time."""
+    k = q.shape[1]
+    step = max(1, _BLOCK_ELEMENTS // max(1, k))
     wm2 = wvm = rm = 0
     wv = w * v
     for lo in range(0, m.shape[0], step):
-        block = m[lo:lo + step]
+        block = m[lo:lo + step] if right is None else m[lo:lo + step] @ right
         wm2 = wm2 + w[:, lo:lo + step] @ block.square()
         wvm = wvm + wv[:, lo:lo + step] @ block
         if rho is not None:
@@ -120,7 +127,8 @@ def norm_tail_diagonal(tail: NormTail, outputs: Tensor, targets: Tensor, loss: s
     w_head, w2 = tail.head.weight, fc_out.weight
     b = w_head * gamma
     bc = b - b.mean(1, keepdim=True) if centred else b  # B C
-    k = bc @ w2  # B C W_2
+    # K = B C W_2 (V, d_ff): formed once when it fits in a block, else per vocabulary block of each row block
+    k, k_right = (bc @ w2, None) if vocab * d_ff <= _BLOCK_ELEMENTS else (bc, w2)
     w2c_norms = (w2 - w2.mean(0, keepdim=True) if centred else w2).square().sum(0)  # diag(W_2^T C W_2)
     sums = {"a_r": 0, "a_u": 0, "a_n": 0, "W2": 0, "W1": 0, "gamma": 0}
     step = max(1, _BLOCK_ELEMENTS // max(vocab, d_ff))
@@ -129,8 +137,8 @@ def norm_tail_diagonal(tail: NormTail, outputs: Tensor, targets: Tensor, loss: s
         xhat, sigma = _normalised(norm, block["r"])
         w, rho = _loss_curvature(loss, block["f"], outputs.numel())
         v, q, s2 = xhat @ bc.T, xhat @ w2, sigma.square()
-        a_r = _quadratic_diagonal(bc, w, rho, v, xhat, d) / s2  # diag d2L/dr2, Gauss-Newton part
-        a_z = _quadratic_diagonal(k, w, rho, v, q, d) / s2  # diag W_2^T (d2L/dr2) W_2, Gauss-Newton part
+        a_r = _quadratic_diagonal(bc, None, w, rho, v, xhat, d) / s2  # diag d2L/dr2, Gauss-Newton part
+        a_z = _quadratic_diagonal(k, k_right, w, rho, v, q, d) / s2  # diag W_2^T (d2L/dr2) W_2, Gauss-Newton part
         a_n = w @ w_head.square() - (0 if rho is None else (rho @ w_head).square())  # diag d2L/dn2
         a_u = block["d1"].square() * a_z
         if curvature == "hessian":

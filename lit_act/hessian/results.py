@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 
+def block_of(name: str) -> str:
+    """The block of parameter ``name``: the module owning it (``"<root>"`` for the model's own parameters), the key
+    of every per-block result (``TraceResult.blocks``, ``DiagonalResult.blocks``, ``HessianOperator.blocks``)."""
+    return name.rpartition(".")[0] or "<root>"
+
+
 @dataclass(frozen=True)
 class EigenResult:
     """Eigenvalues from :func:`lit_act.hessian.lanczos.lanczos`.

@@ -69,7 +69,7 @@ from torch import Tensor
 
 from lit_act.hessian.lanczos import make_generator, probe_block, rademacher
 from lit_act.hessian.operator import HessianOperator, math_attention
-from lit_act.hessian.results import DiagonalResult, TraceResult
+from lit_act.hessian.results import DiagonalResult, TraceResult, block_of
 
 ESTIMATORS = ("hutchpp", "hutchinson", "xtrace", "interleaved")
 TRACE_METHODS = ("auto", "exact", *ESTIMATORS)
@@ -87,7 +87,7 @@ class _Blocks:
     """Sums over the flat index range of each owning module (float64 accumulation, no float64 copy of the input)."""
 
     def __init__(self, op: HessianOperator) -> None:
-        owners = [n.rpartition(".")[0] or "<root>" for n in op.names]
+        owners = [block_of(n) for n in op.names]
         self.names = list(dict.fromkeys(owners))
         self.index = [self.names.index(o) for o in owners]
         self.numels = op._numels
@@ -281,7 +281,7 @@ def _add_example_rules(op: HessianOperator, diag: DiagonalResult, curvature: str
     blocks = dict(diag.blocks)
     for name, value in extra.values.items():
         parts[name] = value.reshape(-1).to(diag.diagonal.dtype)
-        owner = name.rpartition(".")[0] or "<root>"
+        owner = block_of(name)
         blocks[owner] = blocks.get(owner, 0.0) + float(value.double().sum())
     covered = [n for n in op.names if n in diag.covered or n in extra.values]
     reason = None if len(covered) == len(op.names) else (extra.reason or diag.uncovered_reason)
