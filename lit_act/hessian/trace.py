@@ -13,8 +13,8 @@ standard error, optionally with the exactly computable blocks as a control varia
   ``i`` (exchangeable: every sample serves both as sketch and probe). ``Q_i Q_i^T = Q (I - s_i s_i^T) Q^T`` with
   ``s_i`` the normalised ``i``-th column of ``R^{-T}`` makes all ``s`` estimates cost ``O(dim s^2)`` flops on top of
   the ``2s`` products. Standard error ``std(estimates) / sqrt(s)`` (the paper's ``err``).
-* ``"exact"``: the diagonal by backpropagation (:mod:`lit_act.hessian.diagonal`: the sequential tail of the network),
-  then, for the parameters left, the per-example rule (:mod:`lit_act.hessian.example_diagonal`: any Linear or
+* ``"exact"``: the diagonal by backpropagation (:mod:`lit_act.hessian.diagonal`: the sequential tail of the network,
+  and a pre-norm Transformer's last MLP and final norm in closed form, :mod:`lit_act.hessian.norm_tail`), then, for the parameters left, the per-example rule (:mod:`lit_act.hessian.example_diagonal`: any Linear or
   LayerNorm applied to one row per example, whatever follows it, residual connections and normalisation included).
   Zero error. On the residual MLP with LayerNorm of ``benchmarks/bench_hessian.py`` this covers every parameter, so
   ``method="auto"`` is exact there (the head-only control variate had a median error of 4.5% at the anchors' time).
@@ -22,10 +22,11 @@ standard error, optionally with the exactly computable blocks as a control varia
   ``C`` (exact diagonal) and the uncovered ``U``; the estimator runs on the ``U`` block only (probes zero on ``C``), so
   the variance of the ``C``-``C`` and ``C``-``U`` off-diagonal entries (``2 sum_{i != j} H_ij^2`` for Hutchinson) is
   gone. A diagonal control variate alone would not help Hutchinson: its Rademacher variance does not involve the
-  diagonal at all. On the benchmark's TransformerLM only the LM head is covered (its other Linear layers see
-  sequences); the head holds 99.5% of the trace but little of the variance: per-probe standard deviation 3.4 on the
-  rest with Hutchinson (600 probes), about that of plain Hutchinson; the interleaved estimator (next) removes most
-  of it (``benchmarks/bench_hessian.py --only transformer-trace``).
+  diagonal at all. On the benchmark's TransformerLM the head, ``ln_f`` and the last block's MLP are covered (the
+  other Linear layers see sequences that attention couples); with the head alone covered (99.5% of the trace but
+  little of the variance), the per-probe standard deviation on the rest with Hutchinson (600 probes) was 3.4, about
+  that of plain Hutchinson; the interleaved estimator (next) removes most of it, and the tail rule 43% of what is
+  left (``benchmarks/bench_hessian.py --only transformer-trace``).
 * Interleaved block-diagonal Hutchinson (``"interleaved"``, the default estimator of the uncovered remainder for the
   Hessian): Rademacher variance ``2 sum_{i != j} H_ij^2`` depends on which pairs of parameters a probe couples. On
   the reference TransformerLM it comes almost entirely from pairs in *different* modules: per-module quadratic forms
