@@ -634,23 +634,23 @@ def transformer_section(repeats: int = 3) -> None:
         t_step = step_time()
         dt, plans = timed(lambda: HessianOperator(model, None, [batch], memory_budget=3.0).chunk_plans)
         planning.append(dt / t_step)
-    with math_attention():
-        op = HessianOperator(model, None, [batch])
-        op.matvec(torch.randn(op.dim))  # warm-up of the double backward
-        for label, fn, reps in cases:
-            for _ in range(reps):
-                step_times.append(step_time())
-                dt, out = timed(fn)
-                rows.setdefault(label, []).append((dt, step_times[-1], out))
-        hvp_times, chunk_times, plan_times = [], [], []
-        for _ in range(repeats):
-            t_step = step_time()
-            probes = torch.randn(op.dim, 5)
-            hvp_times.append(timed(lambda probes=probes: op.matmat(probes))[0] / 5 / t_step)
-            chunked = HessianOperator(model, None, [batch], chunk_size=4)
-            chunk_times.append(timed(lambda probes=probes, c=chunked: c.matmat(probes))[0] / 5 / t_step)
-            planned = HessianOperator(model, None, [batch], chunk_plans=plans)
-            plan_times.append(timed(lambda probes=probes, c=planned: c.matmat(probes))[0] / 5 / t_step)
+    # training steps run as in a fit (fused attention); the operator switches its products to math attention
+    op = HessianOperator(model, None, [batch])
+    op.matvec(torch.randn(op.dim))  # warm-up of the double backward
+    for label, fn, reps in cases:
+        for _ in range(reps):
+            step_times.append(step_time())
+            dt, out = timed(fn)
+            rows.setdefault(label, []).append((dt, step_times[-1], out))
+    hvp_times, chunk_times, plan_times = [], [], []
+    for _ in range(repeats):
+        t_step = step_time()
+        probes = torch.randn(op.dim, 5)
+        hvp_times.append(timed(lambda probes=probes: op.matmat(probes))[0] / 5 / t_step)
+        chunked = HessianOperator(model, None, [batch], chunk_size=4)
+        chunk_times.append(timed(lambda probes=probes, c=chunked: c.matmat(probes))[0] / 5 / t_step)
+        planned = HessianOperator(model, None, [batch], chunk_plans=plans)
+        plan_times.append(timed(lambda probes=probes, c=planned: c.matmat(probes))[0] / 5 / t_step)
     print(f"[TransformerLM {params:,} params, batch 16x64] one evaluation in training steps (each evaluation timed "
           f"against the median of 3 steps right before it); HVP (cached) = {median(hvp_times):.2f} steps, HVP with "
           f"chunk_size=4 (recomputed per chunk) = {median(chunk_times):.2f} steps, HVP with memory_budget=3.0 "
