@@ -70,14 +70,13 @@ def lm_batches(vocab, t=4, sizes=(3, 2)):
 
 def assert_matches_dense(model, batches, loss, expected):
     """The covered parameters are exactly ``expected``; their diagonal equals the dense Hessian's and GGN's."""
-    names = [n for n, _ in model.named_parameters()]
     for curvature, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
         res = exact_diagonal(model, batches, loss=loss, curvature=curvature, on_uncovered="partial")
         assert sorted(res.covered) == sorted(expected)
         mask = torch.cat([torch.full((p.numel(),), n in expected) for n, p in model.named_parameters()])
         reference = dense(model, batches, loss).diagonal()
         torch.testing.assert_close(res.diagonal[mask], reference[mask], rtol=1e-9, atol=1e-13)
-        assert bool(torch.isnan(res.diagonal[~mask]).all()) and len(names) > len(expected)
+        assert bool(torch.isnan(res.diagonal[~mask]).all())  # the uncovered rest is NaN
 
 
 @pytest.mark.parametrize("activation,blocks", [("gelu", False), ("tanh", False), ("gelu", True)])
@@ -291,5 +290,88 @@ def test_ignored_targets_raise_with_the_fix():
     x, y = lm_batches(7)[0]
     y = y.clone()
     y[0, -1] = -100
-    with pytest.raises(ValueError, match=r"ignore_index \(-100, padding\) have no output-loss rule"):
-        exact_diagonal(model, [(x, y)], loss="cross_entropy", on_uncovered="partial")
+    for curvature in ("hessian", "ggn"):  # the GGN needs no gradient: checked all the same
+        with pytest.raises(ValueError, match=r"ignore_index \(-100, padding\) have no output-loss rule"):
+            exact_diagonal(model, [(x, y)], loss="cross_entropy", curvature=curvature, on_uncovered="partial")
+
+
+class LeCunTanh(nn.Tanh):
+    """An ``nn.Tanh`` subclass computing another function: its derivatives come from autograd, not tanh's."""
+
+    def forward(self, x):
+        return 1.7159 * torch.tanh(2 * x / 3)
+
+
+def test_activation_subclass_with_its_own_forward_matches_dense():
+    model = FlatTail()
+    model.act = LeCunTanh()
+    model = perturbed(model)
+    expected = ["fc_in.weight", "fc_in.bias", "fc_out.weight", "fc_out.bias", "norm.weight", "norm.bias",
+                "head.weight", "head.bias"]
+    assert_matches_dense(model, make_batches("mse", (5, 3), seed=4, shape=(5,)), "mse", expected)
+    chain = nn.Sequential(nn.Linear(5, 4), LeCunTanh(), nn.Linear(4, 3)).double()  # the plain chain rules too
+    assert_matches_dense(chain, make_batches("cross_entropy", (5, 3), seed=4, shape=(5,)), "cross_entropy",
+                         ["0.weight", "0.bias", "2.weight", "2.bias"])
+
+
+class InPlaceBetween(nn.Module):
+    """``case``: a view of the first layer's output scaled in place before the activation reads it, or the logits
+    divided in place by a temperature after the head."""
+
+    def __init__(self, case):
+        super().__init__()
+        torch.manual_seed(5)
+        self.case, self.a, self.act, self.b = case, nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.case == "view":
+            h = h[:, 0:]
+            h.mul_(2.0)
+        out = self.b(self.act(h))
+        return out.div_(2.0) if self.case == "temperature" else out
+
+
+@pytest.mark.parametrize("case", ["view", "temperature"])
+def test_plain_chain_stops_where_a_tensor_is_modified_in_place(case):
+    model = InPlaceBetween(case).double()
+    chain, _ = trace_chain(model, make_batches("mse", (4,), shape=(5,))[0][0])
+    assert "modified in place before it is read" in chain.stop
+    assert chain.covered == (["b.weight", "b.bias"] if case == "view" else [])
+
+
+def test_zero_initialised_branch_is_not_trusted():
+    """``r = h + 0.5 fc_out(a)`` with ``fc_out`` zero: ``r - z = h`` matches, but the 0.5 is invisible."""
+    def half_branch(m, h):
+        return h + 0.5 * m.fc_out(m.act(m.fc_in(h)))
+
+    model = perturbed(Variant(half_branch))
+    with torch.no_grad():
+        model.fc_out.weight.zero_()
+        model.fc_out.bias.zero_()
+    chain, _ = trace_chain(model, make_batches("mse", (4,), shape=(5,))[0][0])
+    assert chain.norm_tail is None and "zero on every row (zero-initialised 'fc_out'?)" in chain.stop
+
+
+class CastedLinear(nn.Linear):
+    """modded-nanogpt's fp32 master weight cast to the input's dtype in ``forward``."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.type_as(x), self.bias.type_as(x))
+
+
+def test_a_subclass_whose_check_cannot_run_is_refused_not_crashed():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), CastedLinear(4, 3)).to(torch.bfloat16)
+    model[2].float()  # fp32 weight, bf16 input: F.linear(input, weight) would raise
+    chain, _ = trace_chain(model, torch.randn(4, 5, dtype=torch.bfloat16))
+    assert chain.covered == [] and "a forward that does not compute its layer" in chain.stop
+
+
+def test_hugging_face_activation_in_bfloat16_is_checked_in_float32():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=7, hidden_size=6, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=8, max_position_embeddings=8, use_parallel_residual=False)
+    torch.manual_seed(3)
+    model = Logits(transformers.GPTNeoXForCausalLM(config)).eval().to(torch.bfloat16)
+    chain, _ = trace_chain(model, lm_batches(7)[0][0])
+    assert chain.norm_tail is not None and "model.gpt_neox.layers.0.mlp.dense_h_to_4h.weight" in chain.covered

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_act.hessian.losses import (
+    class_targets,
     output_gradient,
     output_hessian_diagonal,
     output_hessian_factor,
@@ -117,6 +118,12 @@ class Chain:
     norm_tail: NormTail | None = None
 
 
+def _declared_as(module: nn.Module, classes: tuple[type[nn.Module], ...]) -> bool:
+    """``isinstance(module, classes)`` with that class's own ``forward`` (a subclass overriding it, such as
+    ``1.7159 * tanh(2 x / 3)`` under ``nn.Tanh``, computes something else)."""
+    return any(isinstance(module, c) and type(module).forward is c.forward for c in classes)
+
+
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
@@ -143,7 +150,7 @@ def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatia
     flatten comes later in the forward pass (its factor then has one block per example, not per row)."""
     if kind is None:
         return "is not covered"
-    if kind == "elementwise" and getattr(call.module, "inplace", False) and not isinstance(call.module, nn.ReLU):
+    if kind == "elementwise" and getattr(call.module, "inplace", False) and not _declared_as(call.module, (nn.ReLU,)):
         return "works in place (its recorded input is overwritten)"
     if kind == "elementwise" and not _acts_elementwise(call):
         return "is an activation that does not act elementwise (its vector-Jacobian product is not phi' * v)"
@@ -170,8 +177,9 @@ _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.RMSNorm)
 def _as_declared(call: _Call) -> bool:
     """Whether a Linear, convolution or normalisation call computes what its base class declares from ``weight`` and
     ``bias`` alone: no other parameters (LoRA adapters, ``weight_norm``'s ``weight_g``), and a subclass that
-    overrides ``forward`` (e.g. a norm scaling by ``1 + weight``) is checked on the recorded call (convolutions are
-    not: they need the base class's own forward)."""
+    overrides ``forward`` (e.g. a norm scaling by ``1 + weight``) is checked on the recorded call, entry by entry to a
+    few rounding errors of its dtype (convolutions are not: they need the base class's own forward); a check that
+    fails to run is a refusal."""
     module = call.module
     if not {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}:
         return False
@@ -180,15 +188,21 @@ def _as_declared(call: _Call) -> bool:
         return True
     if call.input is None or base in (nn.Conv1d, nn.Conv2d):
         return False
-    with torch.no_grad():
-        if base is nn.Linear:
-            expected = F.linear(call.input, module.weight, module.bias)
-        elif base is nn.LayerNorm:
-            expected = F.layer_norm(call.input, module.normalized_shape, module.weight, module.bias, module.eps)
-        else:
-            expected = F.rms_norm(call.input, module.normalized_shape, module.weight, module.eps)
-    tol = 8 * torch.finfo(expected.dtype).eps * float(expected.abs().max()) if expected.numel() else 0.0
-    return expected.shape == call.output.shape and bool(((expected - call.output).abs() <= tol).all())
+    x, bias = call.input, getattr(module, "bias", None)
+    try:
+        with torch.no_grad():
+            if base is nn.Linear:
+                expected = F.linear(x, module.weight, bias)
+                scale = F.linear(x.abs(), module.weight.abs(), None if bias is None else bias.abs())
+            else:
+                expected = (F.layer_norm(x, module.normalized_shape, module.weight, bias, module.eps)
+                            if base is nn.LayerNorm else F.rms_norm(x, module.normalized_shape, module.weight,
+                                                                    module.eps))
+                scale = expected.abs() + (0 if bias is None else 2 * bias.abs())
+            tol = 4 * torch.finfo(expected.dtype).eps * scale + torch.finfo(expected.dtype).tiny
+            return expected.shape == call.output.shape and bool(((expected - call.output).abs() <= tol).all())
+    except Exception:  # noqa: BLE001  (mixed dtypes of a casting wrapper, ...): not shown to compute its layer
+        return False
 
 
 def _acts_elementwise(call: _Call) -> bool:
@@ -196,11 +210,12 @@ def _acts_elementwise(call: _Call) -> bool:
     parameter-free class of the activation table (:func:`lit_act.selection.activation_types`: Hugging Face's
     ``GELUActivation``, your registered ones) is checked on its recorded input, as ``J^T v = phi'(x) * v`` (with
     ``phi' = J^T 1``) for a random ``v``."""
-    if isinstance(call.module, ELEMENTWISE):
+    if _declared_as(call.module, ELEMENTWISE):
         return True
     x = call.input
     if call.output is None or call.output.shape != x.shape or not x.is_floating_point() or not x.numel():
         return False
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 rounding would hide the test
     v = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(0), dtype=x.dtype, device=x.device)
     try:
         with torch.enable_grad():
@@ -277,6 +292,10 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
                 stop = ("the model's output is not the output of its last leaf module "
                         f"({call.name!r}, {type(call.module).__name__})")
             break
+        if not _read_as_written(call, tail[-1] if tail else None, outputs):
+            stop = (f"the output of {call.name!r} ({type(call.module).__name__}) or the input recorded after it is "
+                    "modified in place before it is read: the recorded values are not what the loss saw")
+            break
         kind = _kind(call.module)
         shared = any(len(owners.get(id(p), [])) > 1 for p in call.module.parameters())
         why = _not_covered(call, kind, counts[id(call.module)], shared, spatial)
@@ -296,6 +315,16 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
         covered += [f"{name}.{n}" for name, module in (norm_tail.fc_in, norm_tail.fc_out, norm_tail.norm)
                     for n, _ in module.named_parameters(recurse=False)]
     return Chain(tail, covered, stop, norm_tail), outputs
+
+
+def _read_as_written(producer: _Call, consumer: _Call | None, outputs: Tensor) -> bool:
+    """Whether ``consumer`` read ``producer``'s output as written, and its recorded input is still what it read (or,
+    without a consumer, the model returned it unchanged): no in-place change in between (``_version``), but an
+    in-place elementwise activation's own."""
+    if consumer is None:
+        return outputs._version == producer.versions[1]
+    bump = 1 if getattr(consumer.module, "inplace", False) and _kind(consumer.module) == "elementwise" else 0
+    return consumer.versions[0] == producer.versions[1] + bump and consumer.input._version == consumer.versions[0]
 
 
 def _norm_before_head(calls: list[_Call], index: int, tail: list[_Call], untied: bool) -> tuple[int, _Call] | None:
@@ -356,6 +385,9 @@ def _find_norm_tail(calls: list[_Call], index: int, head: _Call, counts: dict[in
     if not _same(r, z):
         if r.shape != z.shape:
             return None, f"{prefix}; its input is not the branch's output plus a residual"
+        if bool((z.reshape(-1, d) == 0).all(0).any()):  # a zero channel hides how the branch enters r
+            return None, (f"{prefix}; a channel of the branch's output is zero on every row (zero-initialised "
+                          f"{fc_out.name!r}?), so how it enters the residual cannot be checked")
         s, tol = r - z, 8 * torch.finfo(r.dtype).eps * (r.abs() + z.abs()) + torch.finfo(r.dtype).tiny
         earlier = [fc_in.input] + [t for c in reversed(calls[:j_in]) for t in (c.input, c.output)]  # nearest first
         if not any(t is not None and t.shape == s.shape and bool(((t - s).abs() <= tol).all()) for t in earlier):
@@ -371,12 +403,12 @@ def _elementwise_derivatives(module: nn.Module, h: Tensor, a: Tensor) -> tuple[T
     """``(phi'(h), phi''(h))``: closed forms for ReLU/tanh/sigmoid from the recorded output ``a``; for every other
     elementwise module its exact derivatives by double backward of ``sum(phi(x))`` (elementwise, so the gradient of the
     sum is the derivative at each entry; forward-mode AD is not used: e.g. ``aten::silu_backward`` has none)."""
-    if isinstance(module, nn.ReLU):
+    if _declared_as(module, (nn.ReLU,)):
         return (h > 0).to(h.dtype), torch.zeros_like(h)
-    if isinstance(module, nn.Tanh):
+    if _declared_as(module, (nn.Tanh,)):
         d1 = 1 - a.square()
         return d1, -2 * a * d1
-    if isinstance(module, nn.Sigmoid):
+    if _declared_as(module, (nn.Sigmoid,)):
         d1 = a * (1 - a)
         return d1, d1 * (1 - 2 * a)
     with torch.enable_grad():
@@ -565,7 +597,7 @@ class _Backprop:
         self.kinds = [_kind(c.module) for c in self.calls]
         self.params_before = [any(k in ("linear", "conv") for k in self.kinds[:i]) for i in range(len(self.calls))]
         self.curved = [curvature == "hessian" and k == "elementwise" and self.params_before[i]
-                       and not isinstance(c.module, PIECEWISE_LINEAR)
+                       and not _declared_as(c.module, PIECEWISE_LINEAR)
                        for i, (k, c) in enumerate(zip(self.kinds, self.calls))]
         self.grad_needed = [any(self.curved[:i + 1]) for i in range(len(self.calls))]
         self.result: dict[str, Tensor] = {}
@@ -881,6 +913,8 @@ def exact_diagonal(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | N
     for index, (batch, weight) in enumerate(zip(batches, weights)):
         inputs, targets = split_batch(batch)
         chain, outputs = trace_chain(model, inputs)
+        if name == "cross_entropy":
+            class_targets(targets, outputs.shape[-1])
         if index == 0:
             _check_loss_matches(model, loss_fn, batch, name, outputs, targets)
             missing = [n for n in chosen if n not in chain.covered]

@@ -49,7 +49,7 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
-def _class_targets(targets: Tensor, classes: int) -> Tensor:
+def class_targets(targets: Tensor, classes: int) -> Tensor:
     """``targets`` flattened, checked to be class indices: ``ignore_index`` rows (``-100``, padding) would leave
     ``F.cross_entropy``'s mean over fewer rows than the ``R`` of the module docstring."""
     flat = targets.reshape(-1)
@@ -63,7 +63,7 @@ def _class_targets(targets: Tensor, classes: int) -> Tensor:
 def output_loss(name: str, outputs: Tensor, targets: Tensor) -> Tensor:
     """The mean loss of the module docstring."""
     if name == "cross_entropy":
-        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), _class_targets(targets, outputs.shape[-1]))
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), class_targets(targets, outputs.shape[-1]))
     return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
 
 
@@ -83,7 +83,7 @@ def output_gradient(name: str, outputs: Tensor, targets: Tensor) -> Tensor:
         classes = outputs.shape[-1]
         rows = outputs.reshape(-1, classes)
         grad = torch.softmax(rows, dim=-1)
-        grad[torch.arange(rows.shape[0], device=rows.device), _class_targets(targets, classes)] -= 1
+        grad[torch.arange(rows.shape[0], device=rows.device), class_targets(targets, classes)] -= 1
         return (grad / rows.shape[0]).reshape(outputs.shape)
     return 2 * (outputs - targets.reshape(outputs.shape).to(outputs.dtype)) / outputs.numel()
 

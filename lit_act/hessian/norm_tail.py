@@ -75,7 +75,7 @@ class NormTail:
 def _normalised(norm: nn.Module, r: Tensor) -> tuple[Tensor, Tensor]:
     """``(xhat, sigma)`` over the rows of ``r`` ``(R, d)`` as ``norm`` computes them."""
     c = r - r.mean(-1, keepdim=True) if isinstance(norm, nn.LayerNorm) else r
-    eps = norm.eps if norm.eps is not None else torch.finfo(r.dtype).eps
+    eps = norm.eps if norm.eps is not None else torch.finfo(torch.promote_types(r.dtype, torch.float32)).eps
     sigma = (c.square().mean(-1, keepdim=True) + eps).sqrt()
     return c / sigma, sigma
 
