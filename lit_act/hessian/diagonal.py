@@ -145,9 +145,15 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatial_after: bool) -> str | None:
-    """Why ``call`` cannot join the chain (``None`` if it can); ``spatial_after``: a convolution, pooling or reshaping
-    flatten comes later in the forward pass (its factor then has one block per example, not per row)."""
+def _shared(module: nn.Module, owners: dict[int, list[str]]) -> bool:
+    """Whether one of ``module``'s own parameters is also another module's (tied weights)."""
+    return any(len(owners.get(id(p), [])) > 1 for p in module.parameters())
+
+
+def _not_covered(call: _Call, kind: str | None, calls: int, spatial_after: bool) -> str | None:
+    """Why ``call`` cannot join the chain (``None`` if it can), tied weights aside (:func:`_shared`);
+    ``spatial_after``: a convolution, pooling or reshaping flatten comes later in the forward pass (its factor then
+    has one block per example, not per row)."""
     if kind is None:
         return "is not covered"
     if kind == "elementwise" and getattr(call.module, "inplace", False) and not _declared_as(call.module, (nn.ReLU,)):
@@ -159,8 +165,6 @@ def _not_covered(call: _Call, kind: str | None, calls: int, shared: bool, spatia
                 "compute its layer")
     if calls > 1:
         return "is called more than once"
-    if shared:
-        return "shares a parameter (tied weights)"
     batched = 3 if isinstance(call.module, _ONE_D) else 4
     if kind in _SPATIAL and call.input.ndim != batched:
         return f"has a {call.input.ndim}-D input (only batched {batched}-D inputs are covered)"
@@ -297,11 +301,12 @@ def trace_chain(model: nn.Module, inputs: Tensor) -> tuple[Chain, Tensor]:
                     "modified in place before it is read: the recorded values are not what the loss saw")
             break
         kind = _kind(call.module)
-        shared = any(len(owners.get(id(p), [])) > 1 for p in call.module.parameters())
-        why = _not_covered(call, kind, counts[id(call.module)], shared, spatial)
+        why = _not_covered(call, kind, counts[id(call.module)], spatial)
+        untied = why is None
+        if untied and _shared(call.module, owners):
+            why = "shares a parameter (tied weights)"
         if why is not None:
             stop = f"module {call.name!r} ({type(call.module).__name__}) {why}; the exact rules cover {COVERED}"
-            untied = _not_covered(call, kind, counts[id(call.module)], False, spatial) is None
             start = _norm_before_head(calls, index, tail, untied)
             if start is not None:
                 norm_tail, stop = _find_norm_tail(calls, *start, counts, owners)
@@ -355,8 +360,7 @@ def _find_norm_tail(calls: list[_Call], index: int, head: _Call, counts: dict[in
     d = norm.input.shape[-1] if norm.input is not None else 0
     if tuple(norm.module.normalized_shape) != (d,):
         return None, f"{prefix}; it must normalise the last dimension only"
-    shared = any(len(owners.get(id(p), [])) > 1 for p in norm.module.parameters())
-    if counts[id(norm.module)] > 1 or shared or not _as_declared(norm):
+    if counts[id(norm.module)] > 1 or _shared(norm.module, owners) or not _as_declared(norm):
         return None, (f"{prefix}; the normalisation must be called once, own only its weight and bias, and compute "
                       "what its torch base class computes")
 
@@ -375,8 +379,8 @@ def _find_norm_tail(calls: list[_Call], index: int, head: _Call, counts: dict[in
         return None, prefix
     fc_in, act, fc_out = calls[j_in], calls[j_act], calls[j_out]
     for c in (fc_in, act, fc_out):
-        shared = any(len(owners.get(id(p), [])) > 1 for p in c.module.parameters())
-        why = _not_covered(c, _kind(c.module), 1 if c is act else counts[id(c.module)], shared, False)
+        why = _not_covered(c, _kind(c.module), 1 if c is act else counts[id(c.module)], False) or (
+            "shares a parameter (tied weights)" if _shared(c.module, owners) else None)
         if why is not None:
             return None, f"{prefix}; {c.name!r} {why}"
     if not all(c.unchanged() for c in [*calls[j_in:index + 1], head]):

@@ -53,9 +53,10 @@ def class_targets(targets: Tensor, classes: int) -> Tensor:
     """``targets`` flattened, checked to be class indices: ``ignore_index`` rows (``-100``, padding) would leave
     ``F.cross_entropy``'s mean over fewer rows than the ``R`` of the module docstring."""
     flat = targets.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= classes):
+    low, high = (int(t) for t in torch.aminmax(flat)) if flat.numel() else (0, 0)
+    if low < 0 or high >= classes:
         raise ValueError(f"cross_entropy targets must be class indices in [0, {classes}); got values in "
-                         f"[{int(flat.min())}, {int(flat.max())}]. Rows with ignore_index (-100, padding) have no "
+                         f"[{low}, {high}]. Rows with ignore_index (-100, padding) have no "
                          "output-loss rule: drop them from the batches, or use a stochastic trace with your loss_fn")
     return flat
 
@@ -110,6 +111,17 @@ def output_hessian_factor(name: str, outputs: Tensor, columns: slice = slice(Non
         factor = (eye[None] - p[:, :, None]) * p[:, None, columns].sqrt()
         return factor / math.sqrt(rows.shape[0])
     return eye.expand(rows.shape[0], *eye.shape) * math.sqrt(2.0 / outputs.numel())
+
+
+def output_hessian_parts(name: str, rows: Tensor, total: int) -> tuple[Tensor, Tensor | None]:
+    """``(w, rho)`` with ``d2L/df_r^2 = diag(w_r) - rho_r rho_r^T`` for ``rows`` ``(R_b, C)`` of outputs with ``total``
+    entries in all (the mean's denominator: ``R C`` for cross-entropy, ``M`` for MSE): ``w = p / R``,
+    ``rho = p / sqrt(R)``; for MSE one broadcast row ``w = 2 / M`` and ``rho = None``."""
+    if name == "cross_entropy":
+        p = torch.softmax(rows, dim=-1)
+        count = total // rows.shape[-1]
+        return p / count, p / math.sqrt(count)
+    return torch.full((1, rows.shape[-1]), 2.0 / total, dtype=rows.dtype, device=rows.device), None
 
 
 def output_hessian_diagonal(name: str, outputs: Tensor) -> Tensor:

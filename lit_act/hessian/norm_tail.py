@@ -44,13 +44,12 @@ Not visible to the rule (it reads values, not the autograd graph): a stop-gradie
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from lit_act.hessian.losses import output_gradient
+from lit_act.hessian.losses import output_gradient, output_hessian_parts
 
 NORMS = (nn.LayerNorm, nn.RMSNorm)
 _BLOCK_ELEMENTS = 1 << 24  # largest (vocabulary block, d_ff) slice of K
@@ -78,16 +77,6 @@ def _normalised(norm: nn.Module, r: Tensor) -> tuple[Tensor, Tensor]:
     eps = norm.eps if norm.eps is not None else torch.finfo(torch.promote_types(r.dtype, torch.float32)).eps
     sigma = (c.square().mean(-1, keepdim=True) + eps).sqrt()
     return c / sigma, sigma
-
-
-def _loss_curvature(loss: str, f: Tensor, total: int) -> tuple[Tensor, Tensor | None]:
-    """``(w, rho)`` with ``d2L/df_r^2 = diag(w_r) - rho_r rho_r^T`` for the rows ``f`` ``(R_b, V)`` of a batch whose
-    outputs have ``total`` entries (the mean's denominator: ``R V`` for cross-entropy, ``M`` for MSE)."""
-    if loss == "cross_entropy":
-        p = torch.softmax(f, dim=-1)
-        rows = total // f.shape[-1]
-        return p / rows, p / math.sqrt(rows)
-    return torch.full((1, f.shape[-1]), 2.0 / total, dtype=f.dtype, device=f.device), None
 
 
 def _quadratic_diagonal(m: Tensor, right: Tensor | None, w: Tensor, rho: Tensor | None, v: Tensor, q: Tensor,
@@ -135,7 +124,7 @@ def norm_tail_diagonal(tail: NormTail, outputs: Tensor, targets: Tensor, loss: s
     for lo in range(0, rows["r"].shape[0], step):
         block = {key: t[lo:lo + step] for key, t in rows.items()}
         xhat, sigma = _normalised(norm, block["r"])
-        w, rho = _loss_curvature(loss, block["f"], outputs.numel())
+        w, rho = output_hessian_parts(loss, block["f"], outputs.numel())
         v, q, s2 = xhat @ bc.T, xhat @ w2, sigma.square()
         a_r = _quadratic_diagonal(bc, None, w, rho, v, xhat, d) / s2  # diag d2L/dr2, Gauss-Newton part
         a_z = _quadratic_diagonal(k, k_right, w, rho, v, q, d) / s2  # diag W_2^T (d2L/dr2) W_2, Gauss-Newton part
