@@ -89,6 +89,13 @@ def dense_ggn(model, batches, loss):
     return ggn / total
 
 
+def lm_batches(vocab=5, t=4, sizes=(3,)):
+    """``(idx, targets)`` token batches of ``sizes`` sequences of length ``t`` (a seeded generator)."""
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, vocab, (n, t), generator=gen), torch.randint(0, vocab, (n, t), generator=gen))
+            for n in sizes]
+
+
 def make_batches(loss, sizes=(20, 12), seed=1, shape=(6,), classes=3, out_shape=(3,)):
     """Float64 ``(x, y)`` batches of ``sizes`` examples: class labels for cross-entropy, Gaussian targets for MSE."""
     gen = torch.Generator().manual_seed(seed)

@@ -25,7 +25,16 @@ from lit_act.hessian import (
 )
 from lit_act.hessian.lanczos import make_generator, probe_block
 from lit_act.models import MLPClassifier, TransformerLM
-from tests.dense import LOSSES, dense_ggn, dense_hessian, hessian_of, loss_fn_of, make_batches, weighted_loss
+from tests.dense import (
+    LOSSES,
+    dense_ggn,
+    dense_hessian,
+    hessian_of,
+    lm_batches,
+    loss_fn_of,
+    make_batches,
+    weighted_loss,
+)
 
 
 def make_mlp(activation, seed=0):
@@ -90,9 +99,7 @@ def test_exact_diagonal_of_a_lone_head_needs_only_the_output_hessian_diagonal(mo
     monkeypatch.setattr(diagonal, "output_hessian_factor", lambda *a: pytest.fail("factor built for a lone head"))
     torch.manual_seed(0)
     model = TransformerLM(vocab_size=300, block_size=8, d_model=8, n_layer=1, n_head=2).double().eval()
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 300, (n, 8), generator=gen), torch.randint(0, 300, (n, 8), generator=gen))
-               for n in (3, 2)]
+    batches = lm_batches(300, t=8, sizes=(3, 2))
     res = exact_diagonal(model, batches, on_uncovered="partial")
     assert res.covered == [f"blocks.0.mlp.{m}.{p}" for m in ("fc_in", "fc_out") for p in ("weight", "bias")] + [
         "ln_f.weight", "ln_f.bias", "lm_head.weight"]
@@ -244,11 +251,6 @@ def test_unknown_loss_and_mismatched_loss_fn_raise():
 def tiny_lm():
     torch.manual_seed(0)
     return TransformerLM(vocab_size=5, block_size=4, d_model=4, n_layer=1, n_head=2, d_ff=6).double().eval()
-
-
-def lm_batches():
-    gen = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, 5, (3, 4), generator=gen), torch.randint(0, 5, (3, 4), generator=gen))]
 
 
 @pytest.mark.parametrize("backend", ["cached", "forward", "reverse"])

@@ -11,7 +11,7 @@ from torch import nn
 from lit_act.hessian import norm_tail
 from lit_act.hessian.diagonal import exact_diagonal, trace_chain
 from lit_act.models import TransformerLM
-from tests.dense import dense_ggn, dense_hessian, make_batches
+from tests.dense import dense_ggn, dense_hessian, lm_batches, make_batches
 
 TAIL = ["mlp.fc_in.weight", "mlp.fc_in.bias", "mlp.fc_out.weight", "mlp.fc_out.bias"]
 
@@ -62,12 +62,6 @@ class FlatTail(nn.Module):
         return self.head(self.norm(h + z if self.residual else z))
 
 
-def lm_batches(vocab, t=4, sizes=(3, 2)):
-    gen = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, vocab, (n, t), generator=gen), torch.randint(0, vocab, (n, t), generator=gen))
-            for n in sizes]
-
-
 def assert_matches_dense(model, batches, loss, expected):
     """The covered parameters are exactly ``expected``; their diagonal equals the dense Hessian's and GGN's."""
     for curvature, dense in (("hessian", dense_hessian), ("ggn", dense_ggn)):
@@ -87,15 +81,15 @@ def test_transformer_lm_tail_matches_dense(activation, blocks, monkeypatch):
         monkeypatch.setattr(norm_tail, "_BLOCK_ELEMENTS", 16)
     model = perturbed(TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=2, n_head=2, d_ff=8,
                                     activation=activation))
-    assert_matches_dense(model, lm_batches(7), "cross_entropy",
+    assert_matches_dense(model, lm_batches(7, sizes=(3, 2)), "cross_entropy",
                          [f"blocks.1.{n}" for n in TAIL] + ["ln_f.weight", "ln_f.bias", "lm_head.weight"])
 
 
 def test_users_decoder_with_rmsnorm_and_bias_free_layers_matches_dense():
     model = perturbed(NanoGPT())
-    chain, _ = trace_chain(model, lm_batches(7)[0][0])
+    chain, _ = trace_chain(model, lm_batches(7, sizes=(3, 2))[0][0])
     assert chain.stop.startswith("the pre-norm tail rule covers 'up', 'down' and 'final'")
-    assert_matches_dense(model, lm_batches(7), "cross_entropy", ["up.weight", "down.weight", "final.weight",
+    assert_matches_dense(model, lm_batches(7, sizes=(3, 2)), "cross_entropy", ["up.weight", "down.weight", "final.weight",
                                                                   "head.weight"])
 
 
@@ -151,10 +145,10 @@ def test_hugging_face_gpt_neox_tail_matches_dense():
     layer = "model.gpt_neox.layers.1.mlp."
     expected = [layer + n for n in ("dense_h_to_4h.weight", "dense_h_to_4h.bias", "dense_4h_to_h.weight",
                                     "dense_4h_to_h.bias")]
-    assert_matches_dense(model, lm_batches(7), "cross_entropy", expected + [
+    assert_matches_dense(model, lm_batches(7, sizes=(3, 2)), "cross_entropy", expected + [
         "model.gpt_neox.final_layer_norm.weight", "model.gpt_neox.final_layer_norm.bias", "model.lm_head.weight"])
     config.use_parallel_residual = True  # r = mlp + attn + h: the residual is a sum formed after the branch
-    chain, _ = trace_chain(perturbed(Logits(transformers.GPTNeoXForCausalLM(config))), lm_batches(7)[0][0])
+    chain, _ = trace_chain(perturbed(Logits(transformers.GPTNeoXForCausalLM(config))), lm_batches(7, sizes=(3, 2))[0][0])
     assert chain.norm_tail is None and "residual added to the branch's output is not computed before" in chain.stop
 
 
@@ -267,16 +261,16 @@ def test_tied_head_still_covers_the_tail():
     model = NanoGPT()
     model.head.weight = model.emb.weight
     model = perturbed(model)
-    chain, _ = trace_chain(model, lm_batches(7)[0][0])
+    chain, _ = trace_chain(model, lm_batches(7, sizes=(3, 2))[0][0])
     assert chain.norm_tail is not None and "head.weight" not in chain.covered
-    assert_matches_dense(model, lm_batches(7), "cross_entropy", ["up.weight", "down.weight", "final.weight"])
+    assert_matches_dense(model, lm_batches(7, sizes=(3, 2)), "cross_entropy", ["up.weight", "down.weight", "final.weight"])
 
 
 def test_half_precision_model_gets_the_rule():
     """bfloat16: the residual check's tolerance follows the dtype; values agree with the float32 model's to bf16
     precision."""
     model = TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=2, n_head=2, d_ff=8).eval()
-    batches = lm_batches(7)
+    batches = lm_batches(7, sizes=(3, 2))
     full = exact_diagonal(model, batches, loss="cross_entropy", on_uncovered="partial")
     half = exact_diagonal(model.to(torch.bfloat16), batches, loss="cross_entropy", on_uncovered="partial")
     assert half.covered == full.covered and "ln_f.weight" in half.covered
@@ -287,7 +281,7 @@ def test_half_precision_model_gets_the_rule():
 
 def test_ignored_targets_raise_with_the_fix():
     model = TransformerLM(vocab_size=7, block_size=4, d_model=6, n_layer=1, n_head=2).eval()
-    x, y = lm_batches(7)[0]
+    x, y = lm_batches(7, sizes=(3, 2))[0]
     y = y.clone()
     y[0, -1] = -100
     for curvature in ("hessian", "ggn"):  # the GGN needs no gradient: checked all the same
@@ -373,5 +367,5 @@ def test_hugging_face_activation_in_bfloat16_is_checked_in_float32():
                                         intermediate_size=8, max_position_embeddings=8, use_parallel_residual=False)
     torch.manual_seed(3)
     model = Logits(transformers.GPTNeoXForCausalLM(config)).eval().to(torch.bfloat16)
-    chain, _ = trace_chain(model, lm_batches(7)[0][0])
+    chain, _ = trace_chain(model, lm_batches(7, sizes=(3, 2))[0][0])
     assert chain.norm_tail is not None and "model.gpt_neox.layers.0.mlp.dense_h_to_4h.weight" in chain.covered

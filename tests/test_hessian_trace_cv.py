@@ -13,8 +13,8 @@ from lit_act.hessian import GGNOperator, HessianOperator, trace
 from lit_act.hessian.example_diagonal import example_diagonal
 from lit_act.hessian.ggn_diagonal import ggn_control_variate, ggn_diagonal
 from lit_act.hessian.trace import interleaved
-from tests.dense import dense_ggn, dense_hessian, loss_fn_of, make_batches
-from tests.test_hessian_curvature import EncoderClassifier, lm_batches, tiny_lm
+from tests.dense import dense_ggn, dense_hessian, lm_batches, loss_fn_of, make_batches
+from tests.test_hessian_curvature import EncoderClassifier, tiny_lm
 
 
 class ResidualLN(nn.Module):
